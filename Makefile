@@ -1,0 +1,35 @@
+# Every target that needs the environment builds it first, so each is one command on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1
+TORCHVISION ?= torchvision==0.29.1
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo train test tables bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+tables: setup
+	$(PY) scripts/make_tables.py $(ARGS)
+
+bench: setup
+	$(PY) scripts/benchmark_step.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

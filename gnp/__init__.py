@@ -1,0 +1,1 @@
+"""gnp: gradient-norm penalty, SAM and SGD on CIFAR."""
