@@ -1,0 +1,235 @@
+"""Datasets as uint8 tensors, and a loader that keeps them on the training device.
+
+CIFAR-10/100 are read from the official "python version" archives (or their extracted folders),
+checked against the published MD5 sums. `digits` is scikit-learn's bundled handwritten digits,
+upscaled to 3x32x32: a real, offline task for demos and tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import download_url
+
+CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+if TYPE_CHECKING:
+    from gnp.augment import Augmentation
+
+DATASETS = (*CIFAR, "digits")
+DIGITS_TEST_SIZE = 300
+
+
+class DataError(RuntimeError):
+    """The data on disk is missing, incomplete or corrupted; the message says how to fix it."""
+
+
+@dataclass
+class Splits:
+    train_images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    verified: bool  # every file matched its published checksum
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    download: bool = False,
+    verify: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Splits:
+    """Load a whole dataset into memory; `limit_*` keep the first N images (quick runs)."""
+    if name == "digits":
+        splits = _load_digits()
+    elif name in CIFAR:
+        splits = _load_cifar(CIFAR[name], Path(root or "data").expanduser().resolve(), download, verify)
+    else:
+        raise ValueError(f"dataset.name={name!r} is not known; choose one of: {', '.join(DATASETS)}")
+    splits.train_images, splits.train_labels = splits.train_images[:limit_train], splits.train_labels[:limit_train]
+    splits.test_images, splits.test_labels = splits.test_images[:limit_test], splits.test_labels[:limit_test]
+    return splits
+
+
+# --- CIFAR ---------------------------------------------------------------------------------------
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _where_to_put(spec: type[CIFAR10], root: Path) -> str:
+    return (
+        f"Put {spec.filename} (from {spec.url}, MD5 {spec.tgz_md5}) or its extracted folder "
+        f"{spec.base_folder}/ in {root}, or run with dataset.download=true on a machine with a network."
+    )
+
+
+def _load_cifar(spec: type[CIFAR10], root: Path, download: bool, verify: bool) -> Splits:
+    folder, archive = root / spec.base_folder, root / spec.filename
+    if not folder.is_dir():
+        if not archive.is_file():
+            if not download:
+                raise DataError(f"{spec.__name__} was not found in {root}. {_where_to_put(spec, root)}")
+            _download(spec, root)
+        if verify and _md5(archive) != spec.tgz_md5:
+            raise DataError(
+                f"{archive} is corrupted (MD5 {_md5(archive)}, expected {spec.tgz_md5}). Delete it and "
+                f"download it again from {spec.url}, or set dataset.verify=false for a copy you trust."
+            )
+        _extract(archive, root, spec.base_folder)
+
+    files = [*spec.train_list, *spec.test_list, [spec.meta["filename"], spec.meta["md5"]]]
+    for filename, md5 in files:
+        path = folder / filename
+        if not path.is_file():
+            raise DataError(f"{path} is missing, so {spec.__name__} is incomplete. {_where_to_put(spec, root)}")
+        if verify and _md5(path) != md5:
+            raise DataError(
+                f"{path} is corrupted (MD5 {_md5(path)}, expected {md5}). Delete {folder} and extract "
+                f"{spec.filename} again, or set dataset.verify=false for a copy you trust."
+            )
+    train_x, train_y = _read_batches(folder, [f for f, _ in spec.train_list])
+    test_x, test_y = _read_batches(folder, [f for f, _ in spec.test_list])
+    return Splits(train_x, train_y, test_x, test_y, verified=verify)
+
+
+def _download(spec: type[CIFAR10], root: Path) -> None:
+    try:
+        download_url(spec.url, str(root), spec.filename, spec.tgz_md5)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        Path(root, spec.filename).unlink(missing_ok=True)  # never leave a partial archive behind
+        raise DataError(f"Downloading {spec.url} failed ({e}). {_where_to_put(spec, root)}") from e
+
+
+def _extract(archive: Path, root: Path, base_folder: str) -> None:
+    """Extract into a temporary folder, then rename: an interrupted extraction leaves no half folder."""
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{archive} could not be extracted ({e}): delete it and download it again.") from e
+        extracted = Path(tmp, base_folder)
+        if not extracted.is_dir():
+            raise DataError(f"{archive} does not contain {base_folder}/: it is not the expected archive.")
+        shutil.move(str(extracted), str(root / base_folder))
+
+
+def _read_batches(folder: Path, filenames: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for filename in filenames:
+        path = folder / filename
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+        except Exception as e:  # unpickling garbage can raise almost anything
+            raise DataError(f"{path} could not be read as a CIFAR batch ({e}); replace it with a good copy.") from e
+        if len(x) != len(y):
+            raise DataError(f"{path} holds {len(x)} images but {len(y)} labels; replace it with a good copy.")
+        images.append(x)
+        labels.append(y)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+# --- digits --------------------------------------------------------------------------------------
+
+def _load_digits() -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] * (255 / 16)  # [N, 1, 8, 8]
+    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # fixed split
+    test, train = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
+    return Splits(images[train], labels[train], images[test], labels[test], verified=False)
+
+
+# --- loader --------------------------------------------------------------------------------------
+
+class BatchLoader:
+    """Yields normalised float batches from a uint8 dataset held on `device`.
+
+    Shuffling is a permutation drawn on the device; augmentation runs on whole batches there. The
+    random draws of epoch e depend only on (seed, e), so a resumed run sees the same batches. Under
+    DDP every replica draws the same permutation and takes its own slice of each global batch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        augment: Augmentation | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if train and batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size={batch_size} must be divisible by the number of processes ({world_size})"
+            )
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.augment, self.num_classes = augment, num_classes
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch: training drops the last partial batch (as the official recipes)."""
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def generator(self, epoch: int, stream: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(
+            (self.seed * 1_000_003 + epoch) * 1_009 + stream
+        )
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This replica's batches of one epoch: training batches are shuffled and augmented. Targets are
+        labels, or soft targets [B, num_classes] where the augmentation mixes images (mixup/cutmix)."""
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=self.generator(epoch, 0), device=self.device)
+            augment_rng = self.generator(epoch, 1 + self.rank)  # replicas augment independently
+        else:
+            order = torch.arange(n, device=self.device)
+        for b in range(len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            index = index.tensor_split(self.world_size)[self.rank]
+            images, labels = self.images[index], self.labels[index]
+            if self.train and self.augment is not None:
+                images = self.normalize(self.augment(images, augment_rng))
+                yield self.augment.mix(images, labels, self.num_classes, augment_rng)
+            else:
+                yield self.normalize(images), labels

@@ -1,0 +1,125 @@
+"""Loading CIFAR from its real on-disk format, the errors for bad data, digits, and the batch loader."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import CIFAR10
+
+from conftest import write_cifar
+from gnp.data import BatchLoader, DataError, load_dataset
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_folder_loads_every_image_and_label(tmp_path, name, classes):
+    folder = write_cifar(tmp_path, name, n_train=103, n_test=17)
+    splits = load_dataset(name, tmp_path, verify=False)
+    assert splits.train_images.shape == (103, 3, 32, 32) and splits.train_images.dtype == torch.uint8
+    assert splits.test_images.shape == (17, 3, 32, 32)
+    assert splits.train_labels.max() < classes and not splits.verified
+    # The first training image is the first row of the first batch file, laid out channel-first.
+    first_file = sorted(p for p in folder.iterdir() if p.name.startswith(("data_batch_1", "train")))[0]
+    with open(first_file, "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    np.testing.assert_array_equal(splits.train_images[0].numpy(), raw["data"][0].reshape(3, 32, 32))
+
+
+def test_archive_is_extracted_then_loaded(tmp_path):
+    archive = write_cifar(tmp_path, "cifar10", n_train=20, n_test=10, archive=True)
+    assert archive.is_file() and not (tmp_path / "cifar-10-batches-py").exists()
+    splits = load_dataset("cifar10", tmp_path, verify=False, limit_train=7)
+    assert len(splits.train_labels) == 7 and len(splits.test_labels) == 10
+    assert (tmp_path / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_missing_dataset_says_which_archive_goes_where(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar100", tmp_path)
+    message = str(e.value)
+    assert "cifar-100-python.tar.gz" in message and str(tmp_path) in message and "dataset.download=true" in message
+
+
+def test_missing_batch_file_is_named_and_never_partially_loaded(tmp_path):
+    folder = write_cifar(tmp_path, "cifar10")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3 is missing"):
+        load_dataset("cifar10", tmp_path, verify=False)
+
+
+def test_checksum_mismatch_names_the_corrupted_file(tmp_path):
+    write_cifar(tmp_path, "cifar10")  # generated data cannot match the published MD5 sums
+    with pytest.raises(DataError, match=r"data_batch_1 is corrupted \(MD5 [0-9a-f]{32}, expected c99cafc"):
+        load_dataset("cifar10", tmp_path, verify=True)
+
+
+def test_unreadable_batch_is_named(tmp_path):
+    folder = write_cifar(tmp_path, "cifar10")
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test_batch could not be read"):
+        load_dataset("cifar10", tmp_path, verify=False)
+
+
+def test_corrupted_archive_is_named(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz is corrupted"):
+        load_dataset("cifar10", tmp_path, verify=True)
+    with pytest.raises(DataError, match="could not be extracted"):
+        load_dataset("cifar10", tmp_path, verify=False)
+
+
+def test_download_without_network_explains_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens
+    with pytest.raises(DataError, match="Downloading http://127.0.0.1:9/.* failed") as e:
+        load_dataset("cifar10", tmp_path, download=True)
+    assert "cifar-10-python.tar.gz" in str(e.value)
+    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
+
+
+def test_digits_split_is_fixed_and_real():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.train_images.shape == (1497, 3, 32, 32) and a.test_images.shape == (300, 3, 32, 32)
+    assert torch.equal(a.test_labels, b.test_labels) and torch.equal(a.train_images, b.train_images)
+    assert set(a.test_labels.tolist()) == set(range(10))
+    assert a.train_images.max() == 255 and a.train_images.min() == 0
+
+
+def _loader(n=50, **kwargs):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32)
+    defaults = dict(batch_size=8, device=torch.device("cpu"), mean=(0, 0, 0), std=(1 / 255,) * 3, train=True)
+    return BatchLoader(images, torch.arange(n), **{**defaults, **kwargs})
+
+
+def test_training_batches_drop_the_last_partial_batch_and_never_repeat_an_image():
+    loader = _loader()
+    labels = torch.cat([y for _, y in loader.epoch(0)])
+    assert len(loader) == 6 and len(labels) == 48 and len(set(labels.tolist())) == 48
+
+
+def test_normalised_images_match_their_labels():
+    for x, y in _loader().epoch(3):
+        assert torch.equal(x[:, 0, 0, 0], y.float())  # mean 0, std 1/255: x is the raw byte
+
+
+def test_shuffle_depends_only_on_seed_and_epoch():
+    first = lambda loader, epoch: next(iter(loader.epoch(epoch)))[1]  # noqa: E731
+    assert torch.equal(first(_loader(), 1), first(_loader(), 1))
+    assert not torch.equal(first(_loader(), 1), first(_loader(), 2))
+    assert not torch.equal(first(_loader(), 1), first(_loader(seed=1), 1))
+
+
+def test_replicas_split_each_global_batch_without_overlap():
+    full = [y for _, y in _loader().epoch(0)]
+    shards = [[y for _, y in _loader(rank=r, world_size=2).epoch(0)] for r in range(2)]
+    for b, batch in enumerate(full):
+        assert torch.equal(torch.cat([shards[0][b], shards[1][b]]), batch)
+
+
+def test_test_loader_keeps_order_and_the_last_partial_batch():
+    loader = _loader(n=20, train=False)
+    labels = torch.cat([y for _, y in loader.epoch()])
+    assert len(loader) == 3 and torch.equal(labels, torch.arange(20))
+
+
+def test_batch_size_must_split_across_replicas():
+    with pytest.raises(ValueError, match="train.batch_size=7 must be divisible"):
+        _loader(batch_size=7, world_size=2)
