@@ -1,26 +1,44 @@
 """Model registry: every architecture is built by name through `build_model`."""
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch.nn as nn
 
+from gnp.models.pyramidnet import pyramidnet110, pyramidnet272
 from gnp.models.resnet import resnet18, resnet101
+from gnp.models.vit import vit_b, vit_s, vit_ti
+from gnp.models.wide_resnet import wrn28_10
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet101": resnet101,
+    "wrn28_10": wrn28_10,
+    "pyramidnet110": pyramidnet110,
+    "pyramidnet272": pyramidnet272,
+    "vit_ti": vit_ti,
+    "vit_s": vit_s,
+    "vit_b": vit_b,
 }
 
 
-def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build model `name` for `num_classes` classes; extra keyword arguments go to its builder."""
     if name not in MODELS:
         raise ValueError(
             f"model.name={name!r} is not a known model; choose one of: {', '.join(sorted(MODELS))}"
         )
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    builder = MODELS[name]
+    allowed = [p for p in inspect.signature(builder).parameters if p != "num_classes"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(allowed)}"
+        )
+    return builder(num_classes=num_classes, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in model.parameters())

@@ -6,8 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gnp.models.init import init_convolutions
+
 
 class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU."""
+
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int):
@@ -25,6 +29,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 (x4)-BN plus the shortcut, then ReLU."""
+
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int):
@@ -53,6 +59,8 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
+    """Four stages of widths width * (1, 2, 4, 8); stages 2-4 halve the resolution."""
+
     def __init__(self, block: type, num_blocks: list[int], num_classes: int, width: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
@@ -65,9 +73,7 @@ class ResNet(nn.Module):
                 in_planes = planes * block.expansion
         self.layers = nn.Sequential(*stages)
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convolutions(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
@@ -75,8 +81,10 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
+    """ResNet-18: [2, 2, 2, 2] basic blocks."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, width)
 
 
 def resnet101(num_classes: int = 10, width: int = 64) -> ResNet:
+    """ResNet-101: [3, 4, 23, 3] bottleneck blocks (about 42.5M parameters)."""
     return ResNet(Bottleneck, [3, 4, 23, 3], num_classes, width)
