@@ -5,7 +5,7 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo train test tables bench clean
+.PHONY: setup demo train test bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,9 +24,6 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-
-tables: setup
-	$(PY) scripts/make_tables.py $(ARGS)
 
 bench: setup
 	$(PY) scripts/benchmark_step.py $(ARGS)
