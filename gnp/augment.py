@@ -1,0 +1,397 @@
+"""Training-set augmentation of whole uint8 batches on the device that holds them.
+
+Every image gets its own random draws (crop offset, flip, cutout hole, AutoAugment sub-policy, sign
+of its magnitudes), all taken from the `generator` the loader passes, with no Python loop over
+images and no host synchronisation: images are gathered through per-image index grids, and
+AutoAugment applies each of its operations to the whole batch, keeping the result only where an
+image drew it (`torch.where`), so tensor shapes never depend on the draws.
+
+    augment = build_augmentation(cfg.aug, mean=cfg.dataset.mean)
+    images_u8 = augment(images_u8, generator)                   # before normalisation
+    x, target = augment.mix(x, labels, num_classes, generator)  # after normalisation
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as nnf
+import torchvision.transforms.v2.functional as F
+
+# Each preset fills in the options a config leaves out; the config's own keys win.
+_DEFAULT_OPTIONS: dict[str, Any] = {
+    "autoaugment": False,
+    "crop_flip": True,
+    "cutout_size": 0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"crop_flip": False},
+    "basic": {},
+    "cutout": {"cutout_size": 16},
+    "autoaugment": {"autoaugment": True},
+    "autoaugment_mixcut": {"autoaugment": True, "cutout_size": 16, "mixup_alpha": 1.0},
+}
+
+
+def build_augmentation(cfg: Mapping[str, Any], mean: Sequence[float]) -> Augmentation:
+    """The augmentation that `cfg` (`name` from PRESETS plus optional overrides of its options)
+    describes; `mean` (per channel, in [0, 1]) is the cutout fill, which normalises to about 0."""
+    options = dict(cfg)
+    name = options.pop("name", None)
+    if name not in PRESETS:
+        raise ValueError(f"aug.name={name!r} is not a known augmentation; choose one of: {', '.join(PRESETS)}")
+    unknown = sorted(set(options) - set(_DEFAULT_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"aug has no option(s) {', '.join(unknown)}; its options are: {', '.join(_DEFAULT_OPTIONS)}"
+        )
+    mean = [float(m) for m in mean]
+    if len(mean) != 3 or not all(0.0 <= m <= 1.0 for m in mean):
+        raise ValueError(f"mean={mean} must be 3 per-channel values in [0, 1] (dataset.mean)")
+    settings = {**_DEFAULT_OPTIONS, **PRESETS[name], **options}
+    return Augmentation(**settings, fill=tuple(round(255 * m) for m in mean))
+
+
+class Augmentation:
+    """Per-image AutoAugment, random crop + flip and cutout on uint8 batches (in that order), and
+    an optional batch-level mixup / cutmix of the normalised batch (`mix`)."""
+
+    def __init__(self, autoaugment: bool = False, crop_flip: bool = True, cutout_size: int = 0,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 fill: tuple[int, int, int] = (0, 0, 0), padding: int = 4):
+        for option, value in (("cutout_size", cutout_size), ("padding", padding)):
+            if int(value) != value or value < 0:
+                raise ValueError(f"aug.{option}={value} must be a non-negative integer (0 = off)")
+        for option, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if value < 0:
+                raise ValueError(f"aug.{option}={value} must be >= 0 (0 = off)")
+        self.autoaugment = bool(autoaugment)
+        self.crop_flip = bool(crop_flip)
+        self.cutout_size = int(cutout_size)
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.fill = tuple(int(f) for f in fill)
+        self.padding = int(padding)
+        self._policy_tables: dict[tuple[torch.device, int, int], _PolicyTable] = {}
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch [B, 3, H, W]; returns a new uint8 batch of the same shape."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"augmentation expects uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
+        if self.autoaugment:
+            images = auto_augment(images, generator, self._policy_table(images), fill=128)
+        if self.crop_flip:
+            images = random_crop_flip(images, self.padding, generator)
+        if self.cutout_size:
+            images = cutout(images, self.cutout_size, self.fill, generator)
+        return images
+
+    def mix(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix the normalised batch with its reverse (the loader shuffles, so that is a random
+        partner). Unchanged (x, labels) when mixing is off; otherwise (mixed x, soft targets
+        [B, num_classes]). With mixup and cutmix both on, each batch uses one, chosen at random."""
+        if not (self.mixup_alpha or self.cutmix_alpha):
+            return x, labels
+        targets = nnf.one_hot(labels, num_classes).to(x.dtype)
+        candidates = []
+        if self.mixup_alpha:
+            weight = sample_beta(self.mixup_alpha, generator, x.device)
+            weight = torch.maximum(weight, 1 - weight)  # the official code keeps the larger share
+            candidates.append((weight * x + (1 - weight) * x.flip(0), weight))
+        if self.cutmix_alpha:
+            box = _cutmix_box(x.shape[-2:], sample_beta(self.cutmix_alpha, generator, x.device), generator)
+            candidates.append((torch.where(box, x.flip(0), x), 1 - box.to(x.dtype).mean()))
+        if len(candidates) == 2:
+            use_first = torch.rand((), generator=generator, device=x.device) < 0.5
+            candidates = [tuple(torch.where(use_first, a, b) for a, b in zip(*candidates))]
+        mixed, weight = candidates[0]
+        return mixed, weight * targets + (1 - weight) * targets.flip(0)
+
+    def _policy_table(self, images: torch.Tensor) -> _PolicyTable:
+        # Built once per device and size, so that no batch waits on a host-to-device copy.
+        key = (images.device, images.shape[-2], images.shape[-1])
+        if key not in self._policy_tables:
+            self._policy_tables[key] = _PolicyTable.build(CIFAR10_POLICY, *key)
+        return self._policy_tables[key]
+
+    def __repr__(self) -> str:
+        return (f"Augmentation(autoaugment={self.autoaugment}, crop_flip={self.crop_flip}, "
+                f"cutout_size={self.cutout_size}, mixup_alpha={self.mixup_alpha}, "
+                f"cutmix_alpha={self.cutmix_alpha}, fill={self.fill})")
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per image: a random H x W crop of the image reflect-padded by `padding` (offsets uniform in
+    [-padding, padding] per axis), then a horizontal flip with probability 1/2."""
+    b, c, h, w = images.shape
+    if padding >= min(h, w):
+        raise ValueError(f"padding={padding} must be smaller than the image size {h}x{w} for reflect padding")
+    device = images.device
+    shifts = torch.randint(-padding, padding + 1, (2, b, 1), generator=generator, device=device)
+    rows = _reflect(torch.arange(h, device=device) + shifts[0], h)
+    cols = _reflect(torch.arange(w, device=device) + shifts[1], w)
+    flip = torch.rand(b, 1, generator=generator, device=device) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    return images[
+        torch.arange(b, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Mirror indices in [-size + 1, 2 * size - 2] into [0, size - 1] without repeating the edge."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def cutout(images: torch.Tensor, size: int, fill: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """One size x size hole per image at a uniformly random centre, clipped at the borders, set to
+    the colour `fill`."""
+    b, c, h, w = images.shape
+    device = images.device
+    centre_rows = torch.randint(0, h, (b, 1), generator=generator, device=device)
+    centre_cols = torch.randint(0, w, (b, 1), generator=generator, device=device)
+    rows = _in_window(torch.arange(h, device=device), centre_rows - size // 2, size)
+    cols = _in_window(torch.arange(w, device=device), centre_cols - size // 2, size)
+    hole = rows[:, None, :, None] & cols[:, None, None, :]
+    colour = torch.tensor(fill, dtype=images.dtype).to(device, non_blocking=True).view(1, c, 1, 1)
+    return torch.where(hole, colour, images)
+
+
+def _in_window(positions: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+    return (positions >= start) & (positions < start + length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixing
+
+def sample_beta(alpha: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One draw of Beta(alpha, alpha) as a 0-dim tensor on `device`, from `generator` (torch's own
+    Beta sampler takes no generator): the ratio of two Gamma(alpha) draws."""
+    first, second = _sample_gamma(alpha, 2, generator, device)
+    return first / (first + second)
+
+
+def _sample_gamma(shape: float, count: int, generator: torch.Generator, device: torch.device,
+                  candidates: int = 32) -> torch.Tensor:
+    """Marsaglia-Tsang (2000): each draw takes its first accepted candidate (acceptance is above
+    95% per candidate, so 32 never all fail in practice); shape < 1 boosts Gamma(shape + 1) by
+    U^(1/shape)."""
+    boosted = shape + 1.0 if shape < 1.0 else shape
+    d = boosted - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    z = torch.randn(count, candidates, generator=generator, device=device)
+    u = torch.rand(count, candidates, generator=generator, device=device)
+    v = (1.0 + c * z) ** 3
+    accepted = (v > 0) & (torch.log(u) < 0.5 * z**2 + d - d * v + d * torch.log(v))
+    first = accepted.to(torch.uint8).argmax(dim=1, keepdim=True)
+    gamma = d * v.gather(1, first).squeeze(1)
+    if shape < 1.0:
+        gamma = gamma * torch.rand(count, generator=generator, device=device) ** (1.0 / shape)
+    return gamma
+
+
+def _cutmix_box(size: torch.Size, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A [H, W] mask of one box covering about 1 - weight of the image (CutMix, Yun et al. 2019),
+    at a uniformly random centre, clipped at the borders."""
+    h, w = size
+    device = weight.device
+    ratio = torch.sqrt(1.0 - weight)
+    centre = torch.rand(2, generator=generator, device=device)
+    half_h, half_w = (h * ratio / 2).floor(), (w * ratio / 2).floor()
+    rows = _in_window(torch.arange(h, device=device), (centre[0] * h).floor() - half_h, 2 * half_h)
+    cols = _in_window(torch.arange(w, device=device), (centre[1] * w).floor() - half_w, 2 * half_w)
+    return rows[:, None] & cols[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoAugment (Cubuk et al. 2019), the CIFAR-10 policy: 25 sub-policies of two (operation,
+# probability, magnitude level 0-9) steps; None = the operation has no magnitude.
+
+CIFAR10_POLICY: tuple[tuple[tuple[str, float, int | None], ...], ...] = (
+    (("Invert", 0.1, None), ("Contrast", 0.2, 6)),
+    (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+    (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)),
+    (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)),
+    (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+    (("Color", 0.4, 3), ("Brightness", 0.6, 7)),
+    (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+    (("Equalize", 0.6, None), ("Equalize", 0.5, None)),
+    (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+    (("Color", 0.7, 7), ("TranslateX", 0.5, 8)),
+    (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+    (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)),
+    (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+    (("Solarize", 0.5, 2), ("Invert", 0.0, None)),
+    (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.2, None), ("Equalize", 0.6, None)),
+    (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+    (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)),
+    (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)),
+    (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)),
+    (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+    (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+)
+
+
+def _magnitude(operation: str, level: int | None, height: int, width: int) -> tuple[float, bool]:
+    """The operation's magnitude at `level` (10 bins, the AutoAugment paper's ranges) and whether
+    its sign is drawn at random per image."""
+    if level is None:
+        return 0.0, False
+    step = level / 9
+    if operation in ("ShearX", "ShearY"):
+        return 0.3 * step, True
+    if operation in ("TranslateX", "TranslateY"):
+        extent = width if operation == "TranslateX" else height
+        return float(math.trunc(150.0 / 331.0 * extent * step)), True
+    if operation == "Rotate":
+        return 30.0 * step, True
+    if operation in ("Brightness", "Color", "Contrast", "Sharpness"):
+        return 0.9 * step, True
+    if operation == "Posterize":
+        return float(8 - round(4 * step)), False  # bits kept
+    if operation == "Solarize":
+        return 255.0 * (1.0 - step), False  # threshold
+    raise ValueError(f"AutoAugment operation {operation!r} takes no magnitude")
+
+
+def _blend(degenerate: torch.Tensor | float, images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """degenerate + factor * (images - degenerate) per image, clipped to [0, 255] and truncated."""
+    out = degenerate + factor.view(-1, 1, 1, 1) * (images.float() - degenerate)
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    # floored to integers, as PIL's and torchvision's saturation and contrast of uint8 images
+    return F.rgb_to_grayscale(images.float()).floor()
+
+
+def _sharpness_degenerate(images: torch.Tensor) -> torch.Tensor:
+    return F.adjust_sharpness(images, 0.0).float()
+
+
+def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    dropped = 8 - bits.long().clamp(0, 8)
+    mask = torch.bitwise_left_shift(torch.full_like(dropped, 255), dropped) & 255
+    return images & mask.to(torch.uint8).view(-1, 1, 1, 1)
+
+
+def _solarize(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return torch.where(images >= threshold.view(-1, 1, 1, 1), 255 - images, images)
+
+
+# Pixel operations of a batch and per-image magnitudes; the five geometric ones share one resampling.
+_PIXEL_OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "Brightness": lambda x, m: _blend(0.0, x, 1 + m),
+    "Color": lambda x, m: _blend(_grayscale(x), x, 1 + m),
+    "Contrast": lambda x, m: _blend(_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), x, 1 + m),
+    "Sharpness": lambda x, m: _blend(_sharpness_degenerate(x), x, 1 + m),
+    "Posterize": _posterize,
+    "Solarize": _solarize,
+    "AutoContrast": lambda x, m: F.autocontrast(x),
+    "Equalize": lambda x, m: F.equalize(x),
+    "Invert": lambda x, m: F.invert(x),
+}
+_GEOMETRIC_OPERATIONS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+OPERATIONS = _GEOMETRIC_OPERATIONS + tuple(_PIXEL_OPERATIONS)
+
+
+class _PolicyTable:
+    """A policy as device tensors [num_sub_policies, 2]: operation index, probability, magnitude,
+    and whether the magnitude's sign is random."""
+
+    def __init__(self, operation: torch.Tensor, probability: torch.Tensor, magnitude: torch.Tensor,
+                 signed: torch.Tensor):
+        self.operation, self.probability = operation, probability
+        self.magnitude, self.signed = magnitude, signed
+
+    @classmethod
+    def build(cls, policy: Sequence[Sequence[tuple[str, float, int | None]]], device: torch.device,
+              height: int, width: int) -> _PolicyTable:
+        steps = [[(OPERATIONS.index(op), prob, *_magnitude(op, level, height, width))
+                  for op, prob, level in sub_policy] for sub_policy in policy]
+        columns = list(zip(*[step for sub_policy in steps for step in sub_policy]))
+        operation, probability, magnitude, signed = (
+            torch.tensor(column, dtype=dtype).view(len(policy), -1).to(device)
+            for column, dtype in zip(columns, (torch.long, torch.float32, torch.float32, torch.bool))
+        )
+        return cls(operation, probability, magnitude, signed)
+
+
+def auto_augment(images: torch.Tensor, generator: torch.Generator, table: _PolicyTable,
+                 fill: int = 128) -> torch.Tensor:
+    """Per image: draw one sub-policy, then run its two steps in order, each with its probability
+    and, where the operation is signed, a random sign. Geometric steps fill uncovered pixels with
+    `fill` (grey, as the official implementation)."""
+    b = images.shape[0]
+    device = images.device
+    choice = torch.randint(0, table.operation.shape[0], (b,), generator=generator, device=device)
+    applied = torch.rand(b, 2, generator=generator, device=device) < table.probability[choice]
+    negative = torch.rand(b, 2, generator=generator, device=device) < 0.5
+    magnitude = torch.where(table.signed[choice] & negative, -1.0, 1.0) * table.magnitude[choice]
+    operation = torch.where(applied, table.operation[choice], -1)  # -1: the step is skipped
+    for step in range(2):
+        images = apply_operations(images, operation[:, step], magnitude[:, step], fill)
+    return images
+
+
+def apply_operations(images: torch.Tensor, operation: torch.Tensor, magnitude: torch.Tensor,
+                     fill: int = 128) -> torch.Tensor:
+    """Apply to image i the operation OPERATIONS[operation[i]] with magnitude[i] (-1: none)."""
+    images = _affine_nearest(images, _affine_matrices(operation, magnitude, *images.shape[-2:]), fill)
+    for index, name in enumerate(OPERATIONS):
+        if name in _PIXEL_OPERATIONS:
+            chosen = (operation == index).view(-1, 1, 1, 1)
+            images = torch.where(chosen, _PIXEL_OPERATIONS[name](images, magnitude), images)
+    return images
+
+
+def _affine_matrices(operation: torch.Tensor, magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-image 2x3 maps from output to input pixel coordinates, pixel centres at integers
+    (identity for non-geometric operations). Shears act about the image's top-left corner
+    (-0.5, -0.5), as PIL's; rotations about the image centre; translations move the content by
+    +magnitude pixels."""
+    def only(name: str) -> torch.Tensor:
+        return torch.where(operation == OPERATIONS.index(name), magnitude, 0.0)
+
+    shear_x, shear_y = only("ShearX"), only("ShearY")
+    angle = only("Rotate") * (math.pi / 180.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    return torch.stack([
+        torch.stack([cos, shear_x - sin, 0.5 * shear_x - only("TranslateX")
+                     + centre_x - cos * centre_x + sin * centre_y], dim=-1),
+        torch.stack([shear_y + sin, cos, 0.5 * shear_y - only("TranslateY")
+                     + centre_y - sin * centre_x - cos * centre_y], dim=-1),
+    ], dim=1)
+
+
+def _affine_nearest(images: torch.Tensor, matrix: torch.Tensor, fill: int) -> torch.Tensor:
+    """Nearest-neighbour resampling with per-image affine maps; pixels mapped from outside the
+    image get `fill`. Identity maps reproduce the image exactly."""
+    b, c, h, w = images.shape
+    device = images.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    output_coords = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
+    source = output_coords @ matrix.transpose(1, 2)
+    # grid_sample's normalised coordinates (align_corners=False): pixel centre i sits at (2i + 1) / size - 1
+    grid = torch.stack([(source[..., 0] + 0.5) * (2.0 / w) - 1.0,
+                        (source[..., 1] + 0.5) * (2.0 / h) - 1.0], dim=-1).view(b, h, w, 2)
+    with_coverage = torch.cat([images.float(), torch.ones(b, 1, h, w, device=device)], dim=1)
+    sampled = nnf.grid_sample(with_coverage, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    covered = sampled[:, -1:] > 0.5
+    return torch.where(covered, sampled[:, :-1], float(fill)).to(torch.uint8)

@@ -1,0 +1,326 @@
+"""Augmentations: per-image statistics of crop/flip/cutout, reflect padding against numpy, the
+AutoAugment operations against torchvision's, mixup/cutmix targets, and config handling."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from omegaconf import OmegaConf
+
+from gnp.augment import (
+    CIFAR10_POLICY,
+    OPERATIONS,
+    PRESETS,
+    Augmentation,
+    _magnitude,
+    _reflect,
+    apply_operations,
+    build_augmentation,
+    cutout,
+    random_crop_flip,
+    sample_beta,
+)
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CONF_AUG = Path(__file__).resolve().parents[1] / "conf" / "aug"
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def coordinate_images(n: int, size: int = 32) -> torch.Tensor:
+    """Channel 0 holds 40 + row, channel 1 holds 40 + column: each output pixel names its source."""
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.stack([40 + rows, 40 + cols, torch.zeros_like(rows)])
+    return image.expand(n, 3, size, size).to(torch.uint8).contiguous()
+
+
+def crop_draws(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row offset, column offset, flipped) of each image cropped from coordinate_images."""
+    centre_row, centre_col = out[:, 0, 16, 16].long() - 40, out[:, 1, 16, 16].long() - 40
+    flipped = out[:, 1, 16, 17] < out[:, 1, 16, 16]
+    # crop then flip: output column 16 shows cropped column 15
+    return centre_row - 16, torch.where(flipped, centre_col - 15, centre_col - 16), flipped
+
+
+def random_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=generator(seed), dtype=torch.uint8)
+
+
+def smooth_images(n: int) -> torch.Tensor:
+    """Gradients plus noise: images on which every AutoAugment operation changes something."""
+    rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    base = torch.stack([cols * 6, rows * 6, (rows + cols) * 3])
+    noise = torch.randn(n, 3, 32, 32, generator=generator(1)) * 20
+    return (base + noise + 30 * torch.arange(n).view(n, 1, 1, 1) % 120).clamp(0, 255).to(torch.uint8)
+
+
+# --- crop and flip -------------------------------------------------------------------------------
+
+def test_reflect_indices_by_hand():
+    assert _reflect(torch.tensor([-3, -2, -1, 0, 5, 6, 7, 8]), 6).tolist() == [3, 2, 1, 0, 5, 4, 3, 2]
+
+
+def test_every_crop_offset_occurs_and_flips_are_about_half():
+    out = random_crop_flip(coordinate_images(4000), 4, generator())
+    dy, dx, flipped = crop_draws(out)
+    for offsets in (dy, dx):
+        counts = torch.bincount(offsets + 4, minlength=9)
+        assert counts.numel() == 9 and (counts > 0).all()
+        assert scipy.stats.chisquare(counts.numpy()).pvalue > 1e-4  # uniform over [-4, 4]
+    assert abs(flipped.float().mean().item() - 0.5) < 0.04
+
+
+def test_crop_flip_equals_numpy_reflect_padding():
+    images, draws = random_images(64), random_crop_flip(coordinate_images(64), 4, generator(3))
+    out = random_crop_flip(images, 4, generator(3))  # same generator state: same draws
+    dy, dx, flipped = crop_draws(draws)
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    for i in range(len(images)):
+        expected = padded[i, :, 4 + dy[i]: 36 + dy[i], 4 + dx[i]: 36 + dx[i]]
+        if flipped[i]:
+            expected = expected[:, :, ::-1]
+        np.testing.assert_array_equal(out[i].numpy(), expected)
+
+
+def test_crop_draws_differ_per_image_and_follow_the_generator():
+    images = coordinate_images(256)
+    dy, dx, flipped = crop_draws(random_crop_flip(images, 4, generator(0)))
+    assert len(set(zip(dy.tolist(), dx.tolist(), flipped.tolist()))) > 90  # of 162 combinations
+    assert torch.equal(random_crop_flip(images, 4, generator(0)), random_crop_flip(images, 4, generator(0)))
+    assert not torch.equal(random_crop_flip(images, 4, generator(0)), random_crop_flip(images, 4, generator(1)))
+
+
+# --- cutout ---------------------------------------------------------------------------------------
+
+def test_cutout_holes_are_16x16_clipped_at_borders_and_mean_coloured():
+    augment = build_augmentation({"name": "cutout"}, mean=CIFAR10_MEAN)
+    out = augment(torch.full((2000, 3, 32, 32), 255, dtype=torch.uint8), generator())
+    fill = torch.tensor([round(255 * m) for m in CIFAR10_MEAN], dtype=torch.uint8)
+    hole = (out != 255).all(dim=1)
+    assert torch.equal(hole, (out == fill.view(1, 3, 1, 1)).all(dim=1))  # hole pixels are the fill
+    rows, cols = hole.any(dim=2), hole.any(dim=1)
+    assert torch.equal(hole, rows[:, :, None] & cols[:, None, :])  # one rectangle per image
+    heights, widths = rows.sum(1), cols.sum(1)
+    assert heights.min() >= 8 and widths.min() >= 8 and heights.max() == 16 and widths.max() == 16
+    interior = rows[:, 0].logical_not() & rows[:, -1].logical_not() & cols[:, 0].logical_not() & cols[:, -1].logical_not()
+    assert (heights[interior] == 16).all() and (widths[interior] == 16).all()
+    # holes clear of all four borders: centre row and column each in [9, 23], 15 of 32 values
+    assert abs(interior.float().mean().item() - (15 / 32) ** 2) < 0.04
+    top_left = rows.float().argmax(1) * 32 + cols.float().argmax(1)
+    assert top_left.unique().numel() > 200  # each image draws its own hole
+
+
+def test_cutout_fill_normalises_to_about_zero():
+    fill = build_augmentation({"name": "cutout"}, mean=CIFAR10_MEAN).fill
+    normalised = [(f / 255 - m) / s for f, m, s in zip(fill, CIFAR10_MEAN, CIFAR10_STD)]
+    assert max(abs(v) for v in normalised) <= 0.5 / 255 / min(CIFAR10_STD)
+
+
+def test_cutout_changes_only_the_hole():
+    images = random_images(32)
+    out = cutout(images, 16, (1, 2, 3), generator(4))
+    blank = torch.full_like(images, 255)
+    hole = (cutout(blank, 16, (1, 2, 3), generator(4)) != blank).any(dim=1, keepdim=True)  # same draws
+    assert torch.equal(out, torch.where(hole, torch.tensor([1, 2, 3], dtype=torch.uint8).view(1, 3, 1, 1), images))
+
+
+# --- AutoAugment ----------------------------------------------------------------------------------
+
+def test_policy_is_torchvisions_cifar10_policy():
+    reference = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)._policies
+    assert [tuple(tuple(step) for step in sub) for sub in CIFAR10_POLICY] == [tuple(sub) for sub in reference]
+
+
+def _torchvision_operation(name: str, magnitude: float, images: torch.Tensor) -> torch.Tensor:
+    """The same operation through torchvision's functional API (its AutoAugment's conventions)."""
+    geometric = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0], fill=128)
+    shear = float(np.degrees(np.arctan(magnitude)))
+    calls = {
+        "ShearX": lambda x: TF.affine(x, **{**geometric, "shear": [shear, 0.0]}, center=[0, 0]),
+        "ShearY": lambda x: TF.affine(x, **{**geometric, "shear": [0.0, shear]}, center=[0, 0]),
+        "TranslateX": lambda x: TF.affine(x, **{**geometric, "translate": [int(magnitude), 0]}),
+        "TranslateY": lambda x: TF.affine(x, **{**geometric, "translate": [0, int(magnitude)]}),
+        "Rotate": lambda x: TF.rotate(x, magnitude, fill=128),
+        "Brightness": lambda x: TF.adjust_brightness(x, 1 + magnitude),
+        "Color": lambda x: TF.adjust_saturation(x, 1 + magnitude),
+        "Contrast": lambda x: TF.adjust_contrast(x, 1 + magnitude),
+        "Sharpness": lambda x: TF.adjust_sharpness(x, 1 + magnitude),
+        "Posterize": lambda x: TF.posterize(x, int(magnitude)),
+        "Solarize": lambda x: TF.solarize(x, magnitude),
+        "AutoContrast": TF.autocontrast,
+        "Equalize": TF.equalize,
+        "Invert": TF.invert,
+    }
+    return calls[name](images)
+
+
+def _operation_cases() -> list[tuple[str, float]]:
+    cases = []
+    for name in OPERATIONS:
+        for level in ((None,) if name in ("AutoContrast", "Equalize", "Invert") else (2, 9)):
+            magnitude, signed = _magnitude(name, level, 32, 32)
+            cases += [(name, magnitude)] + ([(name, -magnitude)] if signed else [])
+    return cases
+
+
+def test_each_operation_in_one_batch_matches_torchvision():
+    """Every operation at two levels and both signs, each image of one batch its own case."""
+    cases = _operation_cases()
+    images = smooth_images(len(cases))
+    operation = torch.tensor([OPERATIONS.index(name) for name, _ in cases])
+    out = apply_operations(images, operation, torch.tensor([m for _, m in cases]))
+    for i, (name, magnitude) in enumerate(cases):
+        expected = _torchvision_operation(name, magnitude, images[i: i + 1])[0]
+        difference = (out[i].int() - expected.int()).abs().amax(dim=0)
+        if name in ("ShearX", "ShearY"):
+            # small shears put some source points exactly half-way between pixels: ties round either way
+            assert (difference > 0).float().mean() < 0.02, (name, magnitude)
+        else:
+            # blends truncate to uint8, so a different float evaluation order may move a pixel by 1
+            assert difference.max() <= 1, (name, magnitude)
+            assert (difference > 0).float().mean() < 0.1, (name, magnitude)
+        assert not torch.equal(out[i], images[i]), (name, magnitude)
+
+
+def test_skipped_steps_leave_images_unchanged():
+    images = smooth_images(8)
+    out = apply_operations(images, torch.full((8,), -1), torch.linspace(-5, 5, 8))
+    assert torch.equal(out, images)
+
+
+def test_autoaugment_keeps_uint8_and_shape_and_follows_the_generator():
+    augment = build_augmentation({"name": "autoaugment", "crop_flip": False}, mean=CIFAR10_MEAN)
+    images = smooth_images(16)
+    out = augment(images, generator(5))
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(out, augment(images, generator(5)))
+    assert not torch.equal(out, augment(images, generator(6)))
+
+
+def test_autoaugment_treats_each_image_differently():
+    augment = build_augmentation({"name": "autoaugment", "crop_flip": False}, mean=CIFAR10_MEAN)
+    copies = smooth_images(1).expand(48, 3, 32, 32).contiguous()
+    out = augment(copies, generator())
+    distinct = torch.unique(out.flatten(1), dim=0).shape[0]
+    assert distinct > 20
+    unchanged = (out == copies).flatten(1).all(1).float().mean().item()
+    # P(neither step of the drawn sub-policy fires), averaged over the 25 sub-policies
+    expected = np.mean([(1 - a[1]) * (1 - b[1]) for a, b in CIFAR10_POLICY])
+    assert abs(unchanged - expected) < 0.2
+
+
+# --- mixup / cutmix -------------------------------------------------------------------------------
+
+def test_mix_is_identity_when_off():
+    x, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    augment = build_augmentation({"name": "basic"}, mean=CIFAR10_MEAN)
+    out, target = augment.mix(x, labels, 10, generator())
+    assert out is x and target is labels
+
+
+def test_mixup_mixes_each_image_with_its_reverse():
+    x, labels = torch.randn(8, 3, 32, 32, generator=generator(2)), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    augment = build_augmentation({"name": "basic", "mixup_alpha": 1.0}, mean=CIFAR10_MEAN)
+    out, target = augment.mix(x, labels, 10, generator())
+    weight = target[0, 0].item()
+    assert 0.5 <= weight <= 1.0 and target.shape == (8, 10) and target.dtype == x.dtype
+    torch.testing.assert_close(target.sum(1), torch.ones(8))
+    torch.testing.assert_close(target[torch.arange(8), labels], torch.full((8,), weight))
+    torch.testing.assert_close(target[torch.arange(8), labels.flip(0)], torch.full((8,), 1 - weight))
+    torch.testing.assert_close(out, weight * x + (1 - weight) * x.flip(0))
+
+
+def test_cutmix_pastes_one_box_whose_area_sets_the_target():
+    x = torch.randn(6, 3, 32, 32, generator=generator(2))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    augment = build_augmentation({"name": "basic", "cutmix_alpha": 1.0}, mean=CIFAR10_MEAN)
+    pasted_fractions = []
+    for seed in range(10):
+        out, target = augment.mix(x, labels, 6, generator(seed))
+        pasted = (out == x.flip(0)).all(dim=1) & (out != x).any(dim=1)
+        assert ((out == x) | (out == x.flip(0))).all()
+        box = pasted[0]
+        rows, cols = box.any(1), box.any(0)
+        assert torch.equal(box, rows[:, None] & cols[None, :]) and (pasted == box).all()
+        torch.testing.assert_close(target[0, 0], 1 - box.float().mean())
+        torch.testing.assert_close(target[0, 5], box.float().mean())
+        pasted_fractions.append(box.float().mean().item())
+    assert len(set(pasted_fractions)) > 5
+
+
+def test_mixup_and_cutmix_together_pick_one_per_batch():
+    x, labels = torch.randn(4, 3, 8, 8, generator=generator(2)), torch.arange(4)
+    augment = build_augmentation({"name": "basic", "mixup_alpha": 1.0, "cutmix_alpha": 1.0}, mean=CIFAR10_MEAN)
+    kinds = set()
+    for seed in range(30):
+        out, _ = augment.mix(x, labels, 4, generator(seed))
+        kinds.add("cutmix" if ((out == x) | (out == x.flip(0))).all() else "mixup")
+    assert kinds == {"cutmix", "mixup"}
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.0, 3.0])
+def test_beta_sampler_matches_scipy(alpha):
+    g = generator(7)
+    draws = torch.stack([sample_beta(alpha, g, torch.device("cpu")) for _ in range(1500)]).numpy()
+    assert scipy.stats.kstest(draws, scipy.stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(CONF_AUG.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_aug_config_builds_and_is_named_after_its_file(path):
+    cfg = OmegaConf.load(path)
+    assert cfg.name == path.stem
+    augment = build_augmentation(cfg, mean=CIFAR10_MEAN)
+    out = augment(random_images(4), generator())
+    assert out.dtype == torch.uint8 and out.shape == (4, 3, 32, 32)
+
+
+def test_presets_have_configs():
+    assert {p.stem for p in CONF_AUG.glob("*.yaml")} == set(PRESETS)
+
+
+def test_config_keys_override_the_preset():
+    augment = build_augmentation({"name": "cutout", "cutout_size": 8, "crop_flip": False}, mean=CIFAR10_MEAN)
+    assert (augment.cutout_size, augment.crop_flip, augment.autoaugment) == (8, False, False)
+
+
+@pytest.mark.parametrize(
+    "cfg, mean, message",
+    [
+        ({"name": "randaugment"}, CIFAR10_MEAN, "aug.name='randaugment'"),
+        ({"name": "basic", "cutout": 16}, CIFAR10_MEAN, "cutout_size"),
+        ({"name": "basic"}, (125, 122, 113), "mean="),
+        ({"name": "basic", "cutout_size": -1}, CIFAR10_MEAN, "cutout_size=-1"),
+        ({"name": "basic", "mixup_alpha": -0.5}, CIFAR10_MEAN, "mixup_alpha=-0.5"),
+    ],
+)
+def test_bad_configs_name_the_problem(cfg, mean, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_augmentation(cfg, mean=mean)
+
+
+def test_float_images_are_rejected():
+    with pytest.raises(ValueError, match="uint8"):
+        Augmentation()(torch.rand(2, 3, 32, 32), generator())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_batch_matches_the_device_and_keeps_dtype():
+    images = random_images(512).cuda()
+    augment = build_augmentation({"name": "autoaugment_mixcut"}, mean=CIFAR10_MEAN)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = augment(images, g)
+    assert out.is_cuda and out.dtype == torch.uint8 and out.shape == images.shape
+    x, target = augment.mix(out.float() / 255, torch.randint(0, 10, (512,), device="cuda"), 10, g)
+    assert x.is_cuda and target.shape == (512, 10)
+    assert torch.equal(out, augment(images, torch.Generator(device="cuda").manual_seed(0)))
