@@ -19,10 +19,12 @@ from torch.func import functional_call, grad
 from gnp import GradientNormPenalty
 
 IN, HIDDEN, CLASSES = 6, 16, 3
+# Behaviour that involves device state (random generators, kernels) is checked on CUDA too, if present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def small_net(seed: int = 0, batchnorm: bool = False, dropout: float = 0.0,
-              dtype: torch.dtype = torch.float64) -> nn.Sequential:
+              dtype: torch.dtype = torch.float64, device: str = "cpu") -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(IN, HIDDEN)]
     if batchnorm:
@@ -31,12 +33,13 @@ def small_net(seed: int = 0, batchnorm: bool = False, dropout: float = 0.0,
     if dropout:
         layers.append(nn.Dropout(dropout))
     layers += [nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)]
-    return nn.Sequential(*layers).to(dtype)
+    return nn.Sequential(*layers).to(device, dtype)
 
 
-def make_batch(seed: int, n: int = 16, dtype: torch.dtype = torch.float64):
+def make_batch(seed: int, n: int = 16, dtype: torch.dtype = torch.float64, device: str = "cpu"):
     g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randn(n, IN, generator=g, dtype=dtype), torch.randint(0, CLASSES, (n,), generator=g)
+    x, y = torch.randn(n, IN, generator=g, dtype=dtype), torch.randint(0, CLASSES, (n,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def closure_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -94,17 +97,18 @@ def test_closure_must_return_a_loss():
 
 # --- the update ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("r, alpha, normalize", [(0.0, 0.8, True), (0.1, 0.0, False)])
-def test_degenerate_settings_equal_the_base_optimizer(r, alpha, normalize):
+def test_degenerate_settings_equal_the_base_optimizer(r, alpha, normalize, device):
     """r = 0, or alpha = 0 with the paper's formula, is the base optimizer, bit for bit."""
-    model = small_net(batchnorm=True, dtype=torch.float32)
+    model = small_net(batchnorm=True, dtype=torch.float32, device=device)
     reference = copy.deepcopy(model)
     sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), **sgd),
                               r=r, alpha=alpha, normalize_first_grad=normalize)
     base = torch.optim.SGD(reference.parameters(), **sgd)
     for step in range(3):
-        x, y = make_batch(step, dtype=torch.float32)
+        x, y = make_batch(step, dtype=torch.float32, device=device)
         opt.step(closure_for(model, x, y))
         base.zero_grad()
         F.cross_entropy(reference(x), y).backward()
@@ -196,10 +200,11 @@ def test_first_order_converges_linearly_to_exact():
 
 # --- state: BatchNorm, randomness, checkpoints ---------------------------------------------------
 
-def test_batchnorm_statistics_come_from_the_first_pass_only():
-    model = small_net(batchnorm=True, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchnorm_statistics_come_from_the_first_pass_only(device):
+    model = small_net(batchnorm=True, dtype=torch.float32, device=device)
     first_pass_only = copy.deepcopy(model)
-    x, y = make_batch(0, dtype=torch.float32)
+    x, y = make_batch(0, dtype=torch.float32, device=device)
     first_pass_only(x)
     opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.5, alpha=0.8)
     opt.step(closure_for(model, x, y))
@@ -209,13 +214,14 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
         assert torch.equal(getattr(bn, name), getattr(expected, name)), name
 
 
-def test_both_passes_share_dropout_masks():
+@pytest.mark.parametrize("device", DEVICES)
+def test_both_passes_share_dropout_masks(device):
     """alpha = 1 with a perturbation that rounds to zero runs two passes yet follows plain SGD.
 
     That holds only if pass 2 sees pass 1's dropout masks and the random state afterwards is
     the one a single pass leaves.
     """
-    model = small_net(dropout=0.5, dtype=torch.float32)
+    model = small_net(dropout=0.5, dtype=torch.float32, device=device)
     reference = copy.deepcopy(model)
     sgd = dict(lr=0.1, momentum=0.9)
     # r far below float32 resolution: theta + r * g1/||g1|| == theta, but the two-pass path runs.
@@ -223,11 +229,11 @@ def test_both_passes_share_dropout_masks():
     base = torch.optim.SGD(reference.parameters(), **sgd)
     torch.manual_seed(7)
     for step in range(4):
-        x, y = make_batch(step, dtype=torch.float32)
+        x, y = make_batch(step, dtype=torch.float32, device=device)
         opt.step(closure_for(model, x, y))
     torch.manual_seed(7)
     for step in range(4):
-        x, y = make_batch(step, dtype=torch.float32)
+        x, y = make_batch(step, dtype=torch.float32, device=device)
         base.zero_grad()
         F.cross_entropy(reference(x), y).backward()
         base.step()
@@ -374,16 +380,17 @@ def test_step_reports_the_first_pass():
     assert opt.last_output is None
 
 
-def test_bf16_autocast_step_is_close_to_float32():
-    x, y = make_batch(0, n=64, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_step_is_close_to_float32(device):
+    x, y = make_batch(0, n=64, dtype=torch.float32, device=device)
 
     def update(bf16: bool) -> torch.Tensor:
-        model = small_net(dtype=torch.float32)
+        model = small_net(dtype=torch.float32, device=device)
         before = flat_params(model)
         opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.1, alpha=0.8)
 
         def closure():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             return F.cross_entropy(logits.float(), y)
 
