@@ -148,7 +148,7 @@ class GradientNormPenalty:
         if replicas_differ:
             self._average_over_replicas(params)
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.base_optimizer.step()
         return loss
 
