@@ -191,12 +191,16 @@ class GradientNormPenalty:
         running_stats = _running_stats(self.model)
         saved_stats = _copies(running_stats)
         torch._foreach_add_(params, direction, alpha=self.r)
+        # An autocast region around `step` caches low-precision copies of the weights and would
+        # hand pass 2 (and whatever follows the step) the copies of weights no longer current.
+        torch.clear_autocast_cache()
         for p in params:
             p.grad = None  # the first pass's gradients live on in `direction`
         _set_rng_state(rng_before)
         _, perturbed = self._forward_backward(closure, params, sync=False, record=False)
         _set_rng_state(rng_after)
         torch._foreach_copy_(params, saved_params)
+        torch.clear_autocast_cache()
         if running_stats:
             torch._foreach_copy_(running_stats, saved_stats)
 

@@ -402,6 +402,28 @@ def test_bf16_autocast_step_is_close_to_float32(device):
     assert ((low - full).norm() / full.norm()).item() < 0.05
 
 
+def test_autocast_around_the_step_sees_the_perturbed_weights():
+    """Autocast caches bf16 copies of the weights; pass 2 must not reuse pass 1's copies."""
+    x, y = make_batch(0, n=64, dtype=torch.float32)
+
+    def update(outer: bool) -> torch.Tensor:
+        model = small_net(dtype=torch.float32)
+        before = flat_params(model)
+        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.5, alpha=1.0)
+
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not outer):
+                return F.cross_entropy(model(x).float(), y)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
+            opt.step(closure)
+        return before - flat_params(model)
+
+    outer, inner = update(outer=True), update(outer=False)
+    # Backward under autocast rounds differently (0.5% here); stale weights would differ by ~65%.
+    assert ((outer - inner).norm() / inner.norm()).item() < 0.05
+
+
 # --- DDP (gloo, 2 processes on CPU) --------------------------------------------------------------
 
 DDP_SETTINGS = {"synced": dict(r=0.05, alpha=0.8, sync_perturbation=True),
