@@ -1,0 +1,93 @@
+"""Run outputs: metrics.jsonl and summary.json in the run directory, mirrored to Weights & Biases.
+
+Only the main process writes. W&B runs offline unless credentials are configured (or online is
+asked for); an offline run leaves `wandb/offline-run-*` in the run directory for `wandb sync`.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from gnp import io
+
+# One row of the paper's results table; `scripts/make_tables.py` reads the same fields.
+TABLE_COLUMNS = ("dataset", "model", "method", "aug", "r", "alpha", "seed", "epochs", "test_error", "best_test_error")
+
+
+def has_wandb_credentials() -> bool:
+    """True when `wandb login` has been run or WANDB_API_KEY is set (no network needed to tell)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return mode
+
+
+class Tracker:
+    def __init__(self, run_dir: str | Path, config: dict, *, enabled: bool, run_id: str | None = None):
+        self.run_dir, self.enabled, self.run = Path(run_dir), enabled, None
+        if not enabled:
+            return
+        io.write_text(self.run_dir / "config.yaml", _to_yaml(config))
+        wandb_cfg = config["wandb"]
+        mode = resolve_wandb_mode(wandb_cfg["mode"])
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=wandb_cfg["project"],
+                entity=wandb_cfg["entity"],
+                group=wandb_cfg["group"],
+                tags=list(wandb_cfg["tags"]),
+                name=f"{config['dataset']['name']}-{config['model']['name']}-{config['method']['name']}-s{config['seed']}",
+                config=config,
+                dir=str(self.run_dir),
+                mode=mode,
+                id=run_id,
+                resume="allow",
+            )
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log_epoch(self, history: list[dict]) -> None:
+        """Rewrite metrics.jsonl from the full history (atomic), and send the newest row to W&B."""
+        if not self.enabled:
+            return
+        io.write_jsonl(self.run_dir / "metrics.jsonl", history)
+        if self.run is not None:
+            row = history[-1]
+            self.run.log(row, step=row["epoch"])
+
+    def finish(self, summary: dict | None, exit_code: int = 0) -> None:
+        """Write summary.json and close the W&B run; called on failure too (summary None)."""
+        if not self.enabled:
+            return
+        if summary is not None:
+            io.write_json(self.run_dir / "summary.json", summary)
+        if self.run is not None:
+            import wandb
+
+            if summary is not None:
+                table = wandb.Table(columns=list(TABLE_COLUMNS), data=[[summary[c] for c in TABLE_COLUMNS]])
+                self.run.log({"results": table})
+                self.run.summary.update(summary)
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def _to_yaml(config: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(config))

@@ -1,0 +1,73 @@
+"""Every config choice composes and validates; each bad value fails early with a message that names
+the key, the value and what is allowed; the entry point's CLI works."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONF, ROOT, compose_config
+from gnp.config import ConfigError, validate
+
+GROUPS = ["dataset", "model", "method", "optimizer", "aug", "experiment"]
+CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_the_required_choices_exist():
+    names = set(CHOICES)
+    for required in [("dataset", "cifar10"), ("dataset", "cifar100"), ("dataset", "digits"), ("model", "resnet18"),
+                     ("method", "sgd"), ("method", "sam"), ("method", "gnp"), ("optimizer", "sgd"),
+                     ("optimizer", "adamw"), ("aug", "none"), ("aug", "basic"), ("aug", "cutout"),
+                     ("aug", "autoaugment")]:
+        assert required in names
+
+
+@pytest.mark.parametrize("group,choice", CHOICES)
+def test_every_choice_composes_and_validates(group, choice):
+    cfg = compose_config(f"{group}={choice}")
+    validate(cfg)
+    if group != "experiment":
+        assert cfg[group].name == choice or (group, choice) == ("model", "vit")
+
+
+def test_default_is_the_official_gnp_recipe():
+    cfg = compose_config()
+    assert (cfg.method.name, cfg.method.r, cfg.method.alpha) == ("gnp", 0.1, 0.8)
+    assert cfg.method.normalize_first_grad is True and cfg.method.max_grad_norm == 5.0
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.weight_decay_mode) == (1e-3, "loss")
+    assert cfg.optimizer.nesterov is True and cfg.train.batch_size == 256 and cfg.train.epochs == 200
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=0", "train.epochs=0 is invalid: must be an integer >= 1"),
+    ("train.batch_size=0", "train.batch_size=0 is invalid: must be an integer >= 1"),
+    ("optimizer.lr=0", "optimizer.lr=0 is invalid: must be a number > 0"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is invalid"),
+    ("method.alpha=1.5", r"method.alpha=1.5 is invalid: must be in \[0, 1\]"),
+    ("method.alpha=-0.1", r"method.alpha=-0.1 is invalid: must be in \[0, 1\]"),
+    ("method.r=-0.01", "method.r=-0.01 is invalid: must be a number >= 0"),
+    ("model.name=resnet7", "model.name='resnet7' is invalid: choose one of .*resnet18"),
+    ("optimizer.weight_decay_mode=both", "optimizer.weight_decay_mode='both' is invalid"),
+    ("wandb.mode=maybe", "wandb.mode='maybe' is invalid: choose one of auto, online, offline, disabled"),
+    ("dataset.limit_train=0", "dataset.limit_train=0 is invalid"),
+])
+def test_bad_values_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(override))
+
+
+def test_sam_is_alpha_one():
+    with pytest.raises(ConfigError, match="method=sam is alpha=1"):
+        validate(compose_config("method=sam", "method.alpha=0.5"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_the_composed_config_and_rejects_bad_values_before_training(tmp_path):
+    shown = _cli("--cfg", "job", "method=sam", "model=resnet18")
+    assert shown.returncode == 0 and "name: sam" in shown.stdout and "rho" not in shown.stdout
+    bad = _cli("method.alpha=2", f"hydra.run.dir={tmp_path}", "wandb.mode=disabled")
+    assert bad.returncode == 2
+    assert "error: method.alpha=2 is invalid: must be in [0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
