@@ -280,7 +280,24 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness_degenerate(images: torch.Tensor) -> torch.Tensor:
-    return F.adjust_sharpness(images, 0.0).float()
+    """PIL's SMOOTH filter inside a one-pixel border, rounded, as torchvision's sharpness uses; the
+    kernel is filled on the device (torchvision copies it from the host, which synchronises)."""
+    channels = images.shape[1]
+    kernel = torch.full((channels, 1, 3, 3), 1.0 / 13.0, device=images.device)
+    kernel[:, :, 1, 1] = 5.0 / 13.0
+    degenerate = images.float()
+    blurred = nnf.conv2d(degenerate, kernel, groups=channels).round()
+    degenerate[..., 1:-1, 1:-1] = blurred
+    return degenerate
+
+
+def _autocontrast(images: torch.Tensor) -> torch.Tensor:
+    # torchvision's autocontrast, without its boolean-mask assignment (a host synchronisation on GPU)
+    x = images.float()
+    low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    inverse_scale = torch.where(flat, 1.0, (high - low) / 255.0)
+    return ((x - torch.where(flat, 0.0, low)) / inverse_scale).clamp(0, 255).to(torch.uint8)
 
 
 def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -301,7 +318,7 @@ _PIXEL_OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     "Sharpness": lambda x, m: _blend(_sharpness_degenerate(x), x, 1 + m),
     "Posterize": _posterize,
     "Solarize": _solarize,
-    "AutoContrast": lambda x, m: F.autocontrast(x),
+    "AutoContrast": lambda x, m: _autocontrast(x),
     "Equalize": lambda x, m: F.equalize(x),
     "Invert": lambda x, m: F.invert(x),
 }

@@ -315,12 +315,19 @@ def test_float_images_are_rejected():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_batch_matches_the_device_and_keeps_dtype():
+def test_gpu_augmentation_stays_on_the_device_without_host_synchronisation():
     images = random_images(512).cuda()
-    augment = build_augmentation({"name": "autoaugment_mixcut"}, mean=CIFAR10_MEAN)
+    labels = torch.randint(0, 10, (512,), device="cuda")
+    augment = build_augmentation({"name": "autoaugment_mixcut", "cutmix_alpha": 1.0}, mean=CIFAR10_MEAN)
+    augment(images, torch.Generator(device="cuda").manual_seed(0))  # builds the policy table
+    torch.cuda.synchronize()
     g = torch.Generator(device="cuda").manual_seed(0)
-    out = augment(images, g)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = augment(images, g)
+        x, target = augment.mix(out.float() / 255, labels, 10, g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     assert out.is_cuda and out.dtype == torch.uint8 and out.shape == images.shape
-    x, target = augment.mix(out.float() / 255, torch.randint(0, 10, (512,), device="cuda"), 10, g)
     assert x.is_cuda and target.shape == (512, 10)
     assert torch.equal(out, augment(images, torch.Generator(device="cuda").manual_seed(0)))

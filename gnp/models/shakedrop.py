@@ -46,11 +46,12 @@ class ShakeDrop(nn.Module):
             expected_alpha = sum(self.alpha_range) / 2
             return x * (self.keep_prob + expected_alpha * (1.0 - self.keep_prob))
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        gate = (torch.rand(shape, device=x.device) < self.keep_prob).float()
+        kept = torch.rand(shape, device=x.device) < self.keep_prob
         alpha = _uniform(shape, self.alpha_range, x.device)
         beta = _uniform(shape, self.beta_range, x.device)
-        forward_scale = (gate + alpha - gate * alpha).to(x.dtype)
-        backward_scale = (gate + beta - gate * beta).to(x.dtype)
+        # b + a - b*a with b in {0, 1}
+        forward_scale = torch.where(kept, 1.0, alpha).to(x.dtype)
+        backward_scale = torch.where(kept, 1.0, beta).to(x.dtype)
         return _ShakeDropFunction.apply(x, forward_scale, backward_scale)
 
     def extra_repr(self) -> str:
