@@ -233,3 +233,38 @@ class BatchLoader:
                 yield self.augment.mix(images, labels, self.num_classes, augment_rng)
             else:
                 yield self.normalize(images), labels
+
+
+# --- synthetic data in the real format ----------------------------------------------------------
+
+def write_synthetic_cifar(root: str | Path, name: str, n_train: int = 100, n_test: int = 50, *,
+                          archive: bool = False, seed: int = 0) -> Path:
+    """Write random images in the official CIFAR-10/100 python format (folder, or archive with
+    `archive=True`), for tests and for smoke runs without the real data; returns its path.
+    Its files cannot match the published checksums: load it with verify=False."""
+    spec = CIFAR[name]
+    classes = 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / spec.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    train_files = [f for f, _ in spec.train_list]
+    sizes = np.full(len(train_files), n_train // len(train_files))
+    sizes[: n_train % len(train_files)] += 1
+    for filename, n in [*zip(train_files, sizes), (spec.test_list[0][0], n_test)]:
+        batch = {"data": rng.integers(0, 256, (int(n), 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, classes, int(n)).tolist(),
+                 "batch_label": filename, "filenames": [f"{i}.png" for i in range(int(n))]}
+        if name == "cifar100":
+            batch["coarse_labels"] = rng.integers(0, 20, int(n)).tolist()
+        with open(folder / filename, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(folder / spec.meta["filename"], "wb") as f:
+        pickle.dump({spec.meta["key"]: [f"class{i}" for i in range(classes)]}, f, protocol=2)
+    if not archive:
+        return folder
+    path = Path(root) / spec.filename
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=spec.base_folder)
+    shutil.rmtree(folder)
+    return path

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
-from conftest import write_cifar
-from gnp.data import BatchLoader, DataError, load_dataset
+from gnp.data import write_synthetic_cifar, BatchLoader, DataError, load_dataset
 
 
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_folder_loads_every_image_and_label(tmp_path, name, classes):
-    folder = write_cifar(tmp_path, name, n_train=103, n_test=17)
+    folder = write_synthetic_cifar(tmp_path, name, n_train=103, n_test=17)
     splits = load_dataset(name, tmp_path, verify=False)
     assert splits.train_images.shape == (103, 3, 32, 32) and splits.train_images.dtype == torch.uint8
     assert splits.test_images.shape == (17, 3, 32, 32)
@@ -25,7 +24,7 @@ def test_cifar_folder_loads_every_image_and_label(tmp_path, name, classes):
 
 
 def test_archive_is_extracted_then_loaded(tmp_path):
-    archive = write_cifar(tmp_path, "cifar10", n_train=20, n_test=10, archive=True)
+    archive = write_synthetic_cifar(tmp_path, "cifar10", n_train=20, n_test=10, archive=True)
     assert archive.is_file() and not (tmp_path / "cifar-10-batches-py").exists()
     splits = load_dataset("cifar10", tmp_path, verify=False, limit_train=7)
     assert len(splits.train_labels) == 7 and len(splits.test_labels) == 10
@@ -40,20 +39,20 @@ def test_missing_dataset_says_which_archive_goes_where(tmp_path):
 
 
 def test_missing_batch_file_is_named_and_never_partially_loaded(tmp_path):
-    folder = write_cifar(tmp_path, "cifar10")
+    folder = write_synthetic_cifar(tmp_path, "cifar10")
     (folder / "data_batch_3").unlink()
     with pytest.raises(DataError, match="data_batch_3 is missing"):
         load_dataset("cifar10", tmp_path, verify=False)
 
 
 def test_checksum_mismatch_names_the_corrupted_file(tmp_path):
-    write_cifar(tmp_path, "cifar10")  # generated data cannot match the published MD5 sums
+    write_synthetic_cifar(tmp_path, "cifar10")  # generated data cannot match the published MD5 sums
     with pytest.raises(DataError, match=r"data_batch_1 is corrupted \(MD5 [0-9a-f]{32}, expected c99cafc"):
         load_dataset("cifar10", tmp_path, verify=True)
 
 
 def test_unreadable_batch_is_named(tmp_path):
-    folder = write_cifar(tmp_path, "cifar10")
+    folder = write_synthetic_cifar(tmp_path, "cifar10")
     (folder / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="test_batch could not be read"):
         load_dataset("cifar10", tmp_path, verify=False)

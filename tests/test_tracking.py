@@ -11,7 +11,7 @@ from gnp.tracking import TABLE_COLUMNS, resolve_wandb_mode
 from gnp.training import train
 
 QUICK = ("experiment=digits_demo", "method=sgd", "train.epochs=1", "dataset.limit_train=64",
-         "dataset.limit_test=32", "model.width=2", "wandb.mode=offline")
+         "dataset.limit_test=32", "model.width=2", "wandb.mode=offline", "device=cpu")
 
 
 def _offline_run(run_dir):

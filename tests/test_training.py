@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_config, write_cifar
+from conftest import compose_config
 from gnp import training
 from gnp.data import load_dataset
 from gnp.models import build_model
 from gnp.training import train
 
 # A narrow ResNet-18 on a few generated images: seconds per epoch on a CPU.
-TINY = ("model.width=4", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
+TINY = ("device=cpu", "model.width=4", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
 SUMMARY_FIELDS = {"dataset", "model", "method", "aug", "r", "alpha", "seed", "epochs", "num_parameters",
                   "test_error", "best_test_error", "train_loss", "wall_seconds", "images_per_second",
                   "data_verified", "git_commit", "torch_version", "device"}
@@ -61,7 +61,7 @@ def test_logged_test_metrics_equal_a_recomputation_from_the_checkpoint(tmp_path,
 
 
 def test_digits_reaches_a_low_test_error(tmp_path):
-    cfg = compose_config("experiment=digits_demo", "method=sgd", "train.epochs=3", "wandb.mode=disabled")
+    cfg = compose_config("experiment=digits_demo", "method=sgd", "train.epochs=3", "wandb.mode=disabled", "device=cpu")
     summary = train(cfg, tmp_path)
     assert summary["test_error"] < 15  # chance is 90%
 
