@@ -159,8 +159,8 @@ def test_official_initialisation():
     torch.manual_seed(0)
     wrn = build_model("wrn28_10", 100, depth=10, widen=4)
     bound = 100 ** -0.5
-    assert wrn.fc.weight.abs().max() <= bound and wrn.fc.weight.abs().max() > 0.9 * bound
-    assert torch.equal(wrn.fc.bias, torch.zeros(100))
+    assert wrn.head.fc.weight.abs().max() <= bound and wrn.head.fc.weight.abs().max() > 0.9 * bound
+    assert torch.equal(wrn.head.fc.bias, torch.zeros(100))
     conv = wrn.blocks[-1].conv2  # 256 -> 256, 3x3: kaiming normal, fan_out
     assert abs(conv.weight.std().item() / (2 / (256 * 9)) ** 0.5 - 1) < 0.02
     vit = build_model("vit_ti", 10, depth=1)

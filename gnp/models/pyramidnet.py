@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gnp.models.init import init_classifier, init_convolutions
+from gnp.models.common import PreActivationHead, init_convolutions
 from gnp.models.shakedrop import ShakeDrop
 
 
@@ -99,14 +99,11 @@ class PyramidNet(nn.Module):
             blocks.append(block(in_channels, round(width), 2 if downsample else 1, keep_prob))
             in_channels = round(width) * block.expansion
         self.blocks = nn.Sequential(*blocks)
-        self.head_norm = nn.BatchNorm2d(in_channels)
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.head = PreActivationHead(in_channels, num_classes)
         init_convolutions(self)
-        init_classifier(self.fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.head_norm(self.blocks(self.stem(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return self.head(self.blocks(self.stem(x)))
 
 
 def pyramidnet110(num_classes: int = 10, depth: int = 110, alpha: float = 270,

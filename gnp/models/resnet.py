@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gnp.models.init import init_convolutions
+from gnp.models.common import init_convolutions
 
 
 class BasicBlock(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gnp.models.init import init_classifier, init_convolutions
+from gnp.models.common import PreActivationHead, init_convolutions
 
 
 class WideBasicBlock(nn.Module):
@@ -54,14 +54,11 @@ class WideResNet(nn.Module):
                 blocks.append(WideBasicBlock(in_channels, width, stride, dropout))
                 in_channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.head_norm = nn.BatchNorm2d(in_channels)
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.head = PreActivationHead(in_channels, num_classes)
         init_convolutions(self)
-        init_classifier(self.fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.head_norm(self.blocks(self.stem(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return self.head(self.blocks(self.stem(x)))
 
 
 def wrn28_10(num_classes: int = 10, depth: int = 28, widen: int = 10, dropout: float = 0.0) -> WideResNet:

@@ -1,9 +1,11 @@
-"""Weight initialisation shared by the CIFAR CNNs (the official code's choices)."""
+"""Pieces shared by the CIFAR CNNs: the official code's initialisation and the pre-activation head."""
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def init_convolutions(model: nn.Module) -> None:
@@ -18,3 +20,16 @@ def init_classifier(linear: nn.Linear) -> None:
     bound = 1.0 / math.sqrt(linear.out_features)
     nn.init.uniform_(linear.weight, -bound, bound)
     nn.init.zeros_(linear.bias)
+
+
+class PreActivationHead(nn.Module):
+    """The end of a pre-activation network: BatchNorm, ReLU, global average pool, classifier."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, num_classes)
+        init_classifier(self.fc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.norm(x)), 1), 1))
