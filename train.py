@@ -26,7 +26,6 @@ def main(cfg: DictConfig) -> float:
         # A problem with the input, not a bug: the message says what to change; no traceback.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%)")
     return summary["test_error"]  # the objective a Hydra sweeper minimises
 
 

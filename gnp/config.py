@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from gnp.augment import build_augmentation
 from gnp.data import DATASETS
-from gnp.models import MODELS
+from gnp.models import check_model_options
 
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_DECAY_MODES = ("loss", "optimizer")
@@ -53,12 +54,16 @@ def validate(cfg: DictConfig) -> None:
            "method=sam is alpha=1 by definition; use method=gnp for other values")
     _check(m.max_grad_norm is None or (_is_number(m.max_grad_norm) and m.max_grad_norm > 0),
            "method.max_grad_norm", m.max_grad_norm, "must be a number > 0, or null for no clipping")
-    _check(cfg.model.name in MODELS, "model.name", cfg.model.name, f"choose one of {', '.join(sorted(MODELS))}")
     _check(d.name in DATASETS, "dataset.name", d.name, f"choose one of {', '.join(DATASETS)}")
     for key in ("limit_train", "limit_test"):
         value = d[key]
         _check(value is None or (_is_int(value) and value >= 1), f"dataset.{key}", value,
                "must be null (all images) or an integer >= 1")
     _check(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, f"choose one of {', '.join(WANDB_MODES)}")
+    try:  # the model registry and the augmentation check their own options
+        check_model_options(cfg.model.name, [key for key in cfg.model if key != "name"])
+        build_augmentation(cfg.aug, mean=d.mean)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {', '.join(PRECISIONS)}")
     _check(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")

@@ -143,6 +143,8 @@ def _train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context) -> dict:
         tracker.finish(None, exit_code=1)
         raise
     tracker.finish(summary)
+    if ctx.is_main:
+        print(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%)")
     return summary
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch.nn as nn
 
@@ -23,20 +23,24 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build model `name` for `num_classes` classes; extra keyword arguments go to its builder."""
+def check_model_options(name: str, options: Iterable[str]) -> None:
+    """Raise ValueError unless `name` is a registered model and `options` are all its builder's."""
     if name not in MODELS:
         raise ValueError(
             f"model.name={name!r} is not a known model; choose one of: {', '.join(sorted(MODELS))}"
         )
-    builder = MODELS[name]
-    allowed = [p for p in inspect.signature(builder).parameters if p != "num_classes"]
-    unknown = sorted(set(kwargs) - set(allowed))
+    allowed = [p for p in inspect.signature(MODELS[name]).parameters if p != "num_classes"]
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(
             f"model {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(allowed)}"
         )
-    return builder(num_classes=num_classes, **kwargs)
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build model `name` for `num_classes` classes; extra keyword arguments go to its builder."""
+    check_model_options(name, kwargs)
+    return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
