@@ -167,6 +167,12 @@ def _load_digits() -> Splits:
 
 # --- loader --------------------------------------------------------------------------------------
 
+def stream_seed(seed: int, epoch: int, stream: int) -> int:
+    """A seed for one random stream of one epoch: draws that depend only on (seed, epoch, stream)
+    repeat exactly when a killed run resumes at that epoch."""
+    return (seed * 1_000_003 + epoch) * 1_009 + stream
+
+
 class BatchLoader:
     """Yields normalised float batches from a uint8 dataset held on `device`.
 
@@ -211,9 +217,7 @@ class BatchLoader:
         return (images.float() - self.mean) / self.std
 
     def generator(self, epoch: int, stream: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(
-            (self.seed * 1_000_003 + epoch) * 1_009 + stream
-        )
+        return torch.Generator(self.device).manual_seed(stream_seed(self.seed, epoch, stream))
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This replica's batches of one epoch: training batches are shuffled and augmented. Targets are

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from gnp import distributed
 from gnp.augment import build_augmentation
 from gnp.config import ConfigError, validate
-from gnp.data import BatchLoader, load_dataset
+from gnp.data import BatchLoader, load_dataset, stream_seed
 from gnp.io import torch_save
 from gnp.method import GradientNormPenalty
 from gnp.models import build_model, count_parameters
@@ -114,8 +114,9 @@ def _train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context) -> dict:
     show_progress = ctx.is_main and (t.progress is True or (t.progress == "auto" and _is_terminal()))
     try:
         for epoch in range(start_epoch, t.epochs):
-            # Dropout/ShakeDrop draws depend only on (seed, epoch, rank): a resumed run repeats them.
-            torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + ctx.rank)
+            # Dropout/ShakeDrop draws: per replica, and repeated by a resumed run (the loader's
+            # streams are 0 and 1 + rank, so this one is distinct from them).
+            torch.manual_seed(stream_seed(cfg.seed, epoch, 1_000 + ctx.rank))
             start = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             train_loss, train_error, grad_norm = _train_epoch(
