@@ -19,7 +19,8 @@ class Context:
         return self.rank == 0
 
 
-def _pick_device(preference: str) -> torch.device:
+def pick_device(preference: str = "auto") -> torch.device:
+    """`auto` is CUDA when a device is visible, else the CPU; anything else is taken as named."""
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(preference)
@@ -32,9 +33,9 @@ def setup(device: str = "auto") -> Context:
     """Start the process group when launched by torchrun; otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Context(0, 1, _pick_device(device))
+        return Context(0, 1, pick_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = _pick_device(device)
+    chosen = pick_device(device)
     if chosen.type == "cuda":
         chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)

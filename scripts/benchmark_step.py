@@ -10,10 +10,7 @@ clipping at 5.0, as in the official CIFAR recipes; on CUDA the forward runs unde
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gnp import GradientNormPenalty
+from gnp import GradientNormPenalty, io
+from gnp.distributed import pick_device
 from gnp.models import build_model, count_parameters
 
 NUM_CLASSES = 10
@@ -118,17 +116,9 @@ def print_table(title: str, suite: dict) -> None:
         print(f"{name:8s} {result['step_ms']:10.1f} {result['step_ms'] / baseline:7.2f} {memory_text}")
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
-
-
 def main() -> None:
     args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
@@ -158,7 +148,7 @@ def main() -> None:
     print_table(f"{args.model} on {report['device_name']}", main_suite)
     print_table(f"resnet18 width {args.tiny_width} (exact mode)", tiny_suite)
     out = args.out or Path("results/benchmarks") / f"step_{device.type}.json"
-    write_json_atomically(out, report)
+    io.write_json(out, report)
     print(f"\nwrote {out}")
 
 

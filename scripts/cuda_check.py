@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from gnp import io
 from gnp.augment import build_augmentation
 from gnp.data import BatchLoader, load_dataset, write_synthetic_cifar
+from gnp.distributed import pick_device
 from gnp.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="models of stage 3 (none: skip it)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     report: dict = {"torch": torch.__version__, "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
