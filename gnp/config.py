@@ -1,21 +1,49 @@
 """Checks a composed config before any work starts: each error names the key, the value and what
-is allowed."""
+is allowed, and an unknown key names its closest valid spelling."""
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
 from omegaconf import DictConfig
 
 from gnp.augment import build_augmentation
 from gnp.data import DATASETS
 from gnp.models import check_model_options
+from gnp.tracking import has_wandb_credentials
 
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_DECAY_MODES = ("loss", "optimizer")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GR_WARMUPS = ("none", "r", "lambda", "zero")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AUTO_OR_BOOL = "auto, true or false"
+
+# Every key a section may hold. `model` and `aug` are open to their builders' own options, which
+# gnp.models and gnp.augment check; an optimizer's keys depend on which one it is.
+SCHEMA: dict[str, frozenset[str]] = {
+    "": frozenset({"seed", "init_seed", "device", "precision", "train", "wandb", "dataset", "model", "method",
+                   "optimizer", "aug"}),
+    "train": frozenset({"epochs", "batch_size", "label_smoothing", "warmup_epochs", "eval_batch_size", "progress",
+                        "checkpoint_minutes", "sync_every", "ema_decay", "channels_last", "compile"}),
+    "wandb": frozenset({"mode", "project", "entity", "group", "tags", "silent"}),
+    "dataset": frozenset({"name", "num_classes", "root", "download", "verify", "limit_train", "limit_test", "mean",
+                          "std"}),
+    "method": frozenset({"name", "r", "alpha", "normalize_first_grad", "max_grad_norm", "sync_perturbation",
+                         "warmup", "warmup_epochs", "gnp_probability"}),
+}
+_OPTIMIZER_KEYS = frozenset({"name", "lr", "weight_decay", "weight_decay_mode", "decay_norm_and_bias", "fused"})
+OPTIMIZER_SCHEMA: dict[str, frozenset[str]] = {
+    "sgd": _OPTIMIZER_KEYS | {"momentum", "nesterov"},
+    "adamw": _OPTIMIZER_KEYS | {"betas", "eps"},
+}
 
 
 class ConfigError(ValueError):
-    """A config value is out of range; the message names the key, the value and what is allowed."""
+    """A config value is out of range or a key is unknown; the message says what to change."""
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:
@@ -31,8 +59,36 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first invalid value."""
+def unknown_key_error(key: str, valid: Iterable[str]) -> ConfigError:
+    """The error for a key that does not exist: its closest valid spelling, or where to find them all."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "`python train.py --cfg job` lists every key"
+    return ConfigError(f"{key} is not a config key: {hint}")
+
+
+def check_keys(cfg: Mapping) -> None:
+    """Refuse keys that no part of the suite reads (a typo would otherwise be silently ignored)."""
+    def full(section: str, keys: Iterable[str]) -> set[str]:
+        return {f"{section}.{k}" if section else k for k in keys}
+
+    optimizer_keys = OPTIMIZER_SCHEMA.get(cfg.get("optimizer", {}).get("name"), _OPTIMIZER_KEYS)
+    for section, allowed in [*SCHEMA.items(), ("optimizer", optimizer_keys)]:
+        node = cfg if not section else cfg.get(section)
+        if not isinstance(node, Mapping):
+            continue
+        for key in node:
+            if key not in allowed:
+                raise unknown_key_error(f"{section}.{key}" if section else key, full(section, allowed))
+
+
+def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
+    """Raise ConfigError on the first unknown key or invalid value.
+
+    `check_environment=False` skips what depends on the machine that will run the job (a visible
+    GPU, W&B credentials), for a sweep checked on a login node before it goes to a cluster.
+    """
+    check_keys(cfg)
     t, m, o, d = cfg.train, cfg.method, cfg.optimizer, cfg.dataset
     _check(_is_int(t.epochs) and t.epochs >= 1, "train.epochs", t.epochs, "must be an integer >= 1")
     _check(_is_int(t.batch_size) and t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
@@ -42,18 +98,41 @@ def validate(cfg: DictConfig) -> None:
            t.warmup_epochs, f"must be in [0, train.epochs={t.epochs})")
     _check(_is_number(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing",
            t.label_smoothing, "must be in [0, 1)")
-    _check(_is_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
+    _check(t.progress in ("auto", True, False), "train.progress", t.progress, AUTO_OR_BOOL)
+    _check(_is_number(t.checkpoint_minutes) and t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
+           t.checkpoint_minutes, "must be a number of minutes >= 0 (0 = only at the end of each epoch)")
+    _check(_is_int(t.sync_every) and t.sync_every >= 1, "train.sync_every", t.sync_every,
+           "must be an integer >= 1 (steps between reads of the device's flags)")
+    _check(_is_number(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay,
+           "must be in [0, 1) (0 = no weight EMA; 0.999 is typical)")
+    _check(t.channels_last in ("auto", True, False), "train.channels_last", t.channels_last, AUTO_OR_BOOL)
+    _check(t.compile in (True, False) or t.compile in COMPILE_MODES, "train.compile", t.compile,
+           f"choose false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})")
+
     _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"choose one of {', '.join(OPTIMIZERS)}")
+    _check(_is_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
     _check(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
            "must be a number >= 0")
     _check(o.weight_decay_mode in WEIGHT_DECAY_MODES, "optimizer.weight_decay_mode", o.weight_decay_mode,
            "choose loss (L2 inside the loss, as the official code) or optimizer (the base optimizer's own)")
+    _check(isinstance(o.decay_norm_and_bias, bool), "optimizer.decay_norm_and_bias", o.decay_norm_and_bias,
+           "true (decay every parameter, as the official code) or false (no decay on biases and norm weights)")
+    _check(o.fused in ("auto", True, False), "optimizer.fused", o.fused, AUTO_OR_BOOL)
+
     _check(_is_number(m.r) and m.r >= 0, "method.r", m.r, "must be a number >= 0")
     _check(_is_number(m.alpha) and 0 <= m.alpha <= 1, "method.alpha", m.alpha, "must be in [0, 1]")
     _check(m.name != "sam" or m.alpha == 1, "method.alpha", m.alpha,
            "method=sam is alpha=1 by definition; use method=gnp for other values")
     _check(m.max_grad_norm is None or (_is_number(m.max_grad_norm) and m.max_grad_norm > 0),
            "method.max_grad_norm", m.max_grad_norm, "must be a number > 0, or null for no clipping")
+    _check(m.warmup in GR_WARMUPS, "method.warmup", m.warmup, f"choose one of {', '.join(GR_WARMUPS)}")
+    _check(_is_number(m.warmup_epochs) and 0 <= m.warmup_epochs <= t.epochs, "method.warmup_epochs",
+           m.warmup_epochs, f"must be in [0, train.epochs={t.epochs}]")
+    _check(m.warmup == "none" or m.warmup_epochs > 0, "method.warmup_epochs", m.warmup_epochs,
+           f"must be > 0 with method.warmup={m.warmup}")
+    _check(_is_number(m.gnp_probability) and 0 < m.gnp_probability <= 1, "method.gnp_probability",
+           m.gnp_probability, "must be in (0, 1] (1 = every step is a GNP step)")
+
     _check(d.name in DATASETS, "dataset.name", d.name, f"choose one of {', '.join(DATASETS)}")
     for key in ("limit_train", "limit_test"):
         value = d[key]
@@ -67,3 +146,22 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {', '.join(PRECISIONS)}")
     _check(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
+    _check(cfg.init_seed is None or (_is_int(cfg.init_seed) and cfg.init_seed >= 0), "init_seed", cfg.init_seed,
+           "must be null (= seed) or an integer >= 0")
+    check_device(cfg.device, check_environment)
+    if check_environment and cfg.wandb.mode == "online" and not has_wandb_credentials():
+        raise ConfigError("wandb.mode=online needs W&B credentials: run `wandb login` or set WANDB_API_KEY, "
+                          "or log locally with wandb.mode=offline")
+
+
+def check_device(device: str, check_environment: bool = True) -> None:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, and a CUDA device must exist when one is named."""
+    _check(isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "device", device,
+           "choose auto (a GPU when there is one), cpu, cuda or cuda:N")
+    if not check_environment or not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        visible = f"only {count} CUDA device(s) are visible" if count else "no CUDA device is visible"
+        raise ConfigError(f"device={device} is not available: {visible}; use device=auto or device=cpu")

@@ -2,6 +2,7 @@
 
 Only the main process writes. W&B runs offline unless credentials are configured (or online is
 asked for); an offline run leaves `wandb/offline-run-*` in the run directory for `wandb sync`.
+W&B's own console output is silent unless `wandb.silent=false`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from gnp import io
 
 # One row of the paper's results table; `scripts/make_tables.py` reads the same fields.
 TABLE_COLUMNS = ("dataset", "model", "method", "aug", "r", "alpha", "seed", "epochs", "test_error", "best_test_error")
+
+
+class TrackingError(RuntimeError):
+    """W&B could not start; the message says why and how to log without it."""
 
 
 def has_wandb_credentials() -> bool:
@@ -33,6 +38,13 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
+def run_name(config: dict) -> str:
+    """dataset-model-method-aug-r-alpha-seed: what tells the runs of a sweep apart at a glance."""
+    m = config["method"]
+    return (f"{config['dataset']['name']}-{config['model']['name']}-{m['name']}-{config['aug']['name']}"
+            f"-r{m['r']}-a{m['alpha']}-s{config['seed']}")
+
+
 class Tracker:
     def __init__(self, run_dir: str | Path, config: dict, *, enabled: bool, run_id: str | None = None):
         self.run_dir, self.enabled, self.run = Path(run_dir), enabled, None
@@ -41,21 +53,29 @@ class Tracker:
         io.write_text(self.run_dir / "config.yaml", _to_yaml(config))
         wandb_cfg = config["wandb"]
         mode = resolve_wandb_mode(wandb_cfg["mode"])
-        if mode != "disabled":
-            import wandb
+        if mode == "disabled":
+            return
+        import wandb
 
+        tags = [config["dataset"]["name"], config["model"]["name"], config["method"]["name"], *wandb_cfg["tags"]]
+        try:
             self.run = wandb.init(
                 project=wandb_cfg["project"],
                 entity=wandb_cfg["entity"],
                 group=wandb_cfg["group"],
-                tags=list(wandb_cfg["tags"]),
-                name=f"{config['dataset']['name']}-{config['model']['name']}-{config['method']['name']}-s{config['seed']}",
+                tags=list(dict.fromkeys(tags)),
+                name=run_name(config),
                 config=config,
                 dir=str(self.run_dir),
                 mode=mode,
                 id=run_id,
                 resume="allow",
+                settings=wandb.Settings(silent=bool(wandb_cfg["silent"])),
             )
+        except Exception as e:  # wandb raises its own errors, and network ones, for a failed start
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(f"W&B could not start a {mode} run ({reason}); check the network and "
+                                f"`wandb login`, or log locally with wandb.mode=offline") from e
 
     @property
     def run_id(self) -> str | None:
@@ -68,10 +88,11 @@ class Tracker:
         io.write_jsonl(self.run_dir / "metrics.jsonl", history)
         if self.run is not None:
             row = history[-1]
-            self.run.log(row, step=row["epoch"])
+            self.run.log(io.strict_json(row), step=row["epoch"])
 
-    def finish(self, summary: dict | None, exit_code: int = 0) -> None:
-        """Write summary.json and close the W&B run; called on failure too (summary None)."""
+    def finish(self, summary: dict | None, exit_code: int = 0, preempted: bool = False) -> None:
+        """Write summary.json (when given) and close the W&B run; called on failure too. A preempted
+        run is marked so in W&B, which then expects it to resume."""
         if not self.enabled:
             return
         if summary is not None:
@@ -79,10 +100,13 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            if summary is not None:
+            if summary is not None and summary["status"] == "finished":
                 table = wandb.Table(columns=list(TABLE_COLUMNS), data=[[summary[c] for c in TABLE_COLUMNS]])
                 self.run.log({"results": table})
-                self.run.summary.update(summary)
+            if summary is not None:
+                self.run.summary.update(io.strict_json(summary))
+            if preempted:
+                self.run.mark_preempting()
             self.run.finish(exit_code=exit_code)
             self.run = None
 
