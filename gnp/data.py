@@ -13,6 +13,7 @@ import tarfile
 import tempfile
 import urllib.error
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -167,18 +168,27 @@ def _load_digits() -> Splits:
 
 # --- loader --------------------------------------------------------------------------------------
 
-def stream_seed(seed: int, epoch: int, stream: int) -> int:
-    """A seed for one random stream of one epoch: draws that depend only on (seed, epoch, stream)
-    repeat exactly when a killed run resumes at that epoch."""
-    return (seed * 1_000_003 + epoch) * 1_009 + stream
+class Stream(IntEnum):
+    """The independent random streams of a run; each draw is keyed by (seed, stream, step, ...)."""
+    ORDER = 0  # the permutation of one epoch's training set
+    AUGMENT = 1  # one batch's augmentation on one replica
+    MODEL = 2  # one step's dropout, stochastic depth and ShakeDrop draws on one replica
+
+
+def random_seed(seed: int, stream: Stream, *keys: int) -> int:
+    """A 63-bit seed for one draw of `stream` that depends only on the run's seed and `keys` (an
+    epoch, or a step and a replica), so a run resumed at any step repeats every draw exactly."""
+    state = np.random.SeedSequence([seed, int(stream), *keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 class BatchLoader:
     """Yields normalised float batches from a uint8 dataset held on `device`.
 
     Shuffling is a permutation drawn on the device; augmentation runs on whole batches there. The
-    random draws of epoch e depend only on (seed, e), so a resumed run sees the same batches. Under
-    DDP every replica draws the same permutation and takes its own slice of each global batch.
+    draws of epoch e's batch b depend only on (seed, e, b, rank), so a run resumed at any step sees
+    the same batches. Under DDP every replica draws the same permutation and takes its own slice of
+    each global batch.
     """
 
     def __init__(
@@ -216,25 +226,26 @@ class BatchLoader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
-    def generator(self, epoch: int, stream: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(stream_seed(self.seed, epoch, stream))
+    def generator(self, stream: Stream, *keys: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(random_seed(self.seed, stream, *keys))
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This replica's batches of one epoch: training batches are shuffled and augmented. Targets are
-        labels, or soft targets [B, num_classes] where the augmentation mixes images (mixup/cutmix)."""
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This replica's batches of one epoch from batch `start` on: training batches are shuffled
+        and augmented. Targets are labels, or soft targets [B, num_classes] where the augmentation
+        mixes images (mixup/cutmix)."""
         n = len(self.labels)
         if self.train:
-            order = torch.randperm(n, generator=self.generator(epoch, 0), device=self.device)
-            augment_rng = self.generator(epoch, 1 + self.rank)  # replicas augment independently
+            order = torch.randperm(n, generator=self.generator(Stream.ORDER, epoch), device=self.device)
         else:
             order = torch.arange(n, device=self.device)
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             index = index.tensor_split(self.world_size)[self.rank]
             images, labels = self.images[index], self.labels[index]
             if self.train and self.augment is not None:
-                images = self.normalize(self.augment(images, augment_rng))
-                yield self.augment.mix(images, labels, self.num_classes, augment_rng)
+                rng = self.generator(Stream.AUGMENT, epoch, b, self.rank)  # replicas augment independently
+                images = self.normalize(self.augment(images, rng))
+                yield self.augment.mix(images, labels, self.num_classes, rng)
             else:
                 yield self.normalize(images), labels
 
@@ -272,3 +283,29 @@ def write_synthetic_cifar(root: str | Path, name: str, n_train: int = 100, n_tes
         tar.add(folder, arcname=spec.base_folder)
     shutil.rmtree(folder)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m gnp.data fake-cifar DIR`: random images in the real CIFAR format, to try the
+    CIFAR path without the archives (`dataset.root=DIR dataset.verify=false`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gnp.data", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fake = commands.add_parser("fake-cifar", help="write random images in the official CIFAR python format")
+    fake.add_argument("root", type=Path, help="the data root to write into (use it as dataset.root)")
+    fake.add_argument("--dataset", choices=tuple(CIFAR), default="cifar10")
+    fake.add_argument("--train", type=int, default=5000, help="training images (default 5000)")
+    fake.add_argument("--test", type=int, default=1000, help="test images (default 1000)")
+    fake.add_argument("--archive", action="store_true", help="write the .tar.gz archive instead of the folder")
+    fake.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.train < 1 or args.test < 1:
+        parser.error("--train and --test must be at least 1")
+    path = write_synthetic_cifar(args.root, args.dataset, args.train, args.test, archive=args.archive, seed=args.seed)
+    print(f"wrote {args.train} training and {args.test} test images of random {args.dataset} to {path}\n"
+          f"train on them: python train.py dataset={args.dataset} dataset.root={args.root} dataset.verify=false")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,18 @@
-"""One process or many: `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK and this switches DDP on."""
+"""One process or many. One function decides how this process was launched: by `torchrun` (RANK,
+WORLD_SIZE, LOCAL_RANK), as one task of a SLURM job (srun or submitit: SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID), or alone; the same training code then runs with or without DDP."""
 from __future__ import annotations
 
 import os
+import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _NormBase
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,44 @@ class Context:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str | None = None  # None: torchrun has set MASTER_ADDR/MASTER_PORT already
+    master_port: int | None = None
+
+
+def detect_launch(env: dict[str, str] = os.environ) -> Launch:  # noqa: B006 (read, never mutated)
+    """torchrun first, then a multi-task SLURM job, else a single process."""
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]))
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    if tasks > 1 and "SLURM_PROCID" in env:
+        # Every task of the job derives the same address and port from the job itself.
+        return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), tasks,
+                      master_addr=env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
+                      master_port=int(env.get("MASTER_PORT") or 20_000 + _job_number(env) % 20_000))
+    return Launch(0, 0, 1)
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[03-05,07]" -> "gpu03"), as `scontrol` expands it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        head, _, ranges = nodelist.partition("[")
+        return head + ranges.split(",")[0].split("-")[0].rstrip("]") if ranges else nodelist.split(",")[0]
+
+
+def _job_number(env: dict[str, str]) -> int:
+    digits = "".join(c for c in env.get("SLURM_JOB_ID", "0") if c.isdigit())
+    return int(digits or 0)
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     """`auto` is CUDA when a device is visible, else the CPU; anything else is taken as named."""
     if preference == "auto":
@@ -30,18 +75,22 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def setup(device: str = "auto") -> Context:
-    """Start the process group when launched by torchrun; otherwise a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Context(0, 1, pick_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    """Start the process group when there are several processes; otherwise a single process."""
+    launch = detect_launch()
     chosen = pick_device(device)
+    if launch.world_size == 1:
+        return Context(0, 1, chosen)
     if chosen.type == "cuda":
-        chosen = torch.device("cuda", local_rank)
+        chosen = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", device_id=chosen if chosen.type == "cuda" else None)
-    return Context(rank, world_size, chosen)
+        init = {}
+        if launch.master_addr is not None:
+            init["init_method"] = f"tcp://{launch.master_addr}:{launch.master_port}"
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=launch.rank,
+                                world_size=launch.world_size, device_id=chosen if chosen.type == "cuda" else None,
+                                **init)
+    return Context(launch.rank, launch.world_size, chosen)
 
 
 def teardown() -> None:
@@ -49,13 +98,69 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum across processes (a no-op in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum across processes (a no-op in a single process)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """[world_size, *shape]: every process's `tensor`, in rank order."""
+    if not _active():
+        return tensor.unsqueeze(0)
+    out = torch.empty((dist.get_world_size(), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous())
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """The main process's `obj` on every process."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def running_stats(*modules: nn.Module) -> list[torch.Tensor]:
+    """The floating-point running statistics (BatchNorm mean and variance) of the modules: the only
+    state that differs between DDP replicas, since each normalises with its own shard's batches."""
+    return [buffer for module in modules for m in module.modules()
+            if isinstance(m, _NormBase) and m.track_running_stats
+            for buffer in (m.running_mean, m.running_var) if buffer is not None]
+
+
+@contextmanager
+def replica_averaged(stats: list[torch.Tensor]) -> Iterator[None]:
+    """Inside: every replica holds the mean of the replicas' statistics, so all evaluate (and save)
+    one model, as the authors' code averages BatchNorm statistics over devices for evaluation.
+    Afterwards each replica has its own statistics back and training goes on exactly as before."""
+    if not _active() or not stats:
+        yield
+        return
+    own = [s.clone() for s in stats]
+    flat = torch.cat([s.flatten() for s in stats])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(stats, [chunk.view_as(s) for chunk, s in zip(flat.split([s.numel() for s in stats]), stats)])
+    try:
+        yield
+    finally:
+        torch._foreach_copy_(stats, own)

@@ -1,7 +1,17 @@
-"""The training loop: one function that reads top to bottom, on a CPU, one GPU or under torchrun."""
+"""The training loop, on a CPU, one GPU, under torchrun or as the tasks of a SLURM job.
+
+`train(cfg, run_dir)` reads top to bottom in `Trainer.run`: resume from the run directory's
+checkpoint if there is one, then for each epoch train, evaluate, log and checkpoint. Every random
+draw of a step (data order, augmentation, dropout, ShakeDrop, hybrid steps) is keyed by (seed,
+step, replica), so a run stopped at any step and resumed from its checkpoint ends exactly where an
+uninterrupted run ends. Nothing in a step waits for the GPU: the loop reads the device's numbers
+(NaN checks, stop requests, progress) every `train.sync_every` steps and at the end of each epoch.
+"""
 from __future__ import annotations
 
+import copy
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -15,36 +25,83 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gnp import distributed
+from gnp import checkpoint, distributed, io
 from gnp.augment import build_augmentation
 from gnp.config import ConfigError, validate
-from gnp.data import BatchLoader, load_dataset, stream_seed
-from gnp.io import torch_save
+from gnp.data import BatchLoader, Stream, load_dataset, random_seed
 from gnp.method import GradientNormPenalty
 from gnp.models import build_model, count_parameters
+from gnp.runs import RunDirectory, log, remove_if_empty, setup_console
+from gnp.signals import StopSignals, exit_code
 from gnp.tracking import Tracker
 
 # Keys that may differ when a run is resumed: they change where and how it is logged, not what it computes.
-RESUMABLE_CHANGES = ("wandb", "device", "train.progress", "dataset.root", "dataset.download")
+RESUMABLE_CHANGES = ("wandb", "device", "train.progress", "train.checkpoint_minutes", "train.sync_every",
+                     "dataset.root", "dataset.download")
+CNN_PREFIXES = ("resnet", "wrn", "pyramidnet")  # the models that channels_last speeds up
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """A signal stopped the run after a checkpoint; `exit_code` is the process's status to exit with."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = exit_code(signum)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as `cfg` says, writing every output into `run_dir`; returns the run's summary."""
     validate(cfg)
     ctx = distributed.setup(cfg.device)
+    setup_console(ctx.is_main)
     try:
-        return _train(cfg, Path(run_dir), ctx)
+        # Under torchrun every process composed its own (timestamped) run directory: the main one's wins.
+        shared_dir = Path(distributed.broadcast_object(str(run_dir)))
+        if shared_dir != Path(run_dir):
+            remove_if_empty(run_dir)
+        with RunDirectory(shared_dir) if ctx.is_main else nullcontext():
+            return Trainer(cfg, shared_dir, ctx).run()
     finally:
         distributed.teardown()
 
 
-def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    # With weight_decay_mode=loss the decay is the method's in-loss L2, so the base optimizer gets none.
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast on CUDA and float32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def use_channels_last(setting: bool | str, model_name: str, device: torch.device) -> bool:
+    """`auto`: the CNNs on CUDA, where cuDNN's NHWC kernels are faster (the CPU gains nothing measurable)."""
+    if setting == "auto":
+        return device.type == "cuda" and model_name.startswith(CNN_PREFIXES)
+    return bool(setting)
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The base optimizer. With `decay_norm_and_bias=false`, biases and normalisation weights (every
+    parameter with fewer than two dimensions, as the official `no_weight_decay_on_bn`) get neither
+    weight decay nor in-loss L2. With weight_decay_mode=loss the decay is the method's in-loss L2,
+    so the base optimizer gets none."""
     weight_decay = cfg.weight_decay if cfg.weight_decay_mode == "optimizer" else 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_norm_and_bias:
+        groups = [{"params": params}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "l2": 0.0}]
+    fused = device.type == "cuda" if cfg.fused == "auto" else bool(cfg.fused)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=weight_decay,
+                             fused=fused)
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int):
@@ -57,142 +114,386 @@ def cosine_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context) -> dict:
-    config = OmegaConf.to_container(cfg, resolve=True)
-    device, t = ctx.device, cfg.train
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()  # noqa: E731
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+class WeightAverage:
+    """An exponential moving average of a model's parameters and floating-point buffers (BatchNorm
+    statistics), updated in place on the device after every step: ema <- decay * ema + (1 - decay) * x."""
 
-    # Data: the main process fetches/extracts first, the others then read the finished files.
-    d = cfg.dataset
-    if not ctx.is_main:
-        distributed.barrier()
-    data = load_dataset(d.name, d.root, download=d.download, verify=d.verify,
-                        limit_train=d.limit_train, limit_test=d.limit_test)
-    if ctx.is_main:
-        distributed.barrier()
-    if len(data.train_labels) < t.batch_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} is invalid: larger than the training set "
-                          f"({len(data.train_labels)} images); lower it or raise dataset.limit_train")
-    augment = build_augmentation(cfg.aug, mean=d.mean)
-    train_loader = BatchLoader(data.train_images, data.train_labels, batch_size=t.batch_size, device=device,
-                               mean=d.mean, std=d.std, train=True, augment=augment, num_classes=d.num_classes,
-                               seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
-    test_loader = BatchLoader(data.test_images, data.test_labels, batch_size=t.eval_batch_size, device=device,
-                              mean=d.mean, std=d.std, train=False, rank=ctx.rank, world_size=ctx.world_size)
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        pairs = [(a, b) for a, b in zip(self.model.state_dict().values(), model.state_dict().values())]
+        self._floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]  # e.g. BatchNorm's batch counter
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every replica
-    net = build_model(cfg.model.name, d.num_classes, **{k: v for k, v in cfg.model.items() if k != "name"})
-    net = net.to(device)
-    num_parameters = count_parameters(net)
-    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
-        if ctx.world_size > 1 else net
-    base = build_optimizer(cfg.optimizer, net.parameters())
-    m = cfg.method
-    l2 = cfg.optimizer.weight_decay if cfg.optimizer.weight_decay_mode == "loss" else 0.0
-    optimizer = GradientNormPenalty(model, base, r=m.r, alpha=m.alpha, normalize_first_grad=m.normalize_first_grad,
-                                    l2=l2, max_grad_norm=m.max_grad_norm, sync_perturbation=m.sync_perturbation)
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        base, cosine_schedule(t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)))
-
-    checkpoint_path = run_dir / "checkpoint.pt"
-    start_epoch, history, wandb_id = 0, [], None
-    if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        _check_resumable(checkpoint["config"], config, run_dir)
-        net.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, history, wandb_id = checkpoint["epoch"], checkpoint["history"], checkpoint["wandb_run_id"]
-        if ctx.is_main:
-            print(f"Resuming {run_dir} after epoch {start_epoch} of {t.epochs}")
-
-    tracker = Tracker(run_dir, config, enabled=ctx.is_main, run_id=wandb_id)
-    show_progress = ctx.is_main and (t.progress is True or (t.progress == "auto" and _is_terminal()))
-    try:
-        for epoch in range(start_epoch, t.epochs):
-            # Dropout/ShakeDrop draws: per replica, and repeated by a resumed run (the loader's
-            # streams are 0 and 1 + rank, so this one is distinct from them).
-            torch.manual_seed(stream_seed(cfg.seed, epoch, 1_000 + ctx.rank))
-            start = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            train_loss, train_error, grad_norm = _train_epoch(
-                model, optimizer, scheduler, train_loader, epoch, autocast, t.label_smoothing,
-                tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not show_progress,
-                     leave=False, dynamic_ncols=True))
-            train_seconds = time.perf_counter() - start
-            test_loss, test_error = evaluate(net, test_loader, autocast)
-            history.append({
-                "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_error": train_error,
-                "grad_norm": grad_norm, "test_loss": test_loss, "test_error": test_error,
-                "seconds": time.perf_counter() - start,
-                "images_per_second": steps_per_epoch * t.batch_size / train_seconds,
-            })
-            if ctx.is_main:
-                torch_save(checkpoint_path, {
-                    "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                    "wandb_run_id": tracker.run_id, "config": config,
-                })
-                tracker.log_epoch(history)
-                _print_epoch(history[-1], t.epochs)
-        summary = _summary(cfg, history, num_parameters, data.verified, device, ctx.world_size)
-    except BaseException:
-        tracker.finish(None, exit_code=1)
-        raise
-    tracker.finish(summary)
-    if ctx.is_main:
-        print(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%)")
-    return summary
+    @torch.no_grad()
+    def update(self) -> None:
+        averaged, current = zip(*self._floats)
+        torch._foreach_lerp_(list(averaged), list(current), 1.0 - self.decay)
+        for a, b in self._others:
+            a.copy_(b)
 
 
-def _train_epoch(model, optimizer, scheduler, loader, epoch, autocast, label_smoothing, bar) -> tuple[float, float, float]:
-    """One pass over the training set; returns mean loss, error (%) and mean ||g1|| over all replicas."""
-    model.train()
-    device = loader.device
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, errors, images, grad-norm sum
-    for step, (images, target) in enumerate(loader.epoch(epoch)):
-        def closure():
-            with autocast():
-                logits = model(images)
-            return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing), logits
+class EpochTotals:
+    """Per-step sums of one epoch on the device, added without reading them back (no GPU sync)."""
 
-        loss = optimizer.step(closure)
-        scheduler.step()
+    FIELDS = ("loss", "errors", "first_pass_loss", "first_pass_errors", "g1_norm", "grad_norm", "nonfinite")
+
+    def __init__(self, device: torch.device, saved: torch.Tensor | None = None):
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device) if saved is None \
+            else saved.to(device=device, dtype=torch.float64)
+        self.first_bad_step = torch.full((), math.inf, dtype=torch.float64, device=device)
+
+    def add(self, optimizer: GradientNormPenalty, first_loss: torch.Tensor, target: torch.Tensor, step: int) -> None:
         labels = target if target.ndim == 1 else target.argmax(1)  # soft targets from mixup/cutmix
-        errors = (optimizer.last_output.argmax(1) != labels).sum()
-        totals += torch.stack([loss.double() * len(labels), errors.double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=device),
-                               optimizer.grad_norm.double()])
-        bar.update()
-        if not bar.disable and step % 10 == 0:  # reading values back syncs the GPU: not every step
-            loss_sum, err, n, _ = totals.tolist()
-            rate = bar.format_dict["rate"] or 0.0
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 - 100 * err / n:.1f}%",
-                            img_s=f"{rate * loader.batch_size:.0f}")
-    bar.close()
-    distributed.all_reduce_sum(totals)
-    loss_sum, errors, images, grad_norm_sum = totals.tolist()
-    return loss_sum / images, 100 * errors / images, grad_norm_sum / (len(loader) * loader.world_size)
+        n = len(labels)
+        nonfinite = ~(torch.isfinite(first_loss) & torch.isfinite(optimizer.perturbed_loss)
+                      & (torch.isfinite(optimizer.final_grad_norm) | optimizer.step_skipped))
+        self.sums += torch.stack([
+            optimizer.perturbed_loss.double() * n,
+            (optimizer.perturbed_output.argmax(1) != labels).sum().double(),
+            first_loss.double() * n,
+            (optimizer.last_output.argmax(1) != labels).sum().double(),
+            optimizer.grad_norm.double(),
+            optimizer.final_grad_norm.double(),
+            nonfinite.double(),
+        ])
+        self.first_bad_step = torch.where(nonfinite & torch.isinf(self.first_bad_step), float(step),
+                                          self.first_bad_step)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, autocast=nullcontext) -> tuple[float, float]:
-    """Mean cross-entropy and error (%) on the loader's whole dataset, summed over replicas."""
+class Trainer:
+    """One run in a run directory that this process holds: `run` builds everything, resumes from the
+    directory's checkpoint if there is one, then trains to the end. Whatever stops it is recorded in
+    summary.json (status stopped, diverged or failed) before the error goes on."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, ctx: distributed.Context):
+        self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.precision = resolve_precision(cfg.precision, ctx.device)
+        self.history: list[dict] = []
+        self.signals = StopSignals()
+        self.tracker: Tracker | None = None
+        self.num_parameters = self.data_verified = None
+        self.last_checkpoint = time.monotonic()
+
+    def build(self) -> None:
+        """Data, model, optimizer, schedule and weight average, as the config says."""
+        cfg, ctx = self.cfg, self.ctx
+        t, m, d, device = cfg.train, cfg.method, cfg.dataset, ctx.device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+        # Data: the main process fetches/extracts first, the others then read the finished files.
+        if not ctx.is_main:
+            distributed.barrier()
+        data = load_dataset(d.name, d.root, download=d.download, verify=d.verify,
+                            limit_train=d.limit_train, limit_test=d.limit_test)
+        if ctx.is_main:
+            distributed.barrier()
+        if len(data.train_labels) < t.batch_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} is invalid: larger than the training set "
+                              f"({len(data.train_labels)} images); lower it or raise dataset.limit_train")
+        self.data_verified = data.verified
+        self.train_loader = BatchLoader(
+            data.train_images, data.train_labels, batch_size=t.batch_size, device=device, mean=d.mean, std=d.std,
+            train=True, augment=build_augmentation(cfg.aug, mean=d.mean), num_classes=d.num_classes,
+            seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+        self.test_loader = BatchLoader(data.test_images, data.test_labels, batch_size=t.eval_batch_size,
+                                       device=device, mean=d.mean, std=d.std, train=False, rank=ctx.rank,
+                                       world_size=ctx.world_size)
+        self.steps_per_epoch = len(self.train_loader)
+
+        # Model: identical initial weights on every replica, from init_seed (default: seed).
+        torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
+        self.net = build_model(cfg.model.name, d.num_classes, **{k: v for k, v in cfg.model.items() if k != "name"})
+        self.channels_last = use_channels_last(t.channels_last, cfg.model.name, device)
+        self.net = self.net.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.num_parameters = count_parameters(self.net)
+        self.forward = self.net if t.compile is False else \
+            torch.compile(self.net, mode=None if t.compile is True else t.compile)
+        # What a training step calls: the (compiled) model, in DDP when there are several replicas.
+        self.model = DistributedDataParallel(self.forward, device_ids=[device] if device.type == "cuda" else None,
+                                             broadcast_buffers=False) if ctx.world_size > 1 else self.forward
+        base = build_optimizer(cfg.optimizer, self.net, device)
+        l2 = cfg.optimizer.weight_decay if cfg.optimizer.weight_decay_mode == "loss" else 0.0
+        scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.optimizer = GradientNormPenalty(
+            self.model, base, r=m.r, alpha=m.alpha, normalize_first_grad=m.normalize_first_grad, l2=l2,
+            max_grad_norm=m.max_grad_norm, sync_perturbation=m.sync_perturbation, warmup=m.warmup,
+            warmup_steps=round(m.warmup_epochs * self.steps_per_epoch), gnp_probability=m.gnp_probability,
+            seed=cfg.seed, grad_scaler=scaler)
+        self.lr_factor = cosine_schedule(t.epochs * self.steps_per_epoch, round(t.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(base, self.lr_factor)
+        self.ema = WeightAverage(self.net, t.ema_decay) if t.ema_decay else None
+        # Each replica keeps its own BatchNorm statistics, as the authors' code; they are averaged
+        # for evaluation and checkpoints only.
+        self.replica_stats = distributed.running_stats(self.net, *([self.ema.model] if self.ema else []))
+
+    # --- the run, top to bottom ------------------------------------------------------------------
+
+    def run(self) -> dict:
+        try:
+            self.build()
+            state = checkpoint.load(self.run_dir, self.ctx.device)
+            start_epoch, start_step, saved_totals = self.resume(state) if state else (0, 0, None)
+            if state and start_epoch == self.cfg.train.epochs and (self.run_dir / "summary.json").exists():
+                summary = self.summary("finished")
+                log.info(f"{self.run_dir} already finished: test error {summary['test_error']:.2f}%")
+                return summary
+            self.tracker = Tracker(self.run_dir, self.config, enabled=self.ctx.is_main,
+                                   run_id=state["wandb_run_id"] if state else None)
+            with self.signals:
+                for epoch in range(start_epoch, self.cfg.train.epochs):
+                    self.train_epoch(epoch, start_step if epoch == start_epoch else 0,
+                                     saved_totals if epoch == start_epoch else None)
+        except Stopped as stopped:
+            self.record_end(self.summary("stopped", str(stopped)), exit_code=stopped.exit_code, preempted=True)
+            self.signals.hand_over(self.ctx.is_main)
+            raise
+        except KeyboardInterrupt:
+            self.record_end(self.summary("stopped", "interrupted by a second Ctrl-C, without a checkpoint at this "
+                                                    "step; a resume continues from the last checkpoint"), exit_code=130)
+            raise
+        except BaseException as e:
+            self.record_end(self.summary("diverged" if isinstance(e, Diverged) else "failed", _one_line(e)),
+                            exit_code=1)
+            raise
+        summary = self.summary("finished")
+        self.record(summary)
+        log.info(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%)"
+                 + (f", EMA {summary['ema_test_error']:.2f}%" if self.cfg.train.ema_decay else "") + f"; outputs in {self.run_dir}")
+        return summary
+
+    def record(self, summary: dict, exit_code: int = 0, preempted: bool = False) -> None:
+        """summary.json (main process), through W&B when the run got as far as starting it."""
+        if self.tracker is not None:
+            self.tracker.finish(summary, exit_code=exit_code, preempted=preempted)
+        elif self.ctx.is_main:
+            io.write_json(self.run_dir / "summary.json", summary)
+
+    def record_end(self, summary: dict, exit_code: int, preempted: bool = False) -> None:
+        """`record` for a run that ends early: a failure to record it never hides why it ended."""
+        try:
+            self.record(summary, exit_code, preempted)
+        except Exception as e:
+            log.warning(f"could not record the end of the run: {_one_line(e)}")
+
+    def resume(self, state: dict) -> tuple[int, int, torch.Tensor | None]:
+        """Restore the checkpoint's state; returns where to continue (epoch, step) and the partial
+        epoch's sums of this replica."""
+        _check_resumable(state["config"], self.config, self.run_dir)
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema:
+            self.ema.model.load_state_dict(state["ema"])
+        self.history = state["history"]
+        per_replica = state["replica_stats"]  # None for a single process: its model holds them
+        if per_replica is not None and len(per_replica) == self.ctx.world_size:
+            own = per_replica[self.ctx.rank].to(self.ctx.device)
+            torch._foreach_copy_(self.replica_stats, list(own.split([s.numel() for s in self.replica_stats])))
+        totals = state["totals"]
+        if totals is not None:
+            # Each replica continues its own sums; with another number of replicas the main one takes them all.
+            same = len(totals) == self.ctx.world_size
+            totals = totals[self.ctx.rank] if same else totals.sum(0) * float(self.ctx.is_main)
+        epoch, step = state["epoch"], state["step"]
+        where = f"epoch {epoch} of {self.cfg.train.epochs}" if step == 0 else \
+            f"step {step}/{self.steps_per_epoch} of epoch {epoch + 1}"
+        log.info(f"Resuming {self.run_dir} after {where}")
+        return epoch, step, totals
+
+    def train_epoch(self, epoch: int, start_step: int, saved_totals: torch.Tensor | None) -> None:
+        t, device = self.cfg.train, self.ctx.device
+        self.forward.train()
+        totals = EpochTotals(device, saved_totals)
+        self.epoch_start = time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   disable=not self.show_progress, leave=False, dynamic_ncols=True)
+        for step, (images, target) in enumerate(self.train_loader.epoch(epoch, start_step), start_step):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            # Dropout, stochastic depth and ShakeDrop draws of this step on this replica.
+            torch.manual_seed(random_seed(self.cfg.seed, Stream.MODEL, epoch * self.steps_per_epoch + step,
+                                          self.ctx.rank))
+
+            def closure():
+                with self.autocast():
+                    logits = self.model(images)
+                return F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing), logits
+
+            first_loss = self.optimizer.step(closure)
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update()
+            totals.add(self.optimizer, first_loss, target, step)
+            bar.update()
+            done = step + 1
+            if done == self.steps_per_epoch:
+                break  # the end of the epoch is checked, and checkpointed, below
+            if done % t.sync_every == 0 or (self.signals.requested and self.ctx.world_size == 1):
+                stop, due = self.poll(epoch, done, totals)
+                if stop or due:
+                    self.save_checkpoint(epoch, done, totals)
+                if stop:
+                    self.stop(epoch, done)
+                if not bar.disable:
+                    loss, errors = totals.sums[:2].tolist()
+                    seen = done * self.train_loader.batch_size // self.ctx.world_size  # this replica's images
+                    bar.set_postfix(loss=f"{loss / seen:.3f}", err=f"{100 * errors / seen:.1f}%")
+        bar.close()
+        stop, _ = self.poll(epoch, self.steps_per_epoch, totals)
+        self.finish_epoch(epoch, totals)  # evaluates and checkpoints
+        if stop:
+            self.stop(epoch + 1, 0)
+
+    def poll(self, epoch: int, done: int, totals: EpochTotals) -> tuple[bool, bool]:
+        """Read the device's flags, agreed across replicas: raise Diverged on NaN or inf; return
+        whether a signal asked to stop and whether a timed checkpoint is due."""
+        minutes = self.cfg.train.checkpoint_minutes
+        due = self.ctx.is_main and minutes > 0 and time.monotonic() - self.last_checkpoint >= 60 * minutes
+        host_flags = torch.tensor([float(self.signals.requested), float(due)], dtype=torch.float64,
+                                  device=self.ctx.device)
+        # MAX over replicas: any NaN, the earliest bad step (as its negative), any stop request, any due.
+        flags = torch.cat([totals.sums[-1:], -totals.first_bad_step.view(1), host_flags])
+        nonfinite, minus_first_bad, stop, due = distributed.all_reduce_max(flags).tolist()
+        if nonfinite:
+            raise Diverged(self.divergence_message(epoch, int(-minus_first_bad)))
+        return bool(stop), bool(due)
+
+    def stop(self, epoch: int, step: int) -> None:
+        signum = self.signals.signum or signal.SIGTERM  # another replica received it
+        where = f"step {step}/{self.steps_per_epoch} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}"
+        raise Stopped(f"stopped by {signal.Signals(signum).name} at {where}; the checkpoint in {self.run_dir} "
+                      f"resumes it", signum)
+
+    def finish_epoch(self, epoch: int, totals: EpochTotals) -> None:
+        """Average the epoch's sums over replicas, evaluate, log, checkpoint."""
+        train_seconds = time.perf_counter() - self.epoch_start
+        replica_stats = self.gather_replica_stats()
+        sums = distributed.all_reduce_sum(totals.sums.clone()).tolist()
+        images = self.steps_per_epoch * self.train_loader.batch_size
+        steps = self.steps_per_epoch * self.ctx.world_size  # the grad-norm sums hold one value per step and replica
+        named = dict(zip(EpochTotals.FIELDS, sums))
+        with distributed.replica_averaged(self.replica_stats):
+            test = evaluate(self.forward, self.test_loader, self.autocast, self.channels_last)
+            row = {
+                "epoch": epoch + 1, "lr": self.cfg.optimizer.lr * self.lr_factor(epoch * self.steps_per_epoch),
+                "train_loss": named["loss"] / images, "train_error": 100 * named["errors"] / images,
+                "first_pass_loss": named["first_pass_loss"] / images,
+                "first_pass_error": 100 * named["first_pass_errors"] / images,
+                "g1_norm": named["g1_norm"] / steps, "grad_norm": named["grad_norm"] / steps,
+                "param_norm": torch.linalg.vector_norm(
+                    torch.stack(torch._foreach_norm(list(self.net.parameters())))).item(),
+                "r": self.optimizer.step_r, "alpha": self.optimizer.step_alpha,
+                **{f"test_{k}": v for k, v in test.items()},
+            }
+            if self.ema:
+                row.update({f"ema_test_{k}": v for k, v in evaluate(self.ema.model, self.test_loader,
+                                                                     self.autocast, self.channels_last).items()})
+            row["seconds"] = time.perf_counter() - self.epoch_start
+            row["images_per_second"] = images / train_seconds
+            self.history.append(row)
+            if self.ctx.is_main:
+                self.write_checkpoint(epoch + 1, 0, None, replica_stats)
+        if self.ctx.is_main:
+            self.tracker.log_epoch(self.history)
+            log.info(_epoch_line(row, self.cfg.train.epochs))
+
+    def save_checkpoint(self, epoch: int, done: int, totals: EpochTotals) -> None:
+        """A checkpoint within an epoch: after step `done` of epoch `epoch` (0-based)."""
+        replica_stats = self.gather_replica_stats()
+        replica_totals = distributed.all_gather(totals.sums)
+        with distributed.replica_averaged(self.replica_stats):
+            if self.ctx.is_main:
+                self.write_checkpoint(epoch, done, replica_totals, replica_stats)
+                log.info(f"checkpoint at step {done}/{self.steps_per_epoch} of epoch {epoch + 1}")
+
+    def gather_replica_stats(self) -> torch.Tensor | None:
+        """Every replica's own BatchNorm statistics, so that a resumed DDP run continues each exactly."""
+        if self.ctx.world_size == 1 or not self.replica_stats:
+            return None
+        return distributed.all_gather(torch.cat([s.flatten() for s in self.replica_stats])).cpu()
+
+    def write_checkpoint(self, epoch: int, step: int, totals: torch.Tensor | None,
+                         replica_stats: torch.Tensor | None) -> None:
+        self.last_checkpoint = time.monotonic()
+        checkpoint.save(self.run_dir, {
+            "config": self.config, "epoch": epoch, "step": step, "history": self.history,
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
+            "replica_stats": replica_stats, "totals": None if totals is None else totals.cpu(),
+            "wandb_run_id": self.tracker.run_id if self.tracker else None,
+        })
+
+    def divergence_message(self, epoch: int, step: int) -> str:
+        kept = "no checkpoint was written yet"
+        if (self.run_dir / checkpoint.FILENAME).exists():
+            kept = f"the last good checkpoint, {self.run_dir / checkpoint.FILENAME}, is kept"
+        return (f"the loss or gradient norm became NaN or infinite at step {step + 1}/{self.steps_per_epoch} of "
+                f"epoch {epoch + 1}; {kept}. Lower optimizer.lr or keep method.max_grad_norm set")
+
+    @property
+    def show_progress(self) -> bool:
+        progress = self.cfg.train.progress
+        return self.ctx.is_main and (progress is True or (progress == "auto" and sys.stderr.isatty()))
+
+    def summary(self, status: str, error: str | None = None) -> dict:
+        cfg, history, device = self.cfg, self.history, self.ctx.device  # build() may not have finished
+        last = history[-1] if history else {}
+        finished = status == "finished"
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return {
+            "status": status, "error": error,
+            "dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name, "aug": cfg.aug.name,
+            "aug_style": cfg.aug.get("style"),
+            "r": cfg.method.r, "alpha": cfg.method.alpha, "warmup": cfg.method.warmup,
+            "warmup_epochs": cfg.method.warmup_epochs, "gnp_probability": cfg.method.gnp_probability,
+            "seed": cfg.seed, "init_seed": cfg.seed if cfg.init_seed is None else cfg.init_seed,
+            "epochs": cfg.train.epochs, "epochs_completed": len(history),
+            "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size,
+            "precision": self.precision, "num_parameters": self.num_parameters,
+            "test_error": last.get("test_error") if finished else None,
+            "test_loss": last.get("test_loss") if finished else None,
+            "top5_error": last.get("test_top5_error") if finished else None,
+            "ema_test_error": last.get("ema_test_error") if finished else None,
+            "best_test_error": min((row["test_error"] for row in history), default=None),
+            "train_loss": last.get("train_loss"), "train_error": last.get("train_error"),
+            "wall_seconds": sum(row["seconds"] for row in history),
+            "images_per_second": sum(row["images_per_second"] for row in history) / len(history) if history else None,
+            "data_verified": self.data_verified, "git_commit": _git_commit(), "torch_version": torch.__version__,
+            "device": f"{device_name} x{self.ctx.world_size}" if self.ctx.world_size > 1 else device_name,
+            "world_size": self.ctx.world_size,
+        }
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader, autocast=nullcontext, channels_last: bool = False) -> dict[str, float]:
+    """Mean cross-entropy, error (%) and, with more than 10 classes, top-5 error (%) on the loader's
+    whole dataset, summed over replicas."""
+    was_training = model.training
     model.eval()
     totals = torch.zeros(3, device=loader.device, dtype=torch.float64)
+    classes = 0
     for images, labels in loader.epoch():
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(images)
+        classes = logits.shape[1]
+        top5 = logits.topk(min(5, classes), dim=1).indices
         totals += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum").double(),
                                (logits.argmax(1) != labels).sum().double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=loader.device)])
-    distributed.all_reduce_sum(totals)
-    loss_sum, errors, images = totals.tolist()
-    return loss_sum / images, 100 * errors / images
+                               (top5 != labels[:, None]).all(1).sum().double()])
+    model.train(was_training)
+    loss_sum, errors, top5_errors = distributed.all_reduce_sum(totals).tolist()
+    images = len(loader.labels)
+    result = {"loss": loss_sum / images, "error": 100 * errors / images}
+    if classes > 10:
+        result["top5_error"] = 100 * top5_errors / images
+    return result
 
 
 def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
@@ -213,23 +514,9 @@ def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
                           f"settings, or start a new run in another directory (hydra.run.dir=...).")
 
 
-def _summary(cfg: DictConfig, history: list[dict], num_parameters: int, verified: bool,
-             device: torch.device, world_size: int) -> dict:
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name, "aug": cfg.aug.name,
-        "r": cfg.method.r, "alpha": cfg.method.alpha, "seed": cfg.seed, "epochs": cfg.train.epochs,
-        "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size,
-        "num_parameters": num_parameters,
-        "test_error": history[-1]["test_error"], "test_loss": history[-1]["test_loss"],
-        "best_test_error": min(row["test_error"] for row in history),
-        "train_loss": history[-1]["train_loss"], "train_error": history[-1]["train_error"],
-        "wall_seconds": sum(row["seconds"] for row in history),
-        "images_per_second": sum(row["images_per_second"] for row in history) / len(history),
-        "data_verified": verified, "git_commit": _git_commit(), "torch_version": torch.__version__,
-        "device": f"{device_name} x{world_size}" if world_size > 1 else device_name,
-        "world_size": world_size,
-    }
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _git_commit() -> str | None:
@@ -241,11 +528,10 @@ def _git_commit() -> str | None:
         return None
 
 
-def _is_terminal() -> bool:
-    return sys.stderr.isatty()
-
-
-def _print_epoch(row: dict, epochs: int) -> None:
-    print(f"epoch {row['epoch']:>4}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-          f"err {row['train_error']:5.2f}%  |g1| {row['grad_norm']:.3f}  test loss {row['test_loss']:.4f} "
-          f"err {row['test_error']:5.2f}%  {row['images_per_second']:.0f} img/s", flush=True)
+def _epoch_line(row: dict, epochs: int) -> str:
+    line = (f"epoch {row['epoch']:>4}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+            f"err {row['train_error']:5.2f}%  |g1| {row['g1_norm']:.3f}  test loss {row['test_loss']:.4f} "
+            f"err {row['test_error']:5.2f}%")
+    if "ema_test_error" in row:
+        line += f"  EMA err {row['ema_test_error']:5.2f}%"
+    return line + f"  {row['images_per_second']:.0f} img/s"

@@ -1,28 +1,47 @@
-"""End-to-end runs through the real config and training loop, on CPU, small enough for CI."""
+"""End-to-end runs through the real config and training loop, on CPU, small enough for CI: outputs,
+exact resume from any step, and the faults a long run meets (signals, NaN, broken files, locks)."""
+import errno
 import json
+import os
+import signal
+import stat
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import compose_config
-from gnp import training
+from gnp import checkpoint, io, training
 from gnp.data import load_dataset
+from gnp.method import GradientNormPenalty
 from gnp.models import build_model
-from gnp.training import train
+from gnp.runs import RunDirectory, RunDirectoryBusy
+from gnp.training import Diverged, Stopped, train
 
 # A narrow ResNet-18 on a few generated images: seconds per epoch on a CPU.
-TINY = ("device=cpu", "model.width=4", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
-SUMMARY_FIELDS = {"dataset", "model", "method", "aug", "r", "alpha", "seed", "epochs", "num_parameters",
-                  "test_error", "best_test_error", "train_loss", "wall_seconds", "images_per_second",
-                  "data_verified", "git_commit", "torch_version", "device"}
-METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "grad_norm", "test_loss", "test_error", "seconds",
-                 "images_per_second"}
+TINY = ("device=cpu", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
+SUMMARY_FIELDS = {"status", "error", "dataset", "model", "method", "aug", "r", "alpha", "seed", "init_seed", "epochs",
+                  "num_parameters", "test_error", "best_test_error", "train_loss", "wall_seconds",
+                  "images_per_second", "data_verified", "git_commit", "torch_version", "device", "warmup",
+                  "gnp_probability", "ema_test_error", "top5_error"}
+METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "first_pass_loss", "first_pass_error", "grad_norm",
+                 "g1_norm", "param_norm", "r", "alpha", "test_loss", "test_error", "seconds", "images_per_second"}
+TIMING = {"seconds", "images_per_second", "wall_seconds"}
 
 
 def _cifar_run(root, run_dir, *overrides):
-    cfg = compose_config(f"dataset.root={root}", "dataset.verify=false", "train.epochs=1", *TINY, *overrides)
+    """A run on generated CIFAR; a ResNet-18 of width 4 unless the overrides choose another model."""
+    model = () if any(o.startswith("model=") for o in overrides) else ("model.width=4",)
+    cfg = compose_config(f"dataset.root={root}", "dataset.verify=false", "train.epochs=1", *TINY, *model, *overrides)
     return cfg, train(cfg, run_dir)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 @pytest.mark.parametrize("dataset,classes", [("cifar10", 10), ("cifar100", 100)])
@@ -30,33 +49,46 @@ def test_one_epoch_on_cifar_writes_every_output(tmp_path, cifar_root, dataset, c
     cfg, summary = _cifar_run(cifar_root, tmp_path / "run", f"dataset={dataset}", "method=gnp", "aug=basic")
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk == summary and SUMMARY_FIELDS <= summary.keys()
+    assert on_disk == summary and SUMMARY_FIELDS <= summary.keys() and summary["status"] == "finished"
     assert (summary["dataset"], summary["method"], summary["r"], summary["alpha"]) == (dataset, "gnp", 0.1, 0.8)
     assert summary["data_verified"] is False and summary["device"] == "cpu" and summary["epochs"] == 1
     assert summary["num_parameters"] == sum(p.numel() for p in build_model("resnet18", classes, width=4).parameters())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0].keys() == METRIC_FIELDS and rows[0]["epoch"] == 1
-    assert rows[0]["lr"] == cfg.optimizer.lr and rows[0]["grad_norm"] > 0
+    rows = _metrics(run)
+    top5 = {"test_top5_error"} if classes > 10 else set()
+    assert len(rows) == 1 and rows[0].keys() == METRIC_FIELDS | top5 and rows[0]["epoch"] == 1
+    assert rows[0]["lr"] == cfg.optimizer.lr and rows[0]["g1_norm"] > 0 and 0 < rows[0]["grad_norm"] <= 5.0
+    assert (rows[0]["r"], rows[0]["alpha"]) == (0.1, 0.8)
     assert 0 <= rows[0]["test_error"] <= 100 and summary["test_error"] == rows[0]["test_error"]
+    assert summary["top5_error"] == (rows[0]["test_top5_error"] if top5 else None)
     assert "dataset:\n  name: " + dataset in (run / "config.yaml").read_text()
+    assert "epoch    1/1" in (run / "train.log").read_text()  # the console's epoch line, kept in the run
     assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert stat.S_IMODE((run / "summary.json").stat().st_mode) == 0o666 & ~_umask()  # the user's umask, not 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_logged_test_metrics_equal_a_recomputation_from_the_checkpoint(tmp_path, cifar_root):
-    cfg, summary = _cifar_run(cifar_root, tmp_path / "run")
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    model = build_model("resnet18", 10, width=4)
-    model.load_state_dict(checkpoint["model"])
+    cfg, summary = _cifar_run(cifar_root, tmp_path / "run", "dataset=cifar100")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    model = build_model("resnet18", 100, width=4)
+    model.load_state_dict(state["model"])
     model.eval()
     # Independent of the loader: read the split, normalise by hand, one batch in float64.
-    data = load_dataset("cifar10", cifar_root, verify=False)
+    data = load_dataset("cifar100", cifar_root, verify=False)
     mean = torch.tensor(cfg.dataset.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.dataset.std).view(1, 3, 1, 1)
     with torch.no_grad():
         logits = model.double()(((data.test_images / 255 - mean) / std).double())
     loss = F.cross_entropy(logits, data.test_labels).item()
     error = 100 * (logits.argmax(1) != data.test_labels).double().mean().item()
+    top5 = 100 * (logits.topk(5, 1).indices != data.test_labels[:, None]).all(1).double().mean().item()
     assert summary["test_error"] == pytest.approx(error, abs=1e-9)
+    assert summary["top5_error"] == pytest.approx(top5, abs=1e-9)
     assert summary["test_loss"] == pytest.approx(loss, rel=1e-4)
 
 
@@ -66,29 +98,95 @@ def test_digits_reaches_a_low_test_error(tmp_path):
     assert summary["test_error"] < 15  # chance is 90%
 
 
-class _Killed(Exception):
-    pass
+def test_a_finished_run_started_again_returns_its_summary_without_training(tmp_path, cifar_root, monkeypatch):
+    _, first = _cifar_run(cifar_root, tmp_path / "run")
+    monkeypatch.setattr(training.Trainer, "train_epoch", lambda *a: pytest.fail("a finished run trained again"))
+    _, again = _cifar_run(cifar_root, tmp_path / "run")
+    assert {k: v for k, v in again.items() if k not in TIMING} == {k: v for k, v in first.items() if k not in TIMING}
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch):
-    overrides = ("train.epochs=2", "method=gnp", "aug=cutout", "model.width=2")
-    _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *overrides)
+# --- stopping and resuming at any step -------------------------------------------------------------
 
-    def kill_after_first_epoch(row, epochs):
-        raise _Killed  # after the epoch's checkpoint is written, like a kill between epochs
+# Every random stream in play: augmentation draws (cutout), dropout, BatchNorm statistics, 4 steps per epoch.
+RESUMABLE = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout=0.3", "aug=cutout",
+             "dataset.limit_train=64", "train.epochs=2", "train.sync_every=1")
 
-    monkeypatch.setattr(training, "_print_epoch", kill_after_first_epoch)
-    with pytest.raises(_Killed):
-        _cifar_run(cifar_root, tmp_path / "b", *overrides)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
+    """Deliver `signum` to this process during optimisation step `step` (1-based), as a scheduler would."""
+    calls = {"n": 0}
+    original = GradientNormPenalty.step
+
+    def step_then_signal(self, closure):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return original(self, closure)
+
+    monkeypatch.setattr(GradientNormPenalty, "step", step_then_signal)
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam", "gnp"])
+def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch,
+                                                                                 method):
+    _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, f"method={method}")
+    _signal_at_step(monkeypatch, 6)  # the second of epoch 2's four steps
+    with pytest.raises(Stopped) as stopped:
+        _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 2/4 of epoch 2" in str(stopped.value)
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "stopped"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are given back
     monkeypatch.undo()
-    _, resumed = _cifar_run(cifar_root, tmp_path / "b", *overrides)
+    _, resumed = _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}")
 
-    timing = {"seconds", "images_per_second"}
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
-                          for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert strip(tmp_path / "b") == strip(tmp_path / "a") and len(strip(tmp_path / "a")) == 2
-    assert resumed["test_error"] == uninterrupted["test_error"]
+    assert _without_timing(_metrics(tmp_path / "b")) == _without_timing(_metrics(tmp_path / "a"))
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == \
+        {k: v for k, v in uninterrupted.items() if k not in TIMING}
+    final = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in "ab"]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])  # bitwise, buffers included
+
+
+def test_timed_checkpoints_within_epochs_change_nothing_and_a_kill_after_one_resumes_exactly(
+        tmp_path, cifar_root, monkeypatch):
+    _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, "method=gnp")
+    saved = []
+    original = training.Trainer.write_checkpoint
+
+    def write_then_maybe_die(self, epoch, step, *args):
+        original(self, epoch, step, *args)
+        saved.append((epoch, step))
+        if (epoch, step) == (1, 3):
+            raise KeyboardInterrupt  # killed right after a checkpoint within epoch 2
+
+    monkeypatch.setattr(training.Trainer, "write_checkpoint", write_then_maybe_die)
+    with pytest.raises(KeyboardInterrupt):
+        _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, "method=gnp", "train.checkpoint_minutes=1e-9")
+    assert saved == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]  # every step: the time is always due
+    monkeypatch.undo()
+    _, resumed = _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, "method=gnp", "train.checkpoint_minutes=1e-9")
+    assert _without_timing(_metrics(tmp_path / "b")) == _without_timing(_metrics(tmp_path / "a"))
+    assert resumed["test_loss"] == uninterrupted["test_loss"]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, cifar_root, monkeypatch):
+    calls = {"n": 0}
+    original = GradientNormPenalty.step
+
+    def step_with_two_interrupts(self, closure):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, closure)
+
+    monkeypatch.setattr(GradientNormPenalty, "step", step_with_two_interrupts)
+    with pytest.raises(KeyboardInterrupt):
+        _cifar_run(cifar_root, tmp_path / "run", "train.epochs=2")
+    assert calls["n"] == 2 and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "stopped"
 
 
 def test_resuming_with_different_settings_is_refused(tmp_path, cifar_root):
@@ -100,3 +198,95 @@ def test_resuming_with_different_settings_is_refused(tmp_path, cifar_root):
 def test_batch_larger_than_the_training_set_is_refused(tmp_path, cifar_root):
     with pytest.raises(training.ConfigError, match="train.batch_size=512 is invalid: larger than the training set"):
         _cifar_run(cifar_root, tmp_path / "run", "train.batch_size=512")
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cifar_root, monkeypatch):
+    real_build = training.build_model
+
+    def poisoned_after_one_epoch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):
+            calls["n"] += module.training
+            return output * float("nan") if calls["n"] > 2 * 8 else output  # from the 3rd GNP step of epoch 2
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(training, "build_model", poisoned_after_one_epoch)
+    with pytest.raises(Diverged, match=r"NaN or infinite at step 3/6 of epoch 2; the last good checkpoint, .*"
+                                       r"checkpoint.pt, is kept"):
+        _cifar_run(cifar_root, tmp_path / "run", "train.epochs=3", "train.sync_every=100", "dataset.limit_train=96")
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1  # no NaN step saved after it
+    summary = json.loads((run / "summary.json").read_text())  # strict JSON: json.loads accepts NaN, so check
+    assert summary["status"] == "diverged" and summary["test_error"] is None and "NaN" in summary["error"]
+    assert "NaN" not in (run / "summary.json").read_text().replace("NaN or infinite", "")
+
+
+def test_json_outputs_are_strict():
+    text = io.dumps({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == \
+        {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"\x80\x02}q\x00."])
+def test_a_broken_checkpoint_names_the_file_and_the_fix(tmp_path, cifar_root, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=r"run/checkpoint.pt is (unreadable|not a checkpoint).*"
+                                                         r"Move it away to start this run afresh"):
+        _cifar_run(cifar_root, tmp_path / "run")
+
+
+def test_a_foreign_checkpoint_is_refused(tmp_path, cifar_root):
+    (tmp_path / "run").mkdir()
+    torch.save({"model": {}}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint of this version of gnp"):
+        _cifar_run(cifar_root, tmp_path / "run")
+
+
+def test_one_run_per_directory_and_a_dead_holder_does_not_block(tmp_path, cifar_root):
+    with RunDirectory(tmp_path / "run"):
+        with pytest.raises(RunDirectoryBusy, match=rf"{tmp_path / 'run'} is in use by another run \(PID {os.getpid()}\)"):
+            _cifar_run(cifar_root, tmp_path / "run")
+    # The lock file of a process that died is still there, but nobody holds the lock.
+    assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
+    _, summary = _cifar_run(cifar_root, tmp_path / "run")
+    assert summary["status"] == "finished"
+
+
+def test_temporaries_of_interrupted_writes_are_removed_at_start(tmp_path, cifar_root):
+    (tmp_path / "run").mkdir()
+    orphan = tmp_path / "run" / ".checkpoint.pt.abc123.tmp"
+    orphan.write_bytes(b"x" * 1000)
+    _cifar_run(cifar_root, tmp_path / "run")
+    assert not orphan.exists()
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, cifar_root, monkeypatch):
+    writes = {"n": 0}
+    real_fsync = os.fsync
+
+    def disk_full_after_the_first_epoch(fd):  # config.yaml, then epoch 1's checkpoint and metrics fit
+        writes["n"] += 1
+        if writes["n"] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(io.os, "fsync", disk_full_after_the_first_epoch)
+    with pytest.raises(io.OutputError, match=r"cannot write .*run/checkpoint.pt: No space left on device\. "
+                                             r"Free space or choose a writable run directory"):
+        _cifar_run(cifar_root, tmp_path / "run", "train.epochs=2")
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one, intact
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_an_unusable_run_directory_is_one_clear_error(tmp_path, cifar_root):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(io.OutputError, match=r"cannot use .*file/run as the run directory: Not a directory"):
+        _cifar_run(cifar_root, tmp_path / "file" / "run")

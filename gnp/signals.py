@@ -1,0 +1,72 @@
+"""Stop requests: SIGTERM (SLURM, Kubernetes and torchrun before a kill), SIGINT (Ctrl-C), SIGUSR1
+and SIGUSR2 (the pre-timeout signals of SLURM and submitit) ask the training loop to stop at the
+next step boundary, after a checkpoint. A second Ctrl-C stops at once.
+
+After the checkpoint the loop calls `StopSignals.hand_over()`: where a scheduler's handler was
+installed before (submitit's, which requeues the job), it runs it; on a plain SLURM job it asks
+SLURM to requeue the job; then the process exits with 128 + the signal's number, the code of a
+process ended by that signal.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from types import FrameType
+
+from gnp.runs import log
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a time limit is near: the job should come back
+
+
+def exit_code(signum: int) -> int:
+    return 128 + signum
+
+
+class StopSignals:
+    """While active (a context manager, main thread only), the handled signals set `signum`."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        if self.signum is None:
+            self.signum = signum
+            log.warning(f"received {signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                        f"(press Ctrl-C again to stop at once)")
+
+    def hand_over(self, is_main: bool) -> None:
+        """Once the checkpoint is safe: let the scheduler requeue the job where it can."""
+        previous = self._previous.get(self.signum)
+        self.__exit__()
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)  # a scheduler's own handler (submitit's requeues the job and exits)
+        elif is_main and self.signum in REQUEUE_SIGNALS and "SLURM_JOB_ID" in os.environ:
+            _requeue_slurm_job(os.environ["SLURM_JOB_ID"])
+
+
+def _requeue_slurm_job(job_id: str) -> None:
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
+        log.warning(f"requeued SLURM job {job_id}: it resumes from the checkpoint when it starts again")
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning(f"could not requeue SLURM job {job_id} ({e}); resubmit it to resume from the checkpoint")
