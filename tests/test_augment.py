@@ -1,11 +1,16 @@
 """Augmentations: per-image statistics of crop/flip/cutout, reflect padding against numpy, the
-AutoAugment operations against torchvision's, mixup/cutmix targets, and config handling."""
+standard AutoAugment operations against torchvision's and the official ones against PIL or
+hand-written references of the official code's formulas, the official batch-level cutout and the
+order of mixup and cutout, mixup/cutmix targets, and config handling."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
+import PIL.ImageEnhance
+import PIL.ImageOps
 import pytest
 import scipy.stats
 import torch
@@ -15,12 +20,20 @@ from omegaconf import OmegaConf
 
 from gnp.augment import (
     CIFAR10_POLICY,
+    OFFICIAL_CIFAR_POLICY,
+    OFFICIAL_OPERATIONS,
     OPERATIONS,
     PRESETS,
+    STYLES,
     Augmentation,
     _magnitude,
+    _official_argument,
+    _PolicyTable,
     _reflect,
+    apply_official_operations,
     apply_operations,
+    auto_augment,
+    batch_cutout,
     build_augmentation,
     cutout,
     random_crop_flip,
@@ -102,7 +115,7 @@ def test_crop_draws_differ_per_image_and_follow_the_generator():
 # --- cutout ---------------------------------------------------------------------------------------
 
 def test_cutout_holes_are_16x16_clipped_at_borders_and_mean_coloured():
-    augment = build_augmentation({"name": "cutout"}, mean=CIFAR10_MEAN)
+    augment = build_augmentation({"name": "cutout", "style": "standard"}, mean=CIFAR10_MEAN)
     out = augment(torch.full((2000, 3, 32, 32), 255, dtype=torch.uint8), generator())
     fill = torch.tensor([round(255 * m) for m in CIFAR10_MEAN], dtype=torch.uint8)
     hole = (out != 255).all(dim=1)
@@ -120,7 +133,7 @@ def test_cutout_holes_are_16x16_clipped_at_borders_and_mean_coloured():
 
 
 def test_cutout_fill_normalises_to_about_zero():
-    fill = build_augmentation({"name": "cutout"}, mean=CIFAR10_MEAN).fill
+    fill = build_augmentation({"name": "cutout", "style": "standard"}, mean=CIFAR10_MEAN).fill
     normalised = [(f / 255 - m) / s for f, m, s in zip(fill, CIFAR10_MEAN, CIFAR10_STD)]
     assert max(abs(v) for v in normalised) <= 0.5 / 255 / min(CIFAR10_STD)
 
@@ -197,8 +210,9 @@ def test_skipped_steps_leave_images_unchanged():
     assert torch.equal(out, images)
 
 
-def test_autoaugment_keeps_uint8_and_shape_and_follows_the_generator():
-    augment = build_augmentation({"name": "autoaugment", "crop_flip": False}, mean=CIFAR10_MEAN)
+@pytest.mark.parametrize("style", STYLES)
+def test_autoaugment_keeps_uint8_and_shape_and_follows_the_generator(style):
+    augment = build_augmentation({"name": "autoaugment", "crop_flip": False, "style": style}, mean=CIFAR10_MEAN)
     images = smooth_images(16)
     out = augment(images, generator(5))
     assert out.dtype == torch.uint8 and out.shape == images.shape
@@ -207,7 +221,7 @@ def test_autoaugment_keeps_uint8_and_shape_and_follows_the_generator():
 
 
 def test_autoaugment_treats_each_image_differently():
-    augment = build_augmentation({"name": "autoaugment", "crop_flip": False}, mean=CIFAR10_MEAN)
+    augment = build_augmentation({"name": "autoaugment", "crop_flip": False, "style": "standard"}, mean=CIFAR10_MEAN)
     copies = smooth_images(1).expand(48, 3, 32, 32).contiguous()
     out = augment(copies, generator())
     distinct = torch.unique(out.flatten(1), dim=0).shape[0]
@@ -216,6 +230,253 @@ def test_autoaugment_treats_each_image_differently():
     # P(neither step of the drawn sub-policy fires), averaged over the 25 sub-policies
     expected = np.mean([(1 - a[1]) * (1 - b[1]) for a, b in CIFAR10_POLICY])
     assert abs(unchanged - expected) < 0.2
+
+
+def test_standard_style_composes_the_standard_steps_in_order():
+    """The standard pipeline is today's: torchvision's policy, crop + flip, then a per-image hole,
+    all from one generator; its batch stage mixes without cutting."""
+    augment = build_augmentation({"name": "autoaugment_mixcut", "style": "standard"}, mean=CIFAR10_MEAN)
+    images, labels = smooth_images(64), torch.arange(64) % 10
+    g = generator(3)
+    out = augment(images, g)
+    x, target = augment.mix(out.float() / 255, labels, 10, g)
+    g = generator(3)
+    table = _PolicyTable.build(CIFAR10_POLICY, OPERATIONS, _magnitude, torch.device("cpu"), 32, 32)
+    expected = cutout(random_crop_flip(auto_augment(images, g, table), 4, g), 16, augment.fill, g)
+    assert torch.equal(out, expected)
+    weight = target[0, labels[0]]
+    torch.testing.assert_close(x, weight * out.float() / 255 + (1 - weight) * out.flip(0).float() / 255)
+
+
+# --- the official style ---------------------------------------------------------------------------
+
+def test_official_policy_is_the_95_good_policies():
+    assert len(OFFICIAL_CIFAR_POLICY) == 95 and all(len(sub) == 2 for sub in OFFICIAL_CIFAR_POLICY)
+    steps = [step for sub in OFFICIAL_CIFAR_POLICY for step in sub]
+    assert all(0.0 <= p <= 1.0 and level in range(10) for _, p, level in steps)
+    assert {name for name, _, _ in steps} == {
+        "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
+        "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout"}
+    cutouts = [step for step in steps if step[0] == "Cutout"]
+    assert cutouts == [("Cutout", 0.2, 4), ("Cutout", 0.3, 3), ("Cutout", 0.5, 3)]
+    # the AutoAugment paper's CIFAR-10 policy (torchvision's) shares 20 of its 25 sub-policies
+    def same(paper, good):
+        return all(a[:2] == b[:2] and a[2] in (None, b[2]) for a, b in zip(paper, good))
+    shared = [sub for sub in CIFAR10_POLICY if any(same(sub, good) for good in OFFICIAL_CIFAR_POLICY)]
+    assert len(shared) == 20
+
+
+@pytest.mark.parametrize(
+    "operation, level, argument, signed",
+    [
+        # hand-computed from the official level_to_arg: levels out of 10, SAM's translate 250, cutout 100
+        ("Rotate", 2, 6.0, True), ("Rotate", 7, 21.0, True),
+        ("ShearX", 4, 0.12, True), ("ShearY", 8, 0.24, True),
+        ("TranslateX", 8, 200.0, True), ("TranslateY", 3, 75.0, True),
+        ("Color", 0, 0.1, False), ("Brightness", 9, 1.72, False), ("Contrast", 5, 1.0, False),
+        ("Sharpness", 3, 0.64, False),
+        ("Posterize", 7, 2.0, False), ("Posterize", 3, 1.0, False),
+        ("Solarize", 0, 0.0, False), ("Solarize", 3, 76.0, False), ("Solarize", 5, 128.0, False),
+        ("Cutout", 4, 40.0, False), ("Cutout", 3, 30.0, False),
+        ("Equalize", 9, 0.0, False), ("Invert", 7, 0.0, False), ("AutoContrast", 8, 0.0, False),
+    ],
+)
+def test_official_level_to_argument(operation, level, argument, signed):
+    assert _official_argument(operation, level, 32, 32) == (pytest.approx(argument), signed)
+
+
+def _official_geometric_reference(name: str, argument: float, image: np.ndarray) -> np.ndarray:
+    """The official code's projective transforms by hand: output pixel (x, y) reads the source pixel
+    nearest to its mapped position (float32 arithmetic, halves rounded away from zero), else 128."""
+    _, h, w = image.shape
+    y, x = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    a = np.float32(argument)
+    if name == "ShearX":
+        source_x, source_y = x + a * y, y
+    elif name == "ShearY":
+        source_x, source_y = x, a * x + y
+    elif name == "TranslateX":
+        source_x, source_y = x + a, y
+    elif name == "TranslateY":
+        source_x, source_y = x, y + a
+    else:  # Rotate: by the angle about the image centre
+        t = np.deg2rad(argument)
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        source_x = np.cos(t) * (x - cx) - np.sin(t) * (y - cy) + cx
+        source_y = np.sin(t) * (x - cx) + np.cos(t) * (y - cy) + cy
+    col, row = (np.sign(v) * np.floor(np.abs(v.astype(np.float64)) + 0.5) for v in (source_x, source_y))
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    out = np.full_like(image, 128)
+    out[:, inside] = image[:, row[inside].astype(int), col[inside].astype(int)]
+    return out
+
+
+def _pil(image: torch.Tensor) -> PIL.Image.Image:
+    return PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def _official_pixel_reference(name: str, argument: float, image: torch.Tensor) -> np.ndarray:
+    """PIL's operation, which the official code's TensorFlow ops reimplement, except for Contrast:
+    the official one blends towards grey (pixel count / 256), where PIL takes the mean grey."""
+    if name == "Contrast":
+        grey = image.shape[1] * image.shape[2] // 256
+        return np.clip(grey + argument * (image.numpy().astype(np.float64) - grey), 0, 255).astype(np.uint8)
+    pil = _pil(image)
+    calls = {
+        "Brightness": lambda: PIL.ImageEnhance.Brightness(pil).enhance(argument),
+        "Color": lambda: PIL.ImageEnhance.Color(pil).enhance(argument),
+        "Sharpness": lambda: PIL.ImageEnhance.Sharpness(pil).enhance(argument),
+        "Posterize": lambda: PIL.ImageOps.posterize(pil, int(argument)),
+        "Solarize": lambda: PIL.ImageOps.solarize(pil, int(argument)),
+        "AutoContrast": lambda: PIL.ImageOps.autocontrast(pil),
+        "Equalize": lambda: PIL.ImageOps.equalize(pil),
+        "Invert": lambda: PIL.ImageOps.invert(pil),
+    }
+    return np.asarray(calls[name]()).transpose(2, 0, 1)
+
+
+_OFFICIAL_GEOMETRIC_CASES = [
+    (name, sign * argument)
+    for name, arguments in (("ShearX", (0.09, 0.24)), ("ShearY", (0.09, 0.24)), ("Rotate", (6.0, 21.0)),
+                            ("TranslateX", (25.0, 225.0)), ("TranslateY", (25.0, 225.0)),
+                            ("ShearX", (0.5,)))  # source columns at halves: rounded away from zero
+    for argument in arguments for sign in (1, -1)
+]
+_OFFICIAL_PIXEL_CASES = (
+    [(name, 0.1 + 1.8 * level / 10)
+     for name in ("Brightness", "Color", "Contrast", "Sharpness") for level in (0, 3, 7, 9)]
+    + [("Posterize", 2.0), ("Posterize", 1.0)]
+    + [("Solarize", threshold) for threshold in (0.0, 51.0, 128.0, 204.0)]
+    + [("AutoContrast", 0.0), ("Equalize", 0.0), ("Invert", 0.0)]
+)
+
+
+def test_each_official_operation_in_one_batch_matches_its_reference():
+    """Every official operation with known arguments and signs, each image of one batch its own case."""
+    cases = _OFFICIAL_GEOMETRIC_CASES + _OFFICIAL_PIXEL_CASES
+    images = smooth_images(len(cases))
+    operation = torch.tensor([OFFICIAL_OPERATIONS.index(name) for name, _ in cases])
+    out = apply_official_operations(images, operation, torch.tensor([a for _, a in cases]), generator())
+    for i, (name, argument) in enumerate(cases):
+        if (name, argument) in _OFFICIAL_GEOMETRIC_CASES:
+            expected = _official_geometric_reference(name, argument, images[i].numpy())
+        else:
+            expected = _official_pixel_reference(name, argument, images[i])
+        difference = np.abs(out[i].numpy().astype(int) - expected.astype(int))
+        if name == "Rotate":
+            # cos and sin in float32 (the official code) and float64 (here) may round a pixel differently
+            assert (difference.max(axis=0) > 0).mean() < 0.01, (name, argument)
+        elif name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Posterize", "Solarize", "Equalize", "Invert"):
+            assert difference.max() == 0, (name, argument)
+        else:
+            # truncations and greyscale weights of TensorFlow and PIL may differ by one level
+            assert difference.max() <= 1, (name, argument)
+        assert not torch.equal(out[i], images[i]), (name, argument)
+
+
+def test_official_translations_of_50_pixels_or_more_leave_plain_grey():
+    images = smooth_images(4)
+    names = ("TranslateX", "TranslateY", "TranslateX", "Rotate")
+    operation = torch.tensor([OFFICIAL_OPERATIONS.index(name) for name in names])
+    out = apply_official_operations(images, operation, torch.tensor([50.0, -50.0, 31.0, 0.0]), generator())
+    assert (out[:2] == 128).all()
+    assert not (out[2] == 128).all() and (out[2, :, :, 1:] == 128).all()  # one column of 32 survives 31 px
+    assert torch.equal(out[3], images[3])  # a zero angle is the identity
+
+
+def test_official_contrast_blends_towards_grey_4_on_32x32_images():
+    white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    out = apply_official_operations(white, torch.tensor([OFFICIAL_OPERATIONS.index("Contrast")]),
+                                    torch.tensor([0.1]), generator())
+    assert (out == 29).all()  # 4 + 0.1 * (255 - 4) = 29.1
+
+
+def test_official_policy_cutout_holes_reach_the_argument_each_side_and_are_grey():
+    white = torch.full((600, 3, 32, 32), 255, dtype=torch.uint8)
+    half_side = torch.tensor([5.0, 40.0]).repeat(300)
+    operation = torch.full((600,), OFFICIAL_OPERATIONS.index("Cutout"))
+    out = apply_official_operations(white, operation, half_side, generator())
+    hole = out[:, 0] != 255
+    assert ((out == 128).all(dim=1) == hole).all()
+    assert hole[1::2].all()  # 40 pixels each side of any centre covers a 32x32 image
+    windows = {(max(0, c - 5), min(32, c + 5)) for c in range(32)}
+    starts = set()
+    for mask in hole[0::2]:
+        rows, cols = mask.any(1), mask.any(0)
+        assert torch.equal(mask, rows[:, None] & cols[None, :])
+        for axis in (rows, cols):
+            where = axis.nonzero().flatten()
+            assert (where[0].item(), where[-1].item() + 1) in windows
+            starts.add(where[0].item())
+    assert len(starts) == len({start for start, _ in windows})  # every centre occurs
+
+
+def test_official_autoaugment_leaves_as_many_plain_grey_images_as_its_policy_predicts():
+    """A translation of level >= 2 or a Cutout of level 4 wipes a 32x32 image, a Cutout of level 3
+    unless its centre is in the first two rows or columns; the operations after them keep a plain
+    grey. Checks the sub-policy draw, each step's probability and the pixel sizes together."""
+    def wipes(name, level):
+        if name in ("TranslateX", "TranslateY"):
+            return float(level >= 2)
+        if name == "Cutout":
+            return {4: 1.0, 3: (30 / 32) ** 2}[level]
+        return 0.0
+    expected = np.mean([1 - np.prod([1 - p * wipes(name, level) for name, p, level in sub])
+                        for sub in OFFICIAL_CIFAR_POLICY])
+    augment = build_augmentation({"name": "autoaugment", "crop_flip": False}, mean=CIFAR10_MEAN)
+    out = augment(smooth_images(2000), generator())
+    grey = (out == 128).flatten(1).all(1).float().mean().item()
+    assert abs(grey - expected) < 0.03, (grey, expected)
+
+
+def test_official_cutout_leaves_the_uint8_images_alone():
+    augment = build_augmentation({"name": "cutout"}, mean=CIFAR10_MEAN)
+    white = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8)
+    assert torch.equal(augment(white, generator()), white)
+
+
+def test_official_cutout_is_one_hole_per_batch_set_to_zero_after_normalisation():
+    augment = build_augmentation({"name": "cutout"}, mean=CIFAR10_MEAN)
+    x, labels = torch.ones(4, 3, 32, 32), torch.arange(4)
+    windows = {(max(0, c - 8), min(32, c + 8)) for c in range(32)}
+    seen = set()
+    for seed in range(300):
+        out, target = augment.mix(x, labels, 10, generator(seed))
+        assert target is labels
+        hole = out == 0
+        assert ((out == 1) | hole).all() and (hole == hole[:1, :1]).all()  # the same place in every image
+        rows, cols = hole[0, 0].any(1), hole[0, 0].any(0)
+        assert torch.equal(hole[0, 0], rows[:, None] & cols[None, :])
+        for axis in (rows, cols):
+            where = axis.nonzero().flatten()
+            assert (where[0].item(), where[-1].item() + 1) in windows  # 16 wide, clipped at the borders
+            seen.add((where[0].item(), where[-1].item() + 1))
+    assert seen == windows  # every centre occurs
+
+
+def test_official_cutout_of_odd_size_reaches_size_over_2_each_side():
+    heights = {(batch_cutout(torch.ones(1, 3, 64, 64), 15, generator(seed))[0, 0] == 0).any(1).sum().item()
+               for seed in range(20)}
+    assert max(heights) == 14  # 7 rows each side of the centre, as the official code pads by 15 // 2
+
+
+def test_official_mixcut_mixes_with_one_weight_then_cuts_one_hole():
+    """One weight per batch, w >= 0.5, for images and targets; then one hole of zeros at the same
+    place in every image (a hole shared by the batch gives the same images before or after mixup)."""
+    augment = build_augmentation({"name": "autoaugment_mixcut"}, mean=CIFAR10_MEAN)
+    x, labels = torch.randn(6, 3, 32, 32, generator=generator(2)) + 10, torch.arange(6)
+    weights = set()
+    for seed in range(20):
+        out, target = augment.mix(x, labels, 6, generator(seed))
+        weight = target[0, 0]
+        assert weight >= 0.5
+        torch.testing.assert_close(target[torch.arange(6), labels], weight.expand(6))
+        torch.testing.assert_close(target[torch.arange(6), labels.flip(0)], (1 - weight).expand(6))
+        hole = (out == 0).all(dim=1).all(dim=0)
+        assert hole.sum() >= 64
+        torch.testing.assert_close(out, torch.where(hole, 0.0, weight * x + (1 - weight) * x.flip(0)))
+        weights.add(weight.item())
+    assert len(weights) == 20
 
 
 # --- mixup / cutmix -------------------------------------------------------------------------------
@@ -277,12 +538,14 @@ def test_beta_sampler_matches_scipy(alpha):
 # --- configuration --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", sorted(CONF_AUG.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_aug_config_builds_and_is_named_after_its_file(path):
+def test_every_aug_config_builds_in_each_style_and_is_named_after_its_file(path):
     cfg = OmegaConf.load(path)
-    assert cfg.name == path.stem
-    augment = build_augmentation(cfg, mean=CIFAR10_MEAN)
-    out = augment(random_images(4), generator())
-    assert out.dtype == torch.uint8 and out.shape == (4, 3, 32, 32)
+    assert cfg.name == path.stem and cfg.style == "official"
+    for style in STYLES:
+        augment = build_augmentation({**cfg, "style": style}, mean=CIFAR10_MEAN)
+        assert augment.style == style
+        out = augment(random_images(4), generator())
+        assert out.dtype == torch.uint8 and out.shape == (4, 3, 32, 32)
 
 
 def test_presets_have_configs():
@@ -309,16 +572,25 @@ def test_bad_configs_name_the_problem(cfg, mean, message):
         build_augmentation(cfg, mean=mean)
 
 
+def test_style_defaults_to_official_and_an_unknown_one_names_the_choices():
+    assert build_augmentation({"name": "basic"}, mean=CIFAR10_MEAN).style == "official"
+    with pytest.raises(ValueError, match=re.escape("aug.style='fancy'")) as error:
+        build_augmentation({"name": "basic", "style": "fancy"}, mean=CIFAR10_MEAN)
+    assert "official, standard" in str(error.value)
+
+
 def test_float_images_are_rejected():
     with pytest.raises(ValueError, match="uint8"):
         Augmentation()(torch.rand(2, 3, 32, 32), generator())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_augmentation_stays_on_the_device_without_host_synchronisation():
+@pytest.mark.parametrize("style", STYLES)
+def test_gpu_augmentation_stays_on_the_device_without_host_synchronisation(style):
     images = random_images(512).cuda()
     labels = torch.randint(0, 10, (512,), device="cuda")
-    augment = build_augmentation({"name": "autoaugment_mixcut", "cutmix_alpha": 1.0}, mean=CIFAR10_MEAN)
+    augment = build_augmentation({"name": "autoaugment_mixcut", "cutmix_alpha": 1.0, "style": style},
+                                 mean=CIFAR10_MEAN)
     augment(images, torch.Generator(device="cuda").manual_seed(0))  # builds the policy table
     torch.cuda.synchronize()
     g = torch.Generator(device="cuda").manual_seed(0)
