@@ -1,4 +1,4 @@
-"""Sweeps: the summary written when a multirun ends, and the `parallel` launcher.
+"""Sweeps: the summary written when a multirun ends, the `parallel` launcher, SLURM's local twin, W&B sweep files.
 
 The summary is checked on job directories made here (as the training loop leaves them), then wired up in
 real tiny multiruns of train.py on the digits task. The launcher's failure and Ctrl-C paths run a small
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.utils import run_and_report
 from omegaconf import OmegaConf
@@ -347,3 +348,90 @@ def test_parallel_launcher_trains_two_digits_jobs_at_once_on_two_cpu_slots(tmp_p
         assert "device: cpu" in (sweep_dir / str(k) / "config.yaml").read_text()
     assert spans[0][0] != spans[1][0]  # distinct slots
     assert spans[0][1] < spans[1][2] and spans[1][1] < spans[0][2]  # each started before the other ended
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_sweep_and_prints_its_summary(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
+    # One job (each costs a process start): the submitted job runs in its own process, as on SLURM.
+    sweep_dir, printed = _train_multirun(tmp_path, "hydra/launcher=submitit_local", "device=cpu", "seed=3")
+    _check_summary(sweep_dir, printed, [0])
+    assert json.loads((sweep_dir / "0" / "summary.json").read_text())["seed"] == 3
+    assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folder: it ran there
+
+
+@pytest.mark.parametrize("overrides,lines", [
+    (["hydra.launcher.nodes=2"], ["--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8"]),
+    (["hydra.launcher.gpus_per_node=1", "hydra.launcher.partition=gpu"],
+     ["--nodes=1", "--gpus-per-node=1", "--ntasks-per-node=1", "--partition=gpu"]),
+])
+def test_slurm_launcher_asks_for_one_task_per_gpu_a_warning_signal_and_requeue(tmp_path, monkeypatch, overrides, lines):
+    submitit = pytest.importorskip("submitit", reason='needs pip install -e ".[slurm]"')
+    from hydra.utils import instantiate
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit looks for srun before it writes anything
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+    class Submitted(Exception):
+        pass
+
+    def capture(executor, function, *arguments):  # the sbatch script, instead of submitting it
+        slurm = executor._executor
+        raise Submitted(slurm._make_submission_file_text("COMMAND", "0"), slurm.max_num_timeout)
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        config = compose("config", [f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.job.name=train",
+                                    "hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    launcher = instantiate(config.hydra.launcher)
+    launcher.config = config
+    with pytest.raises(Submitted) as submitted:
+        launcher.launch([["seed=0"]], initial_job_idx=0)
+    sbatch, max_num_timeout = submitted.value.args
+    flags = {line.removeprefix("#SBATCH ") for line in sbatch.splitlines() if line.startswith("#SBATCH ")}
+    assert set(lines) | {"--signal=USR2@180", "--requeue", "--time=1440", "--mem=128GB", "--cpus-per-task=8"} <= flags
+    assert max_num_timeout == 3
+
+
+def submitit_distributed_env() -> tuple[int, int, int, str, int]:
+    """Prototype for gnp/distributed.py: rank, local rank, world size, master address and port of a task of a
+    multi-task submitit job (SLURM or local). The port comes from the job id, so every task of the job agrees
+    on it without talking, jobs that share a node differ, and it lies below Linux's ephemeral ports (32768+)."""
+    import submitit
+
+    job = submitit.JobEnvironment()
+    return job.global_rank, job.local_rank, job.num_tasks, job.hostnames[0], 20000 + int(job.raw_job_id) % 12768
+
+
+def test_ddp_settings_of_a_slurm_task_come_from_submitit(monkeypatch):
+    pytest.importorskip("submitit", reason='needs pip install -e ".[slurm]"')
+    # Task 9 of a 2-node x 8-GPU job: the second task on the second node.
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16",
+                        "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+                        "SLURM_JOB_NODELIST": "gpu[07-08]"}.items():
+        monkeypatch.setenv(name, value)
+    assert submitit_distributed_env() == (9, 1, 16, "gpu07", 20000 + 4242 % 12768)
+
+
+@pytest.mark.parametrize("name", ["alpha_r_grid", "bayes_alpha_r_lr"])
+def test_wandb_sweep_commands_compose_with_the_real_config(name, monkeypatch):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load((ROOT / "scripts" / "wandb_sweeps" / f"{name}.yaml").read_text())
+    assert spec["program"] == "train.py" and spec["metric"] == {"name": "test_error", "goal": "minimize"}
+    assert spec["command"][:3] == ["${env}", "${interpreter}", "${program}"]
+    assert spec["command"][-1] == "${args_no_hyphens}"
+    # One point of the search, turned into arguments as the W&B agent does.
+    point = {key: p["values"][-1] if "values" in p else p["max"] for key, p in spec["parameters"].items()}
+    agent_command = {"args": {key: {"value": value} for key, value in point.items()}}
+    args = create_sweep_command_args(agent_command)["args_no_hyphens"]
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep7")
+    monkeypatch.setenv("WANDB_RUN_ID", "run3")
+    with_hydra = compose_config(*spec["command"][3:-1], *args)
+    for key, value in point.items():
+        assert OmegaConf.select(with_hydra, key) == value
+    assert (with_hydra.dataset.name, with_hydra.model.name, with_hydra.method.name) == ("cifar10", "resnet18", "gnp")
+    assert with_hydra.wandb.mode == "online" and spec["project"] == with_hydra.wandb.project
+    run_dir = next(a for a in spec["command"] if a.startswith("hydra.run.dir="))
+    assert OmegaConf.create({"d": run_dir.partition("=")[2]}).d == "outputs/wandb_sweeps/sweep7/run3"
