@@ -21,14 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gnp import io
 from gnp.checkpoint import CheckpointError
 from gnp.config import ConfigError, unknown_key_error, validate
 from gnp.data import DataError
-from gnp.runs import LOCK_FILE, LOG_FILE, RunDirectoryBusy, log, setup_console
+from gnp.runs import RunDirectoryBusy, log, remove_stub, setup_console
 from gnp.tracking import TrackingError
 from gnp.training import Diverged, Stopped, train
 
@@ -138,6 +138,10 @@ def run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep:  # a Hydra multirun's runs form one W&B group, unless the command names one
+        with open_dict(cfg):
+            cfg.wandb.group = cfg.wandb.group or f"multirun-{Path(hydra_cfg.sweep.dir).name}"
+            cfg.wandb.tags = [*cfg.wandb.tags, "multirun"]
     try:
         return train(cfg, run_dir)["test_error"]
     except Stopped as e:
@@ -158,7 +162,7 @@ def run_job(cfg: DictConfig) -> float | None:
             raise  # a bug: its traceback is what a report needs
         print(f"error: {e}", file=sys.stderr)
         if not isinstance(e, (Diverged, RunDirectoryBusy)):
-            _remove_stub(run_dir)
+            remove_stub(run_dir)
         raise SystemExit(EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER_ERROR) from None
 
 
@@ -175,15 +179,3 @@ def _record_failed_job(run_dir: Path, error: Exception) -> None:
         io.write_json(run_dir / "summary.json", {"status": "failed", "error": _first_line(error)})
     except io.OutputError:
         pass  # the run directory itself is the problem; the console line says so
-
-
-def _remove_stub(run_dir: Path) -> None:
-    """A run that failed before training leaves no directory behind (its error is on the console)."""
-    if any((run_dir / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
-        return
-    for name in ("summary.json", "config.yaml", LOG_FILE, LOCK_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass  # something else is in it: leave it

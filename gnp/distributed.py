@@ -1,13 +1,13 @@
 """One process or many. One function decides how this process was launched: by `torchrun` (RANK,
-WORLD_SIZE, LOCAL_RANK), as one task of a SLURM job (srun or submitit: SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID), or alone; the same training code then runs with or without DDP."""
+WORLD_SIZE, LOCAL_RANK), as one task of a SLURM job (submitit's or srun's), or alone; the same
+training code then runs with or without DDP."""
 from __future__ import annotations
 
 import os
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -31,21 +31,32 @@ class Launch:
     rank: int
     local_rank: int
     world_size: int
-    master_addr: str | None = None  # None: torchrun has set MASTER_ADDR/MASTER_PORT already
+    master_addr: str | None = None  # None: torchrun has set MASTER_ADDR and MASTER_PORT already
     master_port: int | None = None
 
 
-def detect_launch(env: dict[str, str] = os.environ) -> Launch:  # noqa: B006 (read, never mutated)
-    """torchrun first, then a multi-task SLURM job, else a single process."""
+def detect_launch(env: Mapping[str, str] = os.environ) -> Launch:
+    """torchrun first, then a multi-task submitit job (hydra/launcher=slurm, or submitit's local
+    executor), then a multi-task SLURM job started with srun, else a single process."""
     if "WORLD_SIZE" in env and "RANK" in env:
         return Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]))
+    if env.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            return Launch(job.global_rank, job.local_rank, job.num_tasks, job.hostnames[0], _port(job.raw_job_id))
     tasks = int(env.get("SLURM_NTASKS", "1"))
     if tasks > 1 and "SLURM_PROCID" in env:
-        # Every task of the job derives the same address and port from the job itself.
         return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), tasks,
-                      master_addr=env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
-                      master_port=int(env.get("MASTER_PORT") or 20_000 + _job_number(env) % 20_000))
+                      _first_host(env.get("SLURM_JOB_NODELIST", "localhost")), _port(env.get("SLURM_JOB_ID", "0")))
     return Launch(0, 0, 1)
+
+
+def _port(job_id: str) -> int:
+    """A rendezvous port that every task of a job derives alike without talking, that differs between
+    jobs sharing a node (array jobs included), and lies below Linux's ephemeral ports (32768 on)."""
+    return 20_000 + int("".join(c for c in str(job_id) if c.isdigit()) or 0) % 12_768
 
 
 def _first_host(nodelist: str) -> str:
@@ -55,13 +66,8 @@ def _first_host(nodelist: str) -> str:
                              timeout=30, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        head, _, ranges = nodelist.partition("[")
-        return head + ranges.split(",")[0].split("-")[0].rstrip("]") if ranges else nodelist.split(",")[0]
-
-
-def _job_number(env: dict[str, str]) -> int:
-    digits = "".join(c for c in env.get("SLURM_JOB_ID", "0") if c.isdigit())
-    return int(digits or 0)
+        prefix, _, ranges = nodelist.partition("[")
+        return prefix + ranges.split(",")[0].split("-")[0].rstrip("]") if ranges else nodelist.split(",")[0]
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -93,9 +94,15 @@ class RunDirectory:
             self._lock_fd = None
 
 
-def remove_if_empty(path: str | Path) -> None:
-    """Remove a directory that a failed start left empty (Hydra creates it before the run starts)."""
-    try:
-        Path(path).rmdir()
-    except OSError:
-        pass  # not empty, or already gone: nothing to tidy
+# What a run that stopped before training leaves: nothing worth keeping.
+_STUB_FILES = {"summary.json", "config.yaml", LOG_FILE, LOCK_FILE}
+_HYDRA_FOLDER = ".hydra"  # Hydra's record of the job's config, written before the run starts
+
+
+def remove_stub(path: str | Path) -> None:
+    """Remove a run directory that holds nothing but what a failed start wrote (the error is on the
+    console); a directory with anything else in it is left as it is."""
+    path = Path(path)
+    if not path.is_dir() or any(p.name not in _STUB_FILES | {_HYDRA_FOLDER} for p in path.iterdir()):
+        return
+    shutil.rmtree(path, ignore_errors=True)

@@ -39,10 +39,10 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def run_name(config: dict) -> str:
-    """dataset-model-method-aug-r-alpha-seed: what tells the runs of a sweep apart at a glance."""
+    """dataset-model-method-aug-r-alpha-lr-seed: what tells the runs of a sweep apart at a glance."""
     m = config["method"]
     return (f"{config['dataset']['name']}-{config['model']['name']}-{m['name']}-{config['aug']['name']}"
-            f"-r{m['r']}-a{m['alpha']}-s{config['seed']}")
+            f"-r{m['r']}-a{m['alpha']}-lr{config['optimizer']['lr']}-s{config['seed']}")
 
 
 class Tracker:
@@ -58,11 +58,14 @@ class Tracker:
         import wandb
 
         tags = [config["dataset"]["name"], config["model"]["name"], config["method"]["name"], *wandb_cfg["tags"]]
+        group = wandb_cfg["group"]
+        if os.environ.get("WANDB_SWEEP_ID"):  # started by `wandb agent`: the sweep's runs belong together
+            group, tags = group or f"sweep-{os.environ['WANDB_SWEEP_ID']}", [*tags, "wandb-sweep"]
         try:
             self.run = wandb.init(
                 project=wandb_cfg["project"],
                 entity=wandb_cfg["entity"],
-                group=wandb_cfg["group"],
+                group=group,
                 tags=list(dict.fromkeys(tags)),
                 name=run_name(config),
                 config=config,

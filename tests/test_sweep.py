@@ -23,7 +23,7 @@ from hydra._internal.utils import run_and_report
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from gnp import sweep
+from gnp import distributed, sweep
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import Slot, last_error_line, make_slots
 
 TINY_DIGITS = ("experiment=digits_demo", "method=sgd", "train.epochs=1", "dataset.limit_train=64",
@@ -394,24 +394,26 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_a_warning_signal_and_requeue(t
     assert max_num_timeout == 3
 
 
-def submitit_distributed_env() -> tuple[int, int, int, str, int]:
-    """Prototype for gnp/distributed.py: rank, local rank, world size, master address and port of a task of a
-    multi-task submitit job (SLURM or local). The port comes from the job id, so every task of the job agrees
-    on it without talking, jobs that share a node differ, and it lies below Linux's ephemeral ports (32768+)."""
-    import submitit
-
-    job = submitit.JobEnvironment()
-    return job.global_rank, job.local_rank, job.num_tasks, job.hostnames[0], 20000 + int(job.raw_job_id) % 12768
+SLURM_TASK_9_OF_2_NODES = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
+                           "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+                           "SLURM_JOB_NODELIST": "gpu[07-08]"}
 
 
 def test_ddp_settings_of_a_slurm_task_come_from_submitit(monkeypatch):
     pytest.importorskip("submitit", reason='needs pip install -e ".[slurm]"')
     # Task 9 of a 2-node x 8-GPU job: the second task on the second node.
-    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16",
-                        "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
-                        "SLURM_JOB_NODELIST": "gpu[07-08]"}.items():
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", **SLURM_TASK_9_OF_2_NODES}.items():
         monkeypatch.setenv(name, value)
-    assert submitit_distributed_env() == (9, 1, 16, "gpu07", 20000 + 4242 % 12768)
+    assert distributed.detect_launch() == distributed.Launch(9, 1, 16, "gpu07", 20000 + 4242 % 12768)
+
+
+def test_ddp_settings_of_an_srun_task_come_from_slurms_environment(monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no scontrol: the node list is expanded by hand
+    assert distributed.detect_launch(SLURM_TASK_9_OF_2_NODES) == \
+        distributed.Launch(9, 1, 16, "gpu07", 20000 + 4242 % 12768)
+    assert distributed.detect_launch({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", **SLURM_TASK_9_OF_2_NODES}) \
+        == distributed.Launch(2, 0, 4)  # torchrun inside a SLURM job: torchrun's variables win
+    assert distributed.detect_launch({}) == distributed.Launch(0, 0, 1)
 
 
 @pytest.mark.parametrize("name", ["alpha_r_grid", "bayes_alpha_r_lr"])

@@ -1,0 +1,159 @@
+"""A user's mistakes through train.py: each is one line that names the key, value or file and the
+fix, with a documented exit status, no traceback and no run directory left behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gnp import cli
+from gnp.runs import RunDirectory
+
+DIGITS = ("experiment=digits_demo", "model.width=2", "dataset.limit_train=128", "dataset.limit_test=64",
+          "train.batch_size=32", "wandb.mode=disabled", "device=cpu")
+
+
+def _check(capsys, *argv):
+    """The command line's check, in process: its exit status and the lines it printed."""
+    with pytest.raises(SystemExit) as done:
+        cli.check_command_line(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return done.value.code, err.strip().splitlines()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train.epoch=3"], "train.epoch is not a config key: did you mean train.epochs?"),
+    (["+train.epoch=3"], "train.epoch is not a config key: did you mean train.epochs?"),
+    (["+method.raduis=0.1"], "method.raduis is not a config key: did you mean method.r?"),
+    (["optimizer.momentun=0.5"], "optimizer.momentum?"),
+    (["+optimizer.betas=[0.9,0.99]"], "optimizer.betas is not a config key"),  # SGD has no betas
+    (["+wandb.projct=x"], "wandb.projct is not a config key: did you mean wandb.project?"),
+    (["+dataset.limit_trian=5"], "dataset.limit_trian is not a config key: did you mean dataset.limit_train?"),
+    (["+sed=1"], "sed is not a config key: did you mean seed?"),
+    (["model.widht=3"], "model.widht is not a config key: did you mean model.width?"),
+    (["+model.depth=20"], "model 'resnet18' has no option(s) depth; its options are: width"),
+    (["+aug.cutot_size=8"], "aug has no option(s) cutot_size"),
+    (["method=gpn"], "method=gpn is not a choice of method (gnp, sam, sgd): did you mean method=gnp?"),
+    (["device=gpu"], "device='gpu' is invalid: choose auto (a GPU when there is one), cpu, cuda or cuda:N"),
+    (["method.alpha=2"], "method.alpha=2 is invalid: must be in [0, 1]"),
+])
+def test_a_mistake_on_the_command_line_is_one_line_with_the_fix(capsys, argv, message):
+    code, lines = _check(capsys, *argv)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_the_unknown_key_check_covers_every_config_section(capsys):
+    for section in ("train", "wandb", "dataset", "method", "optimizer"):
+        code, lines = _check(capsys, f"+{section}.no_such_key=1")
+        assert code == 2 and f"{section}.no_such_key is not a config key" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_without_one(capsys):
+    code, lines = _check(capsys, "device=cuda")
+    assert code == 2 and lines == ["error: device=cuda is not available: no CUDA device is visible; "
+                                   "use device=auto or device=cpu"]
+
+
+def test_wandb_online_without_credentials(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code, lines = _check(capsys, "wandb.mode=online")
+    assert code == 2 and lines == ["error: wandb.mode=online needs W&B credentials: run `wandb login` or set "
+                                   "WANDB_API_KEY, or log locally with wandb.mode=offline"]
+    # A sweep bound for a cluster is not judged by this machine's GPU or credentials.
+    cli.check_command_line(["wandb.mode=online", "device=cuda", "hydra/launcher=slurm", "-m", "seed=0,1"])
+
+
+def test_a_sweep_with_bad_values_fails_before_its_first_job(capsys):
+    code, lines = _check(capsys, "-m", "method.alpha=0.5,2", "seed=0,1")
+    assert code == 2 and lines == [
+        "error: job 2 (method.alpha=2 seed=0): method.alpha=2 is invalid: must be in [0, 1]",
+        "error: job 3 (method.alpha=2 seed=1): method.alpha=2 is invalid: must be in [0, 1]",
+        "error: 2 of 4 jobs are invalid; no job was started",
+    ]
+
+
+def test_valid_commands_pass_the_check():
+    cli.check_command_line(["-m", "method=sgd,sam,gnp", "seed=range(0,3)", "hydra.sweep.dir=x"])
+    cli.check_command_line(["model=vit_s", "method.alpha=0.5", "+model.drop_path_rate=0.1"])
+    cli.check_command_line(["--cfg", "job", "this=is not checked"])  # Hydra's information flags pass through
+
+
+def _train(*args, cwd=ROOT, **kwargs):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          **kwargs)
+
+
+def _one_error_line(done, status: int) -> str:
+    assert done.returncode == status, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+def test_typos_and_missing_data_leave_no_run_directory(tmp_path):
+    typo = _train("train.epoch=3", f"hydra.run.dir={tmp_path / 'typo'}")
+    assert "did you mean train.epochs?" in _one_error_line(typo, 2) and not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    missing = _train(f"dataset.root={tmp_path / 'empty'}", "device=cpu", "wandb.mode=disabled",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    line = _one_error_line(missing, 2)
+    assert f"CIFAR10 was not found in {tmp_path / 'empty'}" in line and "cifar-10-python.tar.gz" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    broken = _train(*DIGITS, f"hydra.run.dir={tmp_path / 'run'}")
+    assert f"{tmp_path / 'run' / 'checkpoint.pt'} is unreadable" in _one_error_line(broken, 2)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()  # never deleted for the user
+    with RunDirectory(tmp_path / "busy"):
+        busy = _train(*DIGITS, f"hydra.run.dir={tmp_path / 'busy'}")
+    assert f"is in use by another run (PID {os.getpid()})" in _one_error_line(busy, 2)
+
+
+def test_a_diverging_run_exits_3_and_its_summary_says_diverged(tmp_path):
+    done = _train(*DIGITS, "optimizer.lr=1e6", "method.max_grad_norm=null", f"hydra.run.dir={tmp_path}")
+    assert "became NaN or infinite at step" in _one_error_line(done, 3)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["test_error"] is None
+
+
+def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "train.py", *DIGITS, "train.epochs=50", "train.sync_every=1",
+                                f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # well into training
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in out + err, err
+    last = (out + err).strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGINT at step ") and f"Resume: python train.py " in last
+    assert last.endswith(f"hydra.run.dir={run}")
+    assert json.loads((run / "summary.json").read_text())["status"] == "stopped"
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] >= 1 and "stopped by SIGINT" in (run / "train.log").read_text()
+
+
+def test_a_sweep_reports_every_failed_job_and_goes_on(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = _train("-m", "dataset=digits,cifar10", f"dataset.root={tmp_path / 'empty'}", "model.width=2",
+                  "train.epochs=1", "dataset.limit_train=64", "dataset.limit_test=32", "train.batch_size=32",
+                  "wandb.mode=disabled", "device=cpu", "aug=none", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout, done.stderr[-2000:]
+    assert "job 1 failed: CIFAR10 was not found" in done.stdout + done.stderr
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    statuses = sorted(job["status"] for job in summary["jobs"])
+    assert statuses == ["failed", "finished"]
