@@ -826,6 +826,9 @@ def test_final_grad_norm_is_the_norm_the_base_optimizer_received(clip, scaled):
 DDP_SETTINGS = {"synced": dict(r=0.05, alpha=0.8, sync_perturbation=True),
                 "local": dict(r=0.05, alpha=0.8, sync_perturbation=False, max_grad_norm=0.1),
                 "plain": dict(r=0.0, alpha=0.0, normalize_first_grad=False)}
+# Settings run again with a GradScaler (float64, so exact), and where (rank, step) a second pass overflows.
+DDP_SCALED = {"local scaled": ("local", None), "plain scaled": ("plain", None), "overflow": ("local", (1, 0))}
+DDP_SETTINGS.update({name: DDP_SETTINGS[like] for name, (like, _) in DDP_SCALED.items()})
 DDP_STEPS, DDP_LR = 2, 0.1
 
 
@@ -839,16 +842,35 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             model = nn.parallel.DistributedDataParallel(small_net(seed=5))
             synced_buckets: list[int] = []
             model.register_comm_hook(synced_buckets, _count_and_allreduce)
-            opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=DDP_LR), **settings)
+            scaler = torch.amp.GradScaler("cpu") if name in DDP_SCALED else None
+            opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=DDP_LR), **settings,
+                                      grad_scaler=scaler)
+            skipped = []
             for step in range(DDP_STEPS):
                 x, y = make_batch(step)
                 shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
-                opt.step(closure_for(model, x[shard], y[shard]))
+                closure = closure_for(model, x[shard], y[shard])
+                if name in DDP_SCALED and DDP_SCALED[name][1] == (rank, step):
+                    closure = _inf_in_second_pass(closure)
+                opt.step(closure)
+                skipped.append(opt.step_skipped.item())
             results[name] = flat_params(model.module)
             results[name + " synced passes"] = len(synced_buckets)
+            results[name + " skipped"] = skipped
+            results[name + " scale"] = scaler.get_scale() if scaler else None
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _inf_in_second_pass(closure):
+    calls = []
+
+    def overflowing():
+        calls.append(None)
+        loss = closure()
+        return loss * math.inf if len(calls) == 2 else loss
+    return overflowing
 
 
 def _count_and_allreduce(calls, bucket):  # unannotated: DDP rejects string annotations
@@ -863,11 +885,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_oracle(settings: dict, world_size: int) -> torch.Tensor:
+def _ddp_oracle(settings: dict, world_size: int, skipped_step: int | None = None) -> torch.Tensor:
     """The expected parameters: full-batch formula (synced, plain) or mean of per-shard formulas,
     then clipped."""
     model = small_net(seed=5)
     for step in range(DDP_STEPS):
+        if step == skipped_step:
+            continue
         x, y = make_batch(step)
         formula = (settings["r"], settings["alpha"], settings.get("normalize_first_grad", True))
         if settings.get("sync_perturbation", True):
@@ -890,13 +914,19 @@ def test_ddp_matches_full_batch_and_per_shard_oracles(tmp_path):
     world_size = 2
     mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
-    oracles = {name: _ddp_oracle(settings, world_size) for name, settings in DDP_SETTINGS.items()}
+    # An overflow on one replica skips the step on every replica (and halves every scale once).
+    oracles = {name: _ddp_oracle(settings, world_size, skipped_step=0 if name == "overflow" else None)
+               for name, settings in DDP_SETTINGS.items()}
+    scales = {name: 2.0**15 if name == "overflow" else 2.0**16 if name in DDP_SCALED else None for name in DDP_SETTINGS}
     for name in DDP_SETTINGS:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: replicas diverged"
         torch.testing.assert_close(ranks[0][name], oracles[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert ranks[0][name + " skipped"] == ranks[1][name + " skipped"] == [name == "overflow", False], name
+        assert ranks[0][name + " scale"] == ranks[1][name + " scale"] == scales[name], name
     # DDP synchronises only the first pass, and only where it is shared (one bucket here); the
     # perturbed pass is always local and averaged once afterwards.
-    expected_synced = {"synced": DDP_STEPS, "local": 0, "plain": DDP_STEPS}
+    expected_synced = {"synced": DDP_STEPS, "local": 0, "plain": DDP_STEPS,
+                       "local scaled": 0, "plain scaled": DDP_STEPS, "overflow": 0}
     assert {name: ranks[0][name + " synced passes"] for name in DDP_SETTINGS} == expected_synced
     # The two perturbation modes must be distinguishable for the test to mean anything.
     assert not torch.allclose(oracles["synced"], oracles["local"], rtol=1e-6, atol=0)
