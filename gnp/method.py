@@ -145,7 +145,7 @@ class GradientNormPenalty:
                 "exact=True is a single-process reference and does not support "
                 "DistributedDataParallel; use exact=False or an unwrapped model"
             )
-        if exact and grad_scaler is not None:
+        if exact and grad_scaler is not None and grad_scaler.is_enabled():
             raise ValueError("exact=True does not support grad_scaler (float16 loss scaling); "
                              "use exact=False, or train in float32 / bfloat16 without a scaler")
         self.model = model

@@ -101,6 +101,9 @@ def test_exact_mode_refuses_a_grad_scaler():
     with pytest.raises(ValueError, match="exact=True does not support grad_scaler"):
         GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
                             grad_scaler=torch.amp.GradScaler("cpu"))
+    # A disabled scaler (a float32 run built with GradScaler(enabled=False)) is no scaler.
+    GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
+                        grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
 
 
 def test_base_optimizer_must_be_a_torch_optimizer():
@@ -634,17 +637,17 @@ def test_autocast_around_the_step_sees_the_perturbed_weights():
 
 def _autocast_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fp16: bool):
     def closure():
-        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=fp16):
             logits = model(x)
         return F.cross_entropy(logits.float(), y), logits
     return closure
 
 
-def _scaled_trainer(init_scale: float = 2.0**16, growth_interval: int = 2000, **settings):
+def _scaled_trainer(init_scale: float = 2.0**16, growth_interval: int = 2000, device: str = "cpu", **settings):
     """A float32 net with a spare parameter that only an injected overflow reaches."""
-    model = small_net(batchnorm=True, dtype=torch.float32)
-    spare = nn.Parameter(torch.ones(3))
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+    model = small_net(batchnorm=True, dtype=torch.float32, device=device)
+    spare = nn.Parameter(torch.ones(3, device=device))
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=growth_interval)
     base = torch.optim.SGD([*model.parameters(), spare], lr=0.1, momentum=0.9)
     opt = GradientNormPenalty(model, base, grad_scaler=scaler, **{**dict(r=0.1, alpha=0.8, l2=1e-3), **settings})
     return model, spare, opt, scaler
@@ -702,15 +705,16 @@ def test_scaling_without_autocast_changes_nothing(settings):
     assert torch.equal(run(torch.amp.GradScaler("cpu")), run(None))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad_pass, alpha", [(1, 0.8), (1, 1.0), (2, 0.8), (2, 1.0)])
-def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, alpha):
+def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, alpha, device):
     """An inf in one pass leaves parameters and optimizer state untouched and halves the scale once.
 
     The inf reaches only a spare parameter, so with alpha = 1 and bad_pass = 1 the second pass is
     finite: the skip must come from the first pass's gradient.
     """
-    model, spare, opt, scaler = _scaled_trainer(alpha=alpha)
-    x, y = make_batch(0, n=32, dtype=torch.float32)
+    model, spare, opt, scaler = _scaled_trainer(alpha=alpha, device=device)
+    x, y = make_batch(0, n=32, dtype=torch.float32, device=device)
     opt.step(_overflowing_closure(model, spare, x, y, bad_pass=None))  # creates the momentum buffers
     params, spare_before = flat_params(model), spare.detach().clone()
     state, stats = copy.deepcopy(opt.base_optimizer.state_dict()), [b.clone() for b in model.buffers()]
