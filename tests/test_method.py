@@ -5,6 +5,7 @@ import copy
 import io
 import math
 import os
+import random
 import socket
 
 import pytest
@@ -75,11 +76,34 @@ def reference_direction(model: nn.Module, x, y, r: float, alpha: float,
 @pytest.mark.parametrize("kwargs, name", [
     ({"r": -0.1}, "r"), ({"r": math.nan}, "r"), ({"alpha": 1.5}, "alpha"),
     ({"alpha": -0.1}, "alpha"), ({"l2": -1e-3}, "l2"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"warmup": "linear", "warmup_steps": 5}, "warmup"), ({"warmup_steps": -1}, "warmup_steps"),
+    ({"warmup": "r"}, "warmup_steps"), ({"warmup": "zero", "warmup_steps": 2.5}, "warmup_steps"),
+    ({"gnp_probability": 0.0}, "gnp_probability"), ({"gnp_probability": 1.5}, "gnp_probability"),
+    ({"seed": 1.5}, "seed"),
 ])
 def test_invalid_arguments_are_rejected_by_name(kwargs, name):
     model = small_net()
-    with pytest.raises(ValueError, match=rf"^{name}="):
+    with pytest.raises(ValueError, match=rf"^{name}=") as error:
         GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_invalid_group_l2_is_rejected_by_name():
+    model = small_net()
+    base = torch.optim.SGD([{"params": model[0].parameters(), "l2": -1.0},
+                            {"params": model[2].parameters()}, {"params": model[4].parameters()}], lr=0.1)
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['l2'\]=-1.0 is invalid"):
+        GradientNormPenalty(model, base)
+
+
+def test_exact_mode_refuses_a_grad_scaler():
+    model = small_net()
+    with pytest.raises(ValueError, match="exact=True does not support grad_scaler"):
+        GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
+                            grad_scaler=torch.amp.GradScaler("cpu"))
+    # A disabled scaler (a float32 run built with GradScaler(enabled=False)) is no scaler.
+    GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
+                        grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
 
 
 def test_base_optimizer_must_be_a_torch_optimizer():
@@ -170,6 +194,35 @@ def test_quadratic_matches_closed_form(mode, l2):
     model = Quadratic(A, c, theta)
     opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
                               normalize_first_grad=mode == "official", l2=l2, exact=mode == "exact")
+    opt.step(model)
+    torch.testing.assert_close(flat_params(model), theta - lr * direction, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(opt.grad_norm, n, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("head_l2", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["official", "paper", "exact"])
+def test_group_l2_applies_to_its_group_only(mode, head_l2):
+    """The head's group carries its own "l2"; the tail's uses the wrapper's 0.1: H = A + diag(l2 per coordinate)."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A, c = M @ M.T + torch.eye(5, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    theta = torch.randn(5, generator=g, dtype=torch.float64)
+    r, alpha, lr = 0.3, 0.6, 0.05
+
+    H = A + torch.diag(torch.tensor([head_l2] * 3 + [0.1] * 2, dtype=torch.float64))
+    g1 = H @ theta + c
+    n = g1.norm()
+    g2 = g1 + r * H @ g1 / n
+    direction = {
+        "official": (1 - alpha) * g1 / n + alpha * g2,
+        "paper": (1 - alpha) * g1 + alpha * g2,
+        "exact": g1 + alpha * r * H @ g1 / n,
+    }[mode]
+
+    model = Quadratic(A, c, theta)
+    base = torch.optim.SGD([{"params": [model.head], "l2": head_l2}, {"params": [model.tail]}], lr=lr)
+    opt = GradientNormPenalty(model, base, r=r, alpha=alpha, normalize_first_grad=mode == "official",
+                              l2=0.1, exact=mode == "exact")
     opt.step(model)
     torch.testing.assert_close(flat_params(model), theta - lr * direction, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(opt.grad_norm, n, rtol=1e-12, atol=0)
@@ -270,7 +323,7 @@ def test_parameters_are_restored_bit_for_bit_after_the_perturbation():
     assert torch.equal(flat_params(model), before)
 
 
-def _trainer(name: str, model_state=None, opt_state=None, scheduler_state=None):
+def _trainer(name: str, model_state=None, opt_state=None, scheduler_state=None, **settings):
     model = small_net(seed=3)
     if model_state is not None:
         model.load_state_dict(model_state)
@@ -278,7 +331,7 @@ def _trainer(name: str, model_state=None, opt_state=None, scheduler_state=None):
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     else:
         base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
-    opt = GradientNormPenalty(model, base, r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0)
+    opt = GradientNormPenalty(model, base, **{**dict(r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0), **settings})
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, lambda step: 1.0 / (1 + step))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -286,11 +339,22 @@ def _trainer(name: str, model_state=None, opt_state=None, scheduler_state=None):
     return model, opt, scheduler
 
 
-def _train(model, opt, scheduler, steps: range) -> None:
+def _train(model, opt, scheduler, steps: range) -> list[tuple[float, float, bool]]:
+    """Take the steps; return each step's (r, alpha, two passes)."""
+    schedule = []
     for step in steps:
         x, y = make_batch(step)
         opt.step(closure_for(model, x, y))
         scheduler.step()
+        schedule.append((opt.step_r, opt.step_alpha, opt.two_pass))
+    return schedule
+
+
+def _save_and_load(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -323,6 +387,151 @@ def test_load_state_dict_rejects_foreign_dicts():
     opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="base_optimizer"):
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+# --- GR warmup ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("warmup", ["r", "lambda"])
+def test_warmup_scales_r_or_alpha_linearly_from_step_zero(warmup):
+    """Step k (from 0) uses f = min(1, k / W) on r or on alpha: the update follows the formula with them.
+
+    At k = 0 an r warmup has r = 0 and still takes two passes (g2 = g1), a lambda warmup alpha = 0.
+    """
+    r, alpha, lr, warmup_steps = 0.2, 0.8, 0.1, 4
+    model = small_net(batchnorm=True)
+    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
+                              warmup=warmup, warmup_steps=warmup_steps)
+    for k in range(warmup_steps + 2):
+        f = min(1.0, k / warmup_steps)
+        r_k, alpha_k = (r * f, alpha) if warmup == "r" else (r, alpha * f)
+        x, y = make_batch(k)
+        expected = flat_params(model) - lr * reference_direction(model, x, y, r_k, alpha_k)
+        opt.step(closure_for(model, x, y))
+        torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+        assert (opt.step_r, opt.step_alpha) == pytest.approx((r_k, alpha_k), rel=1e-15, abs=0)
+        assert opt.two_pass == (warmup == "r" or k > 0)
+
+
+def test_zero_warmup_takes_base_optimizer_steps_then_gnp_steps():
+    """W plain steps equal a plain torch loop bit for bit; then GNP continues from that state."""
+    warmup_steps, sgd = 3, dict(lr=0.1, momentum=0.9, nesterov=True)
+    model = small_net(batchnorm=True, dropout=0.3, dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), **sgd), r=0.1, alpha=0.8,
+                              warmup="zero", warmup_steps=warmup_steps)
+    batches = [make_batch(k, dtype=torch.float32) for k in range(warmup_steps + 2)]
+    torch.manual_seed(0)
+    for k, (x, y) in enumerate(batches):
+        opt.step(closure_for(model, x, y))
+        assert (opt.step_r, opt.two_pass) == ((0.0, False) if k < warmup_steps else (0.1, True))
+        if k == warmup_steps - 1:
+            after_warmup = flat_params(model)
+
+    base = torch.optim.SGD(reference.parameters(), **sgd)
+    torch.manual_seed(0)
+    for x, y in batches[:warmup_steps]:
+        base.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        base.step()
+    assert torch.equal(after_warmup, flat_params(reference))
+    unwarmed = GradientNormPenalty(reference, base, r=0.1, alpha=0.8)
+    for x, y in batches[warmup_steps:]:
+        unwarmed.step(closure_for(reference, x, y))
+    assert torch.equal(flat_params(model), flat_params(reference))
+
+
+@pytest.mark.parametrize("warmup", ["r", "lambda"])
+def test_steps_after_the_warmup_equal_unwarmed_gnp_steps(warmup):
+    warmed = _trainer("sgd", warmup=warmup, warmup_steps=2)
+    _train(*warmed, range(2))
+    saved = _save_and_load({"model": warmed[0].state_dict(), "opt": warmed[1].state_dict(),
+                            "scheduler": warmed[2].state_dict()})
+    unwarmed = _trainer("sgd", saved["model"], saved["opt"], saved["scheduler"])
+    assert _train(*warmed, range(2, 4)) == _train(*unwarmed, range(2, 4))
+    assert torch.equal(flat_params(warmed[0]), flat_params(unwarmed[0]))
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_resume_mid_warmup_with_hybrid_steps_is_exact(base):
+    """The schedule of r and the hybrid draws survive a state_dict round trip, bit for bit."""
+    settings = dict(warmup="r", warmup_steps=6, gnp_probability=0.5, seed=11)
+    uninterrupted = _trainer(base, **settings)
+    schedule = _train(*uninterrupted, range(9))
+
+    first_part = _trainer(base, **settings)
+    resumed_schedule = _train(*first_part, range(3))
+    model, opt, scheduler = first_part
+    saved = _save_and_load({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "scheduler": scheduler.state_dict()})
+    assert saved["opt"]["steps_taken"] == 3
+    resumed = _trainer(base, saved["model"], saved["opt"], saved["scheduler"], **settings)
+    resumed_schedule += _train(*resumed, range(3, 9))
+    assert resumed_schedule == schedule
+    assert torch.equal(flat_params(resumed[0]), flat_params(uninterrupted[0]))
+    # Both kinds of steps occur, and a resume that lost the step count would differ.
+    assert {two_pass for _, _, two_pass in schedule} == {True, False}
+    restarted = _trainer(base, saved["model"], {**saved["opt"], "steps_taken": 0}, saved["scheduler"], **settings)
+    assert _train(*restarted, range(3, 9)) != schedule[3:]
+
+
+# --- hybrid steps -------------------------------------------------------------------------------
+
+def test_hybrid_with_probability_one_is_gnp_bit_for_bit():
+    gnp, hybrid = _trainer("sgd"), _trainer("sgd", gnp_probability=1.0, seed=5)
+    assert _train(*gnp, range(4)) == _train(*hybrid, range(4))
+    assert torch.equal(flat_params(gnp[0]), flat_params(hybrid[0]))
+    assert hybrid[1].two_pass
+
+
+def test_hybrid_steps_are_gnp_or_plain_with_probability_p():
+    """Each step is the GNP closed form or the plain gradient step; the GNP share binomially ~ p.
+
+    |count - n p| < 6 sd fails with probability < 2e-9 for independent draws.
+    """
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A, c = M @ M.T / 5 + torch.eye(5, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    model = Quadratic(A, c, torch.randn(5, generator=g, dtype=torch.float64))
+    r, alpha, lr, p, n = 0.1, 0.8, 0.01, 0.3, 600
+    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
+                              gnp_probability=p, seed=2)
+    count = 0
+    for _ in range(n):
+        theta = flat_params(model)
+        g1 = A @ theta + c
+        gnp_direction = (1 - alpha) * g1 / g1.norm() + alpha * (g1 + r * A @ g1 / g1.norm())
+        opt.step(model)
+        expected = theta - lr * (gnp_direction if opt.two_pass else g1)
+        torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+        assert (opt.step_r, opt.step_alpha) == (r, alpha)
+        count += opt.two_pass
+    assert abs(count - n * p) < 6 * math.sqrt(n * p * (1 - p)), count
+
+
+def test_hybrid_draws_depend_on_the_seed_and_leave_global_generators_alone():
+    def hybrid(seed: int):
+        model = small_net()
+        x, y = make_batch(0)
+        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), gnp_probability=0.5, seed=seed)
+
+        def two_pass_sequence() -> list[bool]:
+            sequence = []
+            for _ in range(20):
+                opt.step(closure_for(model, x, y))
+                sequence.append(opt.two_pass)
+            return sequence
+        return two_pass_sequence
+
+    first, again, other_seed = hybrid(0), hybrid(0), hybrid(1)
+    torch.manual_seed(4)
+    random.seed(4)
+    python_state = random.getstate()
+    sequence = first()
+    after = torch.rand(3)
+    assert random.getstate() == python_state
+    torch.manual_seed(4)
+    assert torch.equal(after, torch.rand(3))
+    assert again() == sequence and other_seed() != sequence
 
 
 # --- clipping, zero gradients, outputs, autocast -------------------------------------------------
@@ -424,11 +633,206 @@ def test_autocast_around_the_step_sees_the_perturbed_weights():
     assert ((outer - inner).norm() / inner.norm()).item() < 0.05
 
 
+# --- float16 with a GradScaler ------------------------------------------------------------------
+
+def _autocast_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fp16: bool):
+    def closure():
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=fp16):
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits
+    return closure
+
+
+def _scaled_trainer(init_scale: float = 2.0**16, growth_interval: int = 2000, device: str = "cpu", **settings):
+    """A float32 net with a spare parameter that only an injected overflow reaches."""
+    model = small_net(batchnorm=True, dtype=torch.float32, device=device)
+    spare = nn.Parameter(torch.ones(3, device=device))
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=growth_interval)
+    base = torch.optim.SGD([*model.parameters(), spare], lr=0.1, momentum=0.9)
+    opt = GradientNormPenalty(model, base, grad_scaler=scaler, **{**dict(r=0.1, alpha=0.8, l2=1e-3), **settings})
+    return model, spare, opt, scaler
+
+
+def _overflowing_closure(model, spare, x, y, bad_pass: int | None):
+    """float16 autocast; the loss of pass `bad_pass` of the step gets an inf through `spare` only."""
+    calls = []
+
+    def closure():
+        calls.append(None)
+        loss, logits = _autocast_closure(model, x, y, fp16=True)()
+        if len(calls) == bad_pass:
+            loss = loss + math.inf * spare.sum()
+        return loss, logits
+    return closure
+
+
+@pytest.mark.parametrize("alpha", [0.8, 1.0])
+def test_fp16_with_a_scaler_tracks_float32(alpha):
+    """float16 keeps 11 significant bits (unit roundoff 4.9e-4): three steps of a float16 forward
+    and backward move the weights within 5e-3 (relative) of float32 (measured: 4e-4). A scale
+    left in the gradient, or one unscaled twice, would be off by a factor 2^16."""
+    x, y = make_batch(0, n=64, dtype=torch.float32)
+
+    def update(fp16: bool) -> tuple[torch.Tensor, GradientNormPenalty]:
+        model = small_net(batchnorm=True, dtype=torch.float32)
+        before = flat_params(model)
+        scaler = torch.amp.GradScaler("cpu") if fp16 else None
+        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), r=0.1,
+                                  alpha=alpha, l2=1e-3, max_grad_norm=5.0, grad_scaler=scaler)
+        for _ in range(3):
+            opt.step(_autocast_closure(model, x, y, fp16))
+            assert opt.two_pass and not opt.step_skipped
+        return before - flat_params(model), opt
+
+    (low, opt), (full, _) = update(True), update(False)
+    assert ((low - full).norm() / full.norm()).item() < 5e-3
+    assert opt.grad_scaler.get_scale() == 2.0**16
+
+
+@pytest.mark.parametrize("settings", [dict(r=0.1, alpha=0.8, max_grad_norm=0.05), dict(r=0.0),
+                                      dict(r=0.1, alpha=1.0, normalize_first_grad=False, l2=0.0)])
+def test_scaling_without_autocast_changes_nothing(settings):
+    """Loss scales are powers of two, so a float32 step with a scaler equals one without, bit for bit."""
+    def run(scaler) -> torch.Tensor:
+        model = small_net(batchnorm=True, dtype=torch.float32)
+        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  **{"l2": 1e-3, **settings}, grad_scaler=scaler)
+        for step in range(3):
+            x, y = make_batch(step, dtype=torch.float32)
+            opt.step(closure_for(model, x, y))
+        return flat_params(model)
+
+    assert torch.equal(run(torch.amp.GradScaler("cpu")), run(None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad_pass, alpha", [(1, 0.8), (1, 1.0), (2, 0.8), (2, 1.0)])
+def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, alpha, device):
+    """An inf in one pass leaves parameters and optimizer state untouched and halves the scale once.
+
+    The inf reaches only a spare parameter, so with alpha = 1 and bad_pass = 1 the second pass is
+    finite: the skip must come from the first pass's gradient.
+    """
+    model, spare, opt, scaler = _scaled_trainer(alpha=alpha, device=device)
+    x, y = make_batch(0, n=32, dtype=torch.float32, device=device)
+    opt.step(_overflowing_closure(model, spare, x, y, bad_pass=None))  # creates the momentum buffers
+    params, spare_before = flat_params(model), spare.detach().clone()
+    state, stats = copy.deepcopy(opt.base_optimizer.state_dict()), [b.clone() for b in model.buffers()]
+
+    opt.step(_overflowing_closure(model, spare, x, y, bad_pass=bad_pass))
+    assert opt.step_skipped.item() and opt.two_pass and opt.steps_taken == 2
+    assert torch.equal(flat_params(model), params) and torch.equal(spare.detach(), spare_before)
+    after = opt.base_optimizer.state_dict()
+    for key, buffers in state["state"].items():
+        assert torch.equal(after["state"][key]["momentum_buffer"], buffers["momentum_buffer"])
+    assert scaler.get_scale() == 2.0**15
+    # Pass 1's BatchNorm update stands, as in any skipped GradScaler step.
+    assert model[1].num_batches_tracked.item() == stats[2].item() + 1
+
+    opt.step(_overflowing_closure(model, spare, x, y, bad_pass=None))
+    assert not opt.step_skipped.item() and not torch.equal(flat_params(model), params)
+    assert scaler.get_scale() == 2.0**15
+
+
+def test_scaler_state_round_trips_through_state_dict():
+    """With growth every 2 clean steps, the growth tracker decides the scale after the resume."""
+    def trainer(state=None):
+        model, spare, opt, scaler = _scaled_trainer(init_scale=2.0**10 if state else 2.0**16, growth_interval=2)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        return model, spare, opt, scaler
+
+    def train(model, spare, opt, scaler, steps, bad_steps=()) -> list[float]:
+        scales = []
+        for step in steps:
+            x, y = make_batch(step, n=32, dtype=torch.float32)
+            opt.step(_overflowing_closure(model, spare, x, y, bad_pass=2 if step in bad_steps else None))
+            scales.append(scaler.get_scale())
+        return scales
+
+    uninterrupted = trainer()
+    scales = train(*uninterrupted, range(5), bad_steps={1})
+    assert scales == [2.0**16, 2.0**15, 2.0**15, 2.0**16, 2.0**16]
+
+    first_part = trainer()
+    train(*first_part, range(3), bad_steps={1})
+    model, _, opt, _ = first_part
+    saved = _save_and_load({"model": model.state_dict(), "opt": opt.state_dict()})
+    assert saved["opt"]["grad_scaler"]["scale"] == 2.0**15 and saved["opt"]["grad_scaler"]["_growth_tracker"] == 1
+    resumed = trainer(saved)
+    assert train(*resumed, range(3, 5)) == scales[3:]
+    assert torch.equal(flat_params(resumed[0]), flat_params(uninterrupted[0]))
+
+    with pytest.raises(ValueError, match="grad_scaler"):
+        trainer()[2].load_state_dict({"base_optimizer": saved["opt"]["base_optimizer"]})
+
+
+# --- per-step metrics ---------------------------------------------------------------------------
+
+def test_perturbed_loss_and_output_are_those_at_the_perturbed_point():
+    """Recomputed with torch.func in float64: L and logits at theta + r g1 / ||g1|| (batch statistics)."""
+    r = 0.3
+    model = small_net(batchnorm=True)
+    x, y = make_batch(0)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def logits_at(params):
+        return functional_call(model, (params, {n: b.clone() for n, b in buffers.items()}), (x,))
+
+    g1 = grad(lambda params: F.cross_entropy(logits_at(params), y))(theta)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in g1.values()))
+    perturbed_logits = logits_at({n: theta[n] + r * g1[n] / norm for n in theta})
+
+    def closure():
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=r, alpha=0.8)
+    loss = opt.step(closure)
+    torch.testing.assert_close(opt.perturbed_output, perturbed_logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(opt.perturbed_loss, F.cross_entropy(perturbed_logits, y), rtol=1e-12, atol=0)
+    assert not opt.perturbed_loss.requires_grad and not opt.perturbed_output.requires_grad
+    assert opt.perturbed_loss.item() > loss.item()  # uphill: the perturbation follows the gradient
+
+    plain = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.0)
+    loss = plain.step(closure)
+    assert plain.perturbed_loss is loss and plain.perturbed_output is plain.last_output
+    assert not plain.two_pass and (plain.step_r, plain.step_alpha) == (0.0, 0.8)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+def test_final_grad_norm_is_the_norm_the_base_optimizer_received(clip, scaled):
+    """Plain SGD with lr = 1 moves the weights by exactly the gradient it received."""
+    x, y = make_batch(0)
+
+    def step(max_grad_norm):
+        model = small_net()
+        before = flat_params(model)
+        scaler = torch.amp.GradScaler("cpu") if scaled else None
+        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.1, alpha=0.8,
+                                  l2=1e-2, max_grad_norm=max_grad_norm, grad_scaler=scaler)
+        opt.step(closure_for(model, x, y))
+        return (before - flat_params(model)).norm(), opt
+
+    free_norm, _ = step(None)
+    received, opt = step(0.5 * free_norm.item() if clip else None)
+    torch.testing.assert_close(opt.final_grad_norm, received, rtol=1e-10, atol=0)
+    if clip:
+        torch.testing.assert_close(received, 0.5 * free_norm, rtol=1e-5, atol=0)
+    assert opt.step_skipped.dtype == torch.bool and not opt.step_skipped.item()
+
+
 # --- DDP (gloo, 2 processes on CPU) --------------------------------------------------------------
 
 DDP_SETTINGS = {"synced": dict(r=0.05, alpha=0.8, sync_perturbation=True),
                 "local": dict(r=0.05, alpha=0.8, sync_perturbation=False, max_grad_norm=0.1),
                 "plain": dict(r=0.0, alpha=0.0, normalize_first_grad=False)}
+# Settings run again with a GradScaler (float64, so exact), and where (rank, step) a second pass overflows.
+DDP_SCALED = {"local scaled": ("local", None), "plain scaled": ("plain", None), "overflow": ("local", (1, 0))}
+DDP_SETTINGS.update({name: DDP_SETTINGS[like] for name, (like, _) in DDP_SCALED.items()})
 DDP_STEPS, DDP_LR = 2, 0.1
 
 
@@ -442,16 +846,35 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             model = nn.parallel.DistributedDataParallel(small_net(seed=5))
             synced_buckets: list[int] = []
             model.register_comm_hook(synced_buckets, _count_and_allreduce)
-            opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=DDP_LR), **settings)
+            scaler = torch.amp.GradScaler("cpu") if name in DDP_SCALED else None
+            opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=DDP_LR), **settings,
+                                      grad_scaler=scaler)
+            skipped = []
             for step in range(DDP_STEPS):
                 x, y = make_batch(step)
                 shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
-                opt.step(closure_for(model, x[shard], y[shard]))
+                closure = closure_for(model, x[shard], y[shard])
+                if name in DDP_SCALED and DDP_SCALED[name][1] == (rank, step):
+                    closure = _inf_in_second_pass(closure)
+                opt.step(closure)
+                skipped.append(opt.step_skipped.item())
             results[name] = flat_params(model.module)
             results[name + " synced passes"] = len(synced_buckets)
+            results[name + " skipped"] = skipped
+            results[name + " scale"] = scaler.get_scale() if scaler else None
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _inf_in_second_pass(closure):
+    calls = []
+
+    def overflowing():
+        calls.append(None)
+        loss = closure()
+        return loss * math.inf if len(calls) == 2 else loss
+    return overflowing
 
 
 def _count_and_allreduce(calls, bucket):  # unannotated: DDP rejects string annotations
@@ -466,11 +889,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_oracle(settings: dict, world_size: int) -> torch.Tensor:
+def _ddp_oracle(settings: dict, world_size: int, skipped_step: int | None = None) -> torch.Tensor:
     """The expected parameters: full-batch formula (synced, plain) or mean of per-shard formulas,
     then clipped."""
     model = small_net(seed=5)
     for step in range(DDP_STEPS):
+        if step == skipped_step:
+            continue
         x, y = make_batch(step)
         formula = (settings["r"], settings["alpha"], settings.get("normalize_first_grad", True))
         if settings.get("sync_perturbation", True):
@@ -493,13 +918,19 @@ def test_ddp_matches_full_batch_and_per_shard_oracles(tmp_path):
     world_size = 2
     mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
-    oracles = {name: _ddp_oracle(settings, world_size) for name, settings in DDP_SETTINGS.items()}
+    # An overflow on one replica skips the step on every replica (and halves every scale once).
+    oracles = {name: _ddp_oracle(settings, world_size, skipped_step=0 if name == "overflow" else None)
+               for name, settings in DDP_SETTINGS.items()}
+    scales = {name: 2.0**15 if name == "overflow" else 2.0**16 if name in DDP_SCALED else None for name in DDP_SETTINGS}
     for name in DDP_SETTINGS:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: replicas diverged"
         torch.testing.assert_close(ranks[0][name], oracles[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert ranks[0][name + " skipped"] == ranks[1][name + " skipped"] == [name == "overflow", False], name
+        assert ranks[0][name + " scale"] == ranks[1][name + " scale"] == scales[name], name
     # DDP synchronises only the first pass, and only where it is shared (one bucket here); the
     # perturbed pass is always local and averaged once afterwards.
-    expected_synced = {"synced": DDP_STEPS, "local": 0, "plain": DDP_STEPS}
+    expected_synced = {"synced": DDP_STEPS, "local": 0, "plain": DDP_STEPS,
+                       "local scaled": 0, "plain scaled": DDP_STEPS, "overflow": 0}
     assert {name: ranks[0][name + " synced passes"] for name in DDP_SETTINGS} == expected_synced
     # The two perturbation modes must be distinguishable for the test to mean anything.
     assert not torch.allclose(oracles["synced"], oracles["local"], rtol=1e-6, atol=0)
