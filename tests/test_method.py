@@ -171,17 +171,20 @@ class Quadratic(nn.Module):
         return 0.5 * theta @ self.A @ theta + self.c @ theta
 
 
-@pytest.mark.parametrize("l2", [0.0, 0.1])
+@pytest.mark.parametrize("l2, head_l2", [(0.0, None), (0.1, None), (0.1, 0.0), (0.1, 0.3)])
 @pytest.mark.parametrize("mode", ["official", "paper", "exact"])
-def test_quadratic_matches_closed_form(mode, l2):
-    """With Hessian H = A + l2 I: g1 = H theta + c, g2 = g1 + r H g1 / ||g1||; exact = g1 + lambda H g1 / ||g1||."""
+def test_quadratic_matches_closed_form(mode, l2, head_l2):
+    """With Hessian H = A + diag(l2 per coordinate): g1 = H theta + c, g2 = g1 + r H g1 / ||g1||;
+    exact = g1 + lambda H g1 / ||g1||. A head_l2 is the "l2" of the head's param group (the tail's
+    group uses the wrapper's l2)."""
     g = torch.Generator().manual_seed(0)
     M = torch.randn(5, 5, generator=g, dtype=torch.float64)
     A, c = M @ M.T + torch.eye(5, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
     theta = torch.randn(5, generator=g, dtype=torch.float64)
     r, alpha, lr = 0.3, 0.6, 0.05
 
-    H = A + l2 * torch.eye(5, dtype=torch.float64)
+    coordinate_l2 = [l2 if head_l2 is None else head_l2] * 3 + [l2] * 2
+    H = A + torch.diag(torch.tensor(coordinate_l2, dtype=torch.float64))
     g1 = H @ theta + c
     n = g1.norm()
     g2 = g1 + r * H @ g1 / n
@@ -192,37 +195,10 @@ def test_quadratic_matches_closed_form(mode, l2):
     }[mode]
 
     model = Quadratic(A, c, theta)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
+    groups = [{"params": [model.head]} if head_l2 is None else {"params": [model.head], "l2": head_l2},
+              {"params": [model.tail]}]
+    opt = GradientNormPenalty(model, torch.optim.SGD(groups, lr=lr), r=r, alpha=alpha,
                               normalize_first_grad=mode == "official", l2=l2, exact=mode == "exact")
-    opt.step(model)
-    torch.testing.assert_close(flat_params(model), theta - lr * direction, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(opt.grad_norm, n, rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("head_l2", [0.0, 0.3])
-@pytest.mark.parametrize("mode", ["official", "paper", "exact"])
-def test_group_l2_applies_to_its_group_only(mode, head_l2):
-    """The head's group carries its own "l2"; the tail's uses the wrapper's 0.1: H = A + diag(l2 per coordinate)."""
-    g = torch.Generator().manual_seed(0)
-    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
-    A, c = M @ M.T + torch.eye(5, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
-    theta = torch.randn(5, generator=g, dtype=torch.float64)
-    r, alpha, lr = 0.3, 0.6, 0.05
-
-    H = A + torch.diag(torch.tensor([head_l2] * 3 + [0.1] * 2, dtype=torch.float64))
-    g1 = H @ theta + c
-    n = g1.norm()
-    g2 = g1 + r * H @ g1 / n
-    direction = {
-        "official": (1 - alpha) * g1 / n + alpha * g2,
-        "paper": (1 - alpha) * g1 + alpha * g2,
-        "exact": g1 + alpha * r * H @ g1 / n,
-    }[mode]
-
-    model = Quadratic(A, c, theta)
-    base = torch.optim.SGD([{"params": [model.head], "l2": head_l2}, {"params": [model.tail]}], lr=lr)
-    opt = GradientNormPenalty(model, base, r=r, alpha=alpha, normalize_first_grad=mode == "official",
-                              l2=0.1, exact=mode == "exact")
     opt.step(model)
     torch.testing.assert_close(flat_params(model), theta - lr * direction, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(opt.grad_norm, n, rtol=1e-12, atol=0)
