@@ -100,8 +100,11 @@ def _composition_problem(error: Exception, job: list[str]) -> str:
         choice = next((o.split("=", 1)[1] for o in job if o.lstrip("+~").split("=")[0] == group), "?")
         return str(unknown_key_error(f"{group}={choice}", [f"{group}={o}" for o in error.options])).replace(
             "is not a config key", f"is not a choice of {group} ({', '.join(error.options)})")
-    key = re.search(r"Could not (?:override|append to config|delete from config)\. An item is already at '([^']+)'"
-                    r"|Could not (?:override|delete) '([^']+)'|Key '([^']+)' is not in struct", str(error))
+    exists = re.search(r"Could not append to config\. An item is already at '([^']+)'", str(error))
+    if exists:
+        line = next(o for o in job if o.lstrip("+").split("=")[0] == exists.group(1))
+        return f"{exists.group(1)} exists already: set it without the + ({line.lstrip('+')})"
+    key = re.search(r"Could not (?:override|delete) '([^']+)'|Key '([^']+)' is not in struct", str(error))
     if key:
         name = next(g for g in key.groups() if g)
         rest = [o for o in job if o.lstrip("+~").split("=")[0] != name]

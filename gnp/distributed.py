@@ -3,6 +3,7 @@ WORLD_SIZE, LOCAL_RANK), as one task of a SLURM job (submitit's or srun's), or a
 training code then runs with or without DDP."""
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 from contextlib import contextmanager
@@ -13,6 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parallel import DistributedDataParallel
+
+_DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,17 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """[world_size, *shape]: every process's `tensor`, in rank order."""
     if not _active():
         return tensor.unsqueeze(0)
-    out = torch.empty((dist.get_world_size(), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous())
-    return out
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP that leaves each replica its own buffers (BatchNorm statistics) in the forward pass, as
+    the authors' code keeps them per device; `replica_averaged` averages them where it matters."""
+    own_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGUMENTS \
+        else {"broadcast_buffers": False}  # the name before torch 2.14
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **own_buffers)
 
 
 def broadcast_object(obj: Any) -> Any:

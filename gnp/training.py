@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gnp import checkpoint, distributed, io
@@ -215,8 +214,7 @@ class Trainer:
         self.forward = self.net if t.compile is False else \
             torch.compile(self.net, mode=None if t.compile is True else t.compile)
         # What a training step calls: the (compiled) model, in DDP when there are several replicas.
-        self.model = DistributedDataParallel(self.forward, device_ids=[device] if device.type == "cuda" else None,
-                                             broadcast_buffers=False) if ctx.world_size > 1 else self.forward
+        self.model = distributed.wrap(self.forward, device) if ctx.world_size > 1 else self.forward
         base = build_optimizer(cfg.optimizer, self.net, device)
         l2 = cfg.optimizer.weight_decay if cfg.optimizer.weight_decay_mode == "loss" else 0.0
         scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None

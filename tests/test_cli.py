@@ -39,6 +39,7 @@ def _check(capsys, *argv):
     (["model.widht=3"], "model.widht is not a config key: did you mean model.width?"),
     (["+model.depth=20"], "model 'resnet18' has no option(s) depth; its options are: width"),
     (["+aug.cutot_size=8"], "aug has no option(s) cutot_size"),
+    (["+train.epochs=3"], "train.epochs exists already: set it without the + (train.epochs=3)"),
     (["method=gpn"], "method=gpn is not a choice of method (gnp, sam, sgd): did you mean method=gnp?"),
     (["device=gpu"], "device='gpu' is invalid: choose auto (a GPU when there is one), cpu, cuda or cuda:N"),
     (["method.alpha=2"], "method.alpha=2 is invalid: must be in [0, 1]"),
@@ -82,7 +83,7 @@ def test_a_sweep_with_bad_values_fails_before_its_first_job(capsys):
 
 def test_valid_commands_pass_the_check():
     cli.check_command_line(["-m", "method=sgd,sam,gnp", "seed=range(0,3)", "hydra.sweep.dir=x"])
-    cli.check_command_line(["model=vit_s", "method.alpha=0.5", "+model.drop_path_rate=0.1"])
+    cli.check_command_line(["model=vit_s", "method.alpha=0.5", "model.drop_path_rate=0.1"])
     cli.check_command_line(["--cfg", "job", "this=is not checked"])  # Hydra's information flags pass through
 
 
