@@ -9,6 +9,7 @@ and the sweep goes on; the sweep's summary lists it at the end.
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -171,7 +172,9 @@ def run_job(cfg: DictConfig) -> float | None:
 
 def resume_command(run_dir: Path) -> str:
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
-    return shlex.join(["python", Path(sys.argv[0]).name, *args, f"hydra.run.dir={run_dir}"])
+    command = shlex.join([Path(sys.argv[0]).name, *args, f"hydra.run.dir={run_dir}"])
+    launcher = "torchrun <the same options>" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
+    return f"{launcher} {command}"
 
 
 def _record_failed_job(run_dir: Path, error: Exception) -> None:

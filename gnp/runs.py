@@ -39,11 +39,11 @@ class _Stdout(logging.StreamHandler):
 
 
 def setup_console(is_main: bool = True) -> None:
-    """Plain messages on stdout; processes other than the main one print only warnings and errors."""
+    """Plain messages on stdout; processes other than the main one print only errors."""
     if not any(isinstance(h, _Stdout) for h in log.handlers):
         log.addHandler(_Stdout())
         log.propagate = False
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.setLevel(logging.INFO if is_main else logging.ERROR)
 
 
 class RunDirectory:

@@ -1,12 +1,22 @@
-"""train.py under torchrun: two CPU processes (gloo) give the single-process result."""
+"""train.py under torchrun (gloo, CPU): two processes give the single-process result, on one node
+or two; a run stopped mid-epoch resumes exactly; every replica evaluates one model, the one saved."""
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import ROOT
+from gnp.data import load_dataset
+from gnp.models import build_model
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TIMING = {"seconds", "images_per_second", "wall_seconds"}
 # No BatchNorm, no dropout and no augmentation: then the only difference between one process with
 # batch 32 and two with 16 each is the order of floating-point sums.
 RUN = ["dataset=digits", "aug=none", "model=vit_ti", "model.depth=1", "model.dropout=0", "model.attn_dropout=0",
@@ -18,14 +28,99 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tmp_path):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for command, run_dir in [([sys.executable], tmp_path / "single"), (launch, tmp_path / "ddp")]:
-        done = subprocess.run([*command, "train.py", *RUN, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+def _strip(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_on_one_node_or_two(tmp_path):
+    runs = {"single": [sys.executable], "ddp": [*TORCHRUN, "--standalone", "--nproc_per_node=2"]}
+    for name, command in runs.items():
+        done = subprocess.run([*command, "train.py", *RUN, f"hydra.run.dir={tmp_path / name}"], cwd=ROOT,
                               capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
     assert done.stdout.count("test error") == 1  # only the main process reports
-    for single, ddp in zip(_metrics(tmp_path / "single"), _metrics(tmp_path / "ddp"), strict=True):
+    # Two "nodes" of one process each, as `torchrun --nnodes=2` on two machines; each composes its own
+    # timestamped run directory, and the main process's is the one both use.
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+                  "--rdzv-id=gnp-test"]
+    nodes = [subprocess.Popen([*TORCHRUN, *rendezvous, "train.py", *RUN,
+                               f"hydra.run.dir={tmp_path}/nodes/" + "${now:%H-%M-%S-%f}"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=240)
+        assert node.returncode == 0, err[-3000:]
+    (nodes_dir,) = (tmp_path / "nodes").iterdir()  # one run directory, not one per node
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+    assert json.loads((nodes_dir / "summary.json").read_text())["world_size"] == 2
+    for single, ddp, two_nodes in zip(_metrics(tmp_path / "single"), _metrics(tmp_path / "ddp"), _metrics(nodes_dir),
+                                      strict=True):
         for key in ("train_loss", "train_error", "grad_norm", "test_loss", "test_error"):
             assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+            assert two_nodes[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+# BatchNorm whose statistics differ between replicas (each perturbs and normalises its own shard),
+# cutout draws, 4 steps per epoch; every step is a checkpoint in the run that is stopped.
+def _bn_run(root, run_dir, *extra):
+    return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "model=resnet18", "model.width=4",
+            "aug=cutout", "method=gnp", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=128",
+            "train.batch_size=32", "train.eval_batch_size=25", "train.epochs=3", "train.sync_every=1",
+            "wandb.mode=disabled", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
+
+
+def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+            if (state["epoch"], state["step"]) >= (epoch, step):
+                return
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass  # not written yet
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint at epoch {epoch} step {step}")
+
+
+def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model(tmp_path, cifar_root):
+    uninterrupted = subprocess.run(_bn_run(cifar_root, tmp_path / "a"), cwd=ROOT, capture_output=True, text=True,
+                                   timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    every_step = "train.checkpoint_minutes=1e-9"
+    stopped = subprocess.Popen(_bn_run(cifar_root, tmp_path / "b", every_step), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
+    stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes, as SLURM's would
+    stopped.communicate(timeout=120)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "stopped by SIGTERM at step" in summary["error"], summary["error"]
+    resumed = subprocess.run(_bn_run(cifar_root, tmp_path / "b", every_step), cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout and "of epoch 2" in resumed.stdout
+
+    assert _strip(_metrics(tmp_path / "b")) == _strip(_metrics(tmp_path / "a"))
+    states = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab"]
+    assert all(torch.equal(states[0]["model"][k], states[1]["model"][k]) for k in states[0]["model"])
+    own = states[0]["replica_stats"]
+    assert own.shape[0] == 2 and not torch.equal(own[0], own[1])  # the replicas' statistics differ...
+
+    # ...and both evaluated the saved model, whose statistics are their average: recompute its test
+    # numbers in one process, in float64, independently of the loader.
+    model = build_model("resnet18", 10, width=4)
+    model.load_state_dict(states[0]["model"])
+    data = load_dataset("cifar10", cifar_root, verify=False)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model.double().eval()(((data.test_images / 255 - mean) / std).double())
+    logged = _metrics(tmp_path / "a")[-1]
+    assert logged["test_error"] == pytest.approx(100 * (logits.argmax(1) != data.test_labels).double().mean().item(),
+                                                 abs=1e-9)
+    assert logged["test_loss"] == pytest.approx(F.cross_entropy(logits, data.test_labels).item(), rel=1e-4)
