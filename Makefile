@@ -5,7 +5,7 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo train test bench clean
+.PHONY: setup demo train test bench tables clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test: setup
 
 bench: setup
 	$(PY) scripts/benchmark_step.py $(ARGS)
+
+# The paper's tables and figures from the runs in $(RUNS) (results/tables/, results/figures/).
+RUNS ?= runs
+tables: setup
+	$(PY) scripts/make_tables.py $(RUNS) $(ARGS)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,127 @@
+"""Every training run a table of the paper needs, as commands; `--launch` runs the ones not done.
+
+    python scripts/reproduce.py cnn                       # commands, which runs are done, time left
+    python scripts/reproduce.py cnn --launch --launcher slurm
+    python scripts/reproduce.py digits --launch --limit-train 64 --epochs 1    # smoke test of the grid
+
+The tables are conf/table/*.yaml. Each run has a fixed directory, runs/<table>/<dataset>/<model>/
+<aug>/<method>/seed<seed>, so running the same command again resumes interrupted runs and skips
+finished ones. Time estimates come from finished seeds of the same cell, else from the throughput
+measured in results/benchmarks/ (a model without a measurement is "unknown").
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections import Counter, defaultdict
+
+from gnp import tables
+
+LAUNCHERS = ("basic", "parallel", "slurm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = tables.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0])
+    parser.add_argument("table", choices=tables.table_names(), help="a table of conf/table/")
+    parser.add_argument("--launch", action="store_true", help="run the runs not done (Hydra multirun, seeds grouped)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="basic",
+                        help="Hydra launcher of --launch: basic (one after another), parallel, slurm")
+    parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds instead of the table's, e.g. 0,1")
+    tables.add_selection_arguments(parser)
+    args = parser.parse_args(argv)
+    launcher_file = tables.CONF / "hydra" / "launcher" / f"{args.launcher}.yaml"
+    if args.launch and args.launcher != "basic" and not launcher_file.exists():
+        tables.fail(f"--launcher {args.launcher}: conf/hydra/launcher/{args.launcher}.yaml does not exist in this "
+                    f"checkout; choose one of: basic")
+    try:
+        table = tables.load_table(args.table)
+        plans = tables.make_plans(table, seeds=args.seeds, **tables.selection(args))
+    except tables.TableError as e:
+        tables.fail(str(e))
+
+    todo = report(table, plans, tables.read_throughput())
+    if not args.launch:
+        if todo:
+            command = tables.reproduce_command(args.table, seeds=args.seeds, **tables.selection(args))
+            print(f"\nRun them: {command} --launch [--launcher {'|'.join(LAUNCHERS)}]")
+        return 0
+    return launch(todo, args.launcher)
+
+
+def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> list[tuple[tables.Plan, list[int]]]:
+    """Print every command with the state of its run; return the (plan, seeds) to launch."""
+    states, todo = Counter(), []
+    hours: dict[tuple[str, bool], float] = defaultdict(float)  # (device, upper bound) -> hours
+    unknown: list[str] = []
+    runs = sum(len(p.seeds) for p in plans)
+    print(f"{table.name}: {table.title}\n{len(plans)} cells (one per method), {runs} runs, in "
+          f"{tables.display_path(plans[0].directory.parents[3]) if plans else '-'}/")
+    for plan in plans:
+        seen = {seed: tables.run_state(plan, seed) for seed in plan.seeds}
+        finished = [run for state, run, _ in seen.values() if state == "finished"]
+        left = [seed for seed, (state, _, _) in seen.items() if state in tables.LAUNCH]
+        c = plan.cell
+        line = f"\n# {c.dataset} / {c.row} / {c.column} / {c.method}"
+        if left:
+            guess = tables.estimate(plan, throughputs, finished)
+            if guess.seconds is None:
+                unknown.append(guess.how.removeprefix("unknown: "))
+                line += f": time unknown ({guess.how.removeprefix('unknown: ')})"
+            else:
+                remaining = sum(_fraction_left(plan, seen[s][1]) for s in left)
+                hours[guess.device, guess.upper_bound] += guess.seconds * remaining / 3600
+                line += f": {_duration(guess.seconds)} per run on {guess.device} ({guess.how})"
+        print(line)
+        for seed, (state, _, detail) in seen.items():
+            states[state] += 1
+            print(f"  [{state:^12}] {plan.command(seed)}" + (f"   # {detail}" if detail else ""))
+        if left:
+            todo.append((plan, left))
+
+    print("\n" + ", ".join(f"{n} {state}" for state, n in sorted(states.items())) + f" (of {runs} runs)")
+    for (device, upper_bound), h in sorted(hours.items()):
+        left = _duration(h * 3600) if device.startswith("cpu") else f"{h:.1f} GPU-hours"
+        print(f"Time for the runs left: {'at most ' * upper_bound}{left} on {device}"
+              + (" (extrapolated from start-up epochs: upper bounds)" if upper_bound else ""))
+    if unknown:
+        print(f"Time unknown for {len(unknown)} cells: " + "; ".join(sorted(set(unknown))))
+    return todo
+
+
+def launch(todo: list[tuple[tables.Plan, list[int]]], launcher: str) -> int:
+    """One Hydra multirun per cell over its seeds left; each job lands in its own run directory."""
+    failed = []
+    for i, (plan, seeds) in enumerate(todo, 1):
+        args = plan.multirun_args(seeds, launcher)
+        print(f"\n== launch {i}/{len(todo)}: python {shlex.join(args)}", flush=True)
+        if subprocess.run([sys.executable, *args], cwd=tables.ROOT).returncode != 0:
+            failed.append(f"{plan.cell.dataset}/{plan.cell.row}/{plan.cell.column}/{plan.cell.method}")
+    if failed:
+        print(f"\n{len(failed)} of {len(todo)} launches failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"\n{len(todo)} launches done.")
+    return 0
+
+
+def _fraction_left(plan: tables.Plan, run) -> float:
+    if run is None or not plan.config:
+        return 1.0
+    return max(0.0, 1 - len(run.metrics()) / plan.config["train.epochs"])
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise tables.argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 0, e.g. 0,1,2")
+    return tuple(int(p) for p in parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

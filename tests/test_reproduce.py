@@ -1,0 +1,193 @@
+"""scripts/reproduce.py and the table files: every cell composes and each method's step runs on a
+shrunk model, the recipes are the published ones, the state of each run directory is read right,
+a second --launch skips finished runs and resumes interrupted ones, and time estimates follow the
+measured throughput."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from gnp import GradientNormPenalty, tables
+from gnp.models import build_model
+from gnp.training import build_optimizer
+from test_tables import DIGITS, DIGITS_METHODS, load_script, write_run
+
+reproduce = load_script("reproduce")
+RUNNABLE = [name for name in tables.table_names() if tables.load_table(name).reason is None]
+# Builder options that make each model tiny on a CPU (the rest of its config is kept).
+SHRUNK = {"resnet18": {"width": 2}, "resnet101": {"width": 2}, "wrn28_10": {"depth": 10, "widen": 1},
+          "pyramidnet110": {"depth": 8, "alpha": 6}, "pyramidnet272": {"depth": 11, "alpha": 6},
+          "vit_ti": {"depth": 1}, "vit_s": {"depth": 1}, "vit_b": {"depth": 1}}
+
+
+def _nested(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_cell_composes_and_each_method_takes_a_step(name):
+    plans = tables.make_plans(tables.load_table(name))  # composes and validates every cell
+    assert len(plans) == len(tables.cells(tables.load_table(name)))
+    steps = {}  # one step of each method on each model (with the settings of its first cell)
+    for plan in plans:
+        c = plan.config
+        steps.setdefault((c["model.name"], c["method.name"], c["optimizer.name"]), c)
+    for c in steps.values():
+        cfg = OmegaConf.create(_nested(c))
+        torch.manual_seed(0)
+        options = {k: v for k, v in cfg.model.items() if k != "name"} | SHRUNK[cfg.model.name]
+        model = build_model(cfg.model.name, cfg.dataset.num_classes, **options)
+        m, o = cfg.method, cfg.optimizer
+        opt = GradientNormPenalty(model, build_optimizer(o, model.parameters()), r=m.r, alpha=m.alpha,
+                                  normalize_first_grad=m.normalize_first_grad, max_grad_norm=m.max_grad_norm,
+                                  l2=o.weight_decay if o.weight_decay_mode == "loss" else 0.0)
+        images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, cfg.dataset.num_classes, (2,))
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = opt.step(lambda: F.cross_entropy(model(images), labels))
+        assert torch.isfinite(loss) and opt.grad_norm > 0
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cells_follow_the_published_recipes():
+    plans = tables.make_plans(tables.load_table("cnn")) + tables.make_plans(tables.load_table("vit"))
+    recipes = {}
+    for plan in plans:
+        c, cell = plan.config, plan.cell
+        expected = {"sgd": ("sgd", 0.0, 0.0), "gnp": ("gnp", 0.1, 0.8),
+                    "sam": ("sam", 0.05 if cell.dataset == "cifar10" else 0.1, 1.0)}[cell.method]
+        assert (c["method.name"], c["method.r"], c["method.alpha"]) == expected
+        assert c["dataset.name"] == cell.dataset and c["model.name"] == cell.row
+        assert c["aug.name"] == ("autoaugment_mixcut" if cell.row == "pyramidnet272" else cell.column)
+        if cell.row not in recipes:  # epochs, batch, lr and l2 come from the model's config alone
+            recipes[cell.row] = compose_config(f"model={cell.row}")
+        recipe = recipes[cell.row]
+        assert (c["train.epochs"], c["train.batch_size"], c["optimizer.name"], c["optimizer.lr"],
+                c["optimizer.weight_decay"], c["optimizer.weight_decay_mode"]) == \
+            (recipe.train.epochs, recipe.train.batch_size, recipe.optimizer.name, recipe.optimizer.lr,
+             recipe.optimizer.weight_decay, recipe.optimizer.weight_decay_mode)
+    assert recipes["vit_b"].optimizer.name == "adamw" and recipes["pyramidnet272"].train.epochs == 1800
+    assert len(plans) == 2 * (4 * 3 + 1) * 3 + 2 * 3 * 3
+
+
+def test_cells_that_cannot_run_yet_say_why_and_really_cannot():
+    """When this fails, the missing keys exist: set runnable: true in conf/table/vit_gr_warmup.yaml."""
+    table = tables.load_table("vit_gr_warmup")
+    cells = tables.cells(table)
+    assert len(cells) == 9 and all(c.reason and "method.warmup" in c.reason for c in cells)
+    zero = next(c for c in cells if c.method == "adam_gr_zero_warmup")
+    assert zero.overrides == ("experiment=vit_gr_warmup", "dataset=cifar10", "model=vit_ti", "aug=basic", "method=gnp",
+                              "method.r=0.1", "method.alpha=1.0", "method.warmup=zero", "method.warmup_epochs=40")
+    with pytest.raises(Exception, match="method.warmup"):
+        compose_config(*zero.overrides)
+    assert {p.expected for p in tables.make_plans(table)} == {None}
+
+
+def _dir(root, method, seed, table="digits"):
+    return root / table / "digits" / "resnet18" / "none" / method / f"seed{seed}"
+
+
+def test_every_command_with_the_state_of_its_run(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(_dir(root, "sgd", 0), DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    write_run(_dir(root, "sgd", 1), DIGITS + DIGITS_METHODS["sgd"], 1, 2.0, status="stopped")
+    write_run(_dir(root, "sam", 1), DIGITS + DIGITS_METHODS["sam"], 1, 2.0, summary=False)
+    write_run(_dir(root, "sam", 2), DIGITS + DIGITS_METHODS["sam"], 2, 2.0, status="failed")
+    write_run(_dir(root, "gnp", 0), DIGITS + DIGITS_METHODS["gnp"], 0, 2.0, status="diverged")
+    write_run(_dir(root, "gnp", 1), DIGITS + ("method=gnp", "method.r=0.2", "method.alpha=0.8"), 1, 2.0)
+    assert reproduce.main(["digits", "--root", str(root)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
+    states = {line.split("hydra.run.dir=")[1].split()[0].split("/digits/resnet18/none/")[1]: line[3:15].strip()
+              for line in lines}
+    assert states == {"sgd/seed0": "finished", "sgd/seed1": "partial", "sgd/seed2": "missing",
+                      "sam/seed0": "missing", "sam/seed1": "partial", "sam/seed2": "failed",
+                      "gnp/seed0": "diverged", "gnp/seed1": "conflict", "gnp/seed2": "missing"}
+    conflict = next(line for line in lines if "gnp/seed1" in line)
+    assert "holds another run (method.r: 0.2 -> 0.1)" in conflict
+    assert lines[0].endswith(f"method=sgd seed=0 hydra.run.dir={_dir(root, 'sgd', 0)}")
+
+
+@pytest.mark.slow
+def test_a_second_launch_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capfd):
+    tiny = ["digits", "--root", str(tmp_path), "--seeds", "0", "--limit-train", "64", "--epochs", "1",
+            "--override", "model.width=4", "--override", "wandb.mode=disabled", "--override", "device=cpu", "--launch"]
+    assert reproduce.main(tiny) == 0
+    smoke = tmp_path / "digits-smoke-n64-e1"
+    summaries = {m: _dir(tmp_path, m, 0, smoke.name) / "summary.json" for m in DIGITS_METHODS}
+    first = capfd.readouterr().out
+    assert first.count("== launch") == 3 and all(s.exists() for s in summaries.values())
+    assert json.loads(summaries["sam"].read_text())["epochs"] == 1
+    finished = summaries["sgd"].stat().st_mtime_ns
+
+    summaries["sam"].unlink()  # as if killed after its last checkpoint: partial, resumable
+    assert reproduce.main(tiny) == 0
+    second = capfd.readouterr().out
+    launches = [line for line in second.splitlines() if line.startswith("== launch")]
+    assert len(launches) == 1 and "method=sam " in launches[0] and "seed=0 " in launches[0]
+    assert "Resuming" in second and summaries["sam"].exists()
+    assert summaries["sgd"].stat().st_mtime_ns == finished
+
+
+def _plan(method, model="resnet18", **config):
+    config = {"model.name": model, "method.name": method, "dataset.name": "cifar10", "dataset.limit_train": None,
+              "train.epochs": 200, "train.batch_size": 256} | config
+    cell = tables.Cell("t", "cifar10", model, "basic", method, "basic", (), None)
+    return tables.Plan(cell, (), Path("runs"), (0,), config, {})
+
+
+def test_time_estimates_follow_the_measured_throughput(tmp_path):
+    step = {"device": "cuda", "device_name": "Card X", "model": "resnet18",
+            "main": {"batch_size": 100, "methods": {"sgd": {"step_ms": 100.0}, "gnp": {"step_ms": 250.0}}}}
+    (tmp_path / "step_resnet18.json").write_text(json.dumps(step))
+    wrn = {"device": "cuda", "device_name": "Card X", "model": "wrn28_10",
+           "main": {"batch_size": 100, "methods": {"gnp": {"step_ms": 500.0}}}}
+    (tmp_path / "step_wrn.json").write_text(json.dumps(wrn))
+    measured = tables.read_throughput(tmp_path)
+    images = 200 * (50_000 // 256 * 256)  # 200 epochs of 195 full batches of 256
+    sgd = tables.estimate(_plan("sgd"), measured, [])
+    assert sgd.seconds == pytest.approx(images / 1000) and sgd.device == "Card X"  # 100 images per 100 ms
+    sam = tables.estimate(_plan("sam"), measured, [])  # the same two passes as GNP: 400 images/s
+    assert sam.seconds == pytest.approx(images / 400) and "extrapolated" in sam.how
+    # WRN measured with GNP only (200 images/s): SGD scaled by resnet18's measured GNP/SGD time, 2.5
+    wrn_sgd = tables.estimate(_plan("sgd", "wrn28_10", **{"model.depth": 28, "model.widen": 10}), measured, [])
+    assert wrn_sgd.seconds == pytest.approx(images / 500) and "scaled from gnp" in wrn_sgd.how
+    assert tables.estimate(_plan("sgd", "resnet101"), measured, []).seconds is None
+    narrow = tables.estimate(_plan("sgd", **{"model.width": 16}), measured, [])
+    assert narrow.seconds is None and narrow.how.startswith("unknown")
+    done = tables.Run("x", "finished", {}, {"wall_seconds": 40.0, "device": "cpu"})
+    assert tables.estimate(_plan("sgd", **{"model.width": 16}), measured, [done]) == \
+        tables.Estimate(40.0, "cpu", "measured: 1 finished seed(s) of this cell")
+
+
+def test_the_measurements_in_results_benchmarks_are_read():
+    raw = json.loads((tables.BENCHMARK_DIR / "step_cuda.json").read_text())
+    sgd = next(t for t in tables.read_throughput() if (t.model, t.method, t.how.split(":")[0]) ==
+               ("resnet18", "sgd", "step_cuda.json"))
+    assert sgd.images_per_second == pytest.approx(256 * 1000 / raw["main"]["methods"]["sgd"]["step_ms"])
+    assert sgd.device == raw["device_name"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits', 'digits_alpha_r', 'vit', 'vit_gr_warmup')"),
+    (["cnn", "--launcher", "mpi"], "invalid choice: 'mpi' (choose from 'basic', 'parallel', 'slurm')"),
+    (["cnn", "--epochs", "0"], "argument --epochs: '0' is not an integer >= 1"),
+    (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --epochs, --help, --launch, --launcher"),
+    (["digits", "--override", "model.width"], "--override 'model.width': expected KEY=VALUE"),
+    (["digits", "--override", "model.depth=3"], "does not compose: "),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and message in err

@@ -1,0 +1,277 @@
+"""scripts/make_tables.py: exact statistics from runs written in the run-directory format, unfinished
+and diverged runs left out and counted, missing cells as dashes with the commands that fill them,
+the same numbers in Markdown, LaTeX and CSV, published values with our difference, W&B runs, and
+valid figure files."""
+import csv
+import importlib.util
+import json
+import math
+import sys
+import types
+
+import matplotlib.image
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_config
+from gnp import tables
+
+# The digits table's cells, written out by hand (conf/table/digits.yaml).
+DIGITS = ("experiment=digits_demo", "dataset=digits", "model=resnet18", "aug=none")
+DIGITS_METHODS = {"sgd": ("method=sgd",), "sam": ("method=sam", "method.r=0.05"),
+                  "gnp": ("method=gnp", "method.r=0.1", "method.alpha=0.8")}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_tables = load_script("make_tables")
+_configs: dict = {}
+
+
+def write_run(directory, overrides, seed, test_error, status="finished", summary=True, epochs=2, device="cpu"):
+    """A run directory as train.py leaves it: config.yaml, metrics.jsonl, checkpoint.pt, summary.json."""
+    if overrides not in _configs:
+        _configs[overrides] = OmegaConf.to_container(compose_config(*overrides), resolve=True)
+    config = json.loads(json.dumps(_configs[overrides]))
+    config["seed"] = seed
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    rows = [{"epoch": e, "train_loss": 2.0 / e + seed, "test_error": test_error + 10 / e, "g1_norm": 1.0 + e,
+             "grad_norm": 9.0} for e in range(1, epochs + 1)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "checkpoint.pt").write_bytes(b"")
+    if summary:
+        m = config["method"]
+        (directory / "summary.json").write_text(json.dumps({
+            "status": status, "error": None, "dataset": config["dataset"]["name"], "model": config["model"]["name"],
+            "method": m["name"], "aug": config["aug"]["name"], "r": m["r"], "alpha": m["alpha"], "seed": seed,
+            "epochs": config["train"]["epochs"], "test_error": test_error if status == "finished" else None,
+            "device": device, "wall_seconds": 30.0}))
+
+
+@pytest.fixture
+def digits_runs(tmp_path):
+    """Finished: SGD 2, 4, 6 (mean 4, sample std 2); SAM 1, 3 (mean 2, std sqrt 2); GNP 1.5 (n 1).
+    Left out: 1 stopped, 1 failed, 1 without summary, 1 diverged, 1 duplicate, 1 with other settings."""
+    runs = tmp_path / "runs"
+    for seed, error in enumerate((2.0, 4.0)):
+        write_run(runs / f"sgd{seed}", DIGITS + DIGITS_METHODS["sgd"], seed, error)
+    write_run(runs / "named_gnp_but_sgd", DIGITS + DIGITS_METHODS["sgd"], 2, 6.0)  # folder names do not count
+    write_run(runs / "copy_of_sgd0", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)      # the same run twice
+    for seed, error in enumerate((1.0, 3.0)):
+        write_run(runs / f"sam{seed}", DIGITS + DIGITS_METHODS["sam"], seed, error)
+    write_run(runs / "sam2", DIGITS + DIGITS_METHODS["sam"], 2, 0.5, status="stopped")
+    write_run(runs / "gnp0", DIGITS + DIGITS_METHODS["gnp"], 0, 1.5)
+    write_run(runs / "gnp1", DIGITS + DIGITS_METHODS["gnp"], 1, 0.5, status="failed")
+    write_run(runs / "gnp2", DIGITS + DIGITS_METHODS["gnp"], 2, 0.5, summary=False)
+    write_run(runs / "gnp3", DIGITS + DIGITS_METHODS["gnp"], 3, 0.5, status="diverged")
+    write_run(runs / "gnp_other_r", DIGITS + ("method=gnp", "method.r=0.2", "method.alpha=0.8"), 4, 0.1)
+    return runs
+
+
+def _make(tmp_path, *args):
+    code = make_tables.main([*map(str, args), "--out", str(tmp_path / "tables"), "--figures", str(tmp_path / "figures"),
+                             "--root", str(tmp_path / "runs")])
+    assert code == 0
+
+
+def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
+    table = tables.load_table("digits")
+    results = tables.collect(table, tables.make_plans(table, root=tmp_path / "runs"), tables.read_runs([digits_runs]))
+    stats = {c.method: results.stat(c) for c in results.runs}
+    assert stats["sgd"].mean == pytest.approx(4.0) and stats["sgd"].std == pytest.approx(2.0) and stats["sgd"].n == 3
+    assert stats["sam"].mean == pytest.approx(2.0) and stats["sam"].std == pytest.approx(math.sqrt(2))
+    assert stats["gnp"] == tables.Stat(1.5, None, 1)
+    assert tables.best_methods(results, "digits", "resnet18", "none") == {"gnp"}
+    assert (results.ignored, results.duplicates, results.other) == \
+        ({"stopped": 1, "failed": 1, "no summary": 1, "diverged": 1}, 1, 1)
+
+    _make(tmp_path, digits_runs, "--table", "digits")
+    assert "ignored 3 not finished (1 failed, 1 no summary, 1 stopped); ignored 1 diverged" in capsys.readouterr().out
+    md = (tmp_path / "tables" / "digits.md").read_text()
+    assert "| ResNet-18 (width 16) | ours | 4.00 ± 2.00 (3) / 2.00 ± 1.41 (2) / **1.50 (1)** |" in md
+    assert "Hardware: cpu." in md
+    tex = (tmp_path / "tables" / "digits.tex").read_text()
+    assert r"4.00 $\pm$ 2.00 (3) & 2.00 $\pm$ 1.41 (2) & \textbf{1.50 (1)} \\" in tex
+    assert r"\toprule" in tex and r"\bottomrule" in tex
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "tables" / "digits.csv").open())}
+    for method, (mean, std, n, best) in {"sgd": (4.0, 2.0, 3, "False"), "sam": (2.0, math.sqrt(2), 2, "False"),
+                                         "gnp": (1.5, None, 1, "True")}.items():
+        row = rows[method]
+        assert float(row["mean"]) == pytest.approx(mean) and int(row["n"]) == n and row["best"] == best
+        assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std)
+        shown = f"{mean:.2f}" + (rf" $\pm$ {std:.2f}" if std else "") + f" ({n})"
+        assert shown in tex  # the LaTeX table carries the CSV's numbers
+
+
+def test_missing_cells_show_dashes_and_the_commands_reproduce_prints(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs / "a", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    _make(tmp_path, runs, "--table", "digits")
+    md = (tmp_path / "tables" / "digits.md").read_text()
+    assert "| ours | 2.00 (1) / – / – |" in md and "## Missing runs (8)" in md
+    run_dir = f"{runs}/digits/digits/resnet18/none"
+    assert ("python train.py experiment=digits_demo dataset=digits model=resnet18 aug=none method=sam method.r=0.05 "
+            f"seed=0 hydra.run.dir={run_dir}/sam/seed0") in md
+    assert f"seed=0 hydra.run.dir={run_dir}/sgd/seed0" not in md  # that one is finished (in another folder)
+    capsys.readouterr()
+    load_script("reproduce").main(["digits", "--root", str(runs)])
+    printed = [line.split("] ", 1)[1].split("   #")[0] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  [")]
+    missing_in_md = [line for line in md.splitlines() if line.startswith("python train.py")]
+    assert len(printed) == 9 and len(missing_in_md) == 8 and set(missing_in_md) <= set(printed)
+
+
+def test_published_values_and_differences(tmp_path):
+    runs = tmp_path / "runs"
+    vit = ("dataset=cifar10", "model=vit_s", "aug=basic", "method=sgd")
+    for seed, error in enumerate((12.0, 13.0)):
+        write_run(runs / f"vit{seed}", vit, seed, error)
+    _make(tmp_path, runs, "--table", "vit")
+    md = (tmp_path / "tables" / "vit.md").read_text()
+    assert "| ViT-S/4 | ours | 12.50 ± 0.71 (2) / – / – | – / – / – |" in md  # one method: nothing bold
+    # 12.50 - 12.07; the follow-up paper has no SAM/GNP column and no CIFAR-100 value
+    assert "|  | Zhao et al. 2024 | 12.07 (+0.43) / · / · | n/a / · / · |" in md
+    assert "|  | Zhao et al. 2022 (GNP) | n/a / n/a / n/a | n/a / n/a / n/a |" in md
+    rows = [r for r in csv.DictReader((tmp_path / "tables" / "vit.csv").open()) if r["model"] == "vit_s"]
+    first = rows[0]
+    assert (first["dataset"], first["method"], first["gr_warmup_zhao2024"], first["gnp_zhao2022"]) == \
+        ("cifar10", "sgd", "12.07", "n/a")
+    assert float(first["gr_warmup_zhao2024_diff"]) == pytest.approx(0.43)
+
+
+def _cell(table, dataset, row, column, method):
+    return next(c for c in tables.cells(tables.load_table(table))
+                if (c.dataset, c.row, c.column, c.method) == (dataset, row, column, method))
+
+
+def test_published_cells_point_at_the_papers_values():
+    sam_paper, pyramid = tables.load_table("cnn").published[1:]
+    assert tables.published(sam_paper, _cell("cnn", "cifar100", "wrn28_10", "cutout", "sam")) == 14.9
+    assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "sgd")) == 3.5
+    assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "gnp")) is tables.NOT_COVERED
+    assert tables.published(sam_paper, _cell("cnn", "cifar10", "resnet18", "basic", "sgd")) is tables.NOT_COVERED
+    assert tables.published(pyramid, _cell("cnn", "cifar100", "pyramidnet272", "autoaugment", "sgd")) == 10.6
+    gr = tables.load_table("vit_gr_warmup").published[0]
+    assert tables.published(gr, _cell("vit_gr_warmup", "cifar10", "vit_b", "basic", "adam_gr_zero_warmup")) == 9.42
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_the_gnp_paper_file_has_an_empty_place_for_every_cell(name):
+    """Unknown values are null (n/a), never invented, and every cell has a place to enter one."""
+    source = tables.load_table(name).published[0]
+    data = tables._published_file(source.file)
+    for cell in tables.cells(tables.load_table(name)):
+        node = data
+        for part in source.path.format(model=cell.row, dataset=cell.dataset, column=cell.column).split("."):
+            node = node[part]
+        assert node[cell.method] is None
+
+
+class _FakeApiRun:
+    def __init__(self, run_id, overrides, seed, error, state="finished"):
+        config = OmegaConf.to_container(compose_config(*overrides, f"seed={seed}"), resolve=True)
+        self.id, self.state, self.config = run_id, state, config
+        self.summary = {"dataset": "digits", "model": "resnet18", "method": config["method"]["name"], "aug": "none",
+                        "r": config["method"]["r"], "alpha": config["method"]["alpha"], "seed": seed,
+                        "test_error": error, "device": "NVIDIA H100 80GB HBM3", "results": {"_type": "table-file"}}
+        if state != "finished":
+            del self.summary["test_error"]
+
+    def scan_history(self):
+        return [{"epoch": 1, "train_loss": 1.0, "test_error": 5.0, "grad_norm": 2.0}, {"_step": 3, "results": 1}]
+
+
+def _fake_wandb(runs=None, error=None):
+    logged = {}
+
+    class Api:
+        def __init__(self, timeout=None):
+            if error:
+                raise error
+
+        def runs(self, path):
+            assert path == "me/gnp"
+            return runs
+
+    class Table:
+        def __init__(self, columns, data, allow_mixed_types=False):
+            self.columns, self.data = columns, data
+
+    class Run:
+        def log(self, values):
+            logged.update(values)
+
+        def finish(self):
+            logged["finished"] = True
+
+    def init(**kwargs):
+        logged["init"] = kwargs
+        return Run()
+    return types.SimpleNamespace(Api=Api, Table=Table, init=init), logged
+
+
+def test_runs_from_wandb_and_logging_the_table(tmp_path, monkeypatch):
+    sgd, gnp = DIGITS + DIGITS_METHODS["sgd"], DIGITS + DIGITS_METHODS["gnp"]
+    api_runs = [_FakeApiRun("a", sgd, 0, 3.0), _FakeApiRun("b", sgd, 1, 5.0), _FakeApiRun("c", gnp, 0, 1.0, "crashed")]
+    fake, logged = _fake_wandb(api_runs)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    _make(tmp_path, "--wandb", "me/gnp", "--table", "digits", "--wandb-log", "me/tables")
+    md = (tmp_path / "tables" / "digits.md").read_text()
+    assert "| ours | 4.00 ± 1.41 (2) / – / – |" in md and "1 not finished (1 failed)" in md
+    table = logged["tables/digits"]
+    sgd = dict(zip(table.columns, table.data[0]))
+    assert (sgd["method"], sgd["mean"], sgd["n"]) == ("sgd", 4.0, 2)
+    assert logged["init"]["project"] == "tables" and logged["init"]["entity"] == "me" and logged["finished"]
+    png = tmp_path / "figures" / "digits_digits_resnet18_none_curves.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_no_network_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    fake, _ = _fake_wandb(error=ConnectionError("Max retries exceeded with url: /graphql\nmore detail"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(SystemExit) as exit:
+        make_tables.main(["--wandb", "me/gnp", "--table", "digits"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert "cannot read the W&B runs of 'me/gnp' (Max retries exceeded with url: /graphql)" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["runs", "--table", "cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits'"),
+    (["runs", "--tabel", "cnn"], "unrecognized arguments: --tabel cnn; options: --epochs, --figures"),
+    ([], "no runs to read: name a folder (e.g. runs) or --wandb ENTITY/PROJECT"),
+    (["/nonexistent/runs"], "/nonexistent/runs: no such folder"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        make_tables.main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_figures_are_valid_images(tmp_path, digits_runs):
+    for alpha, r, error in ((0.5, 0.02, 4.0), (0.5, 0.02, 6.0), (1.0, 0.1, 2.0)):
+        seed = int(error)
+        overrides = DIGITS + ("method=gnp", f"method.alpha={alpha}", f"method.r={r}")
+        write_run(digits_runs / f"grid_{alpha}_{r}_{seed}", overrides, seed, error)
+    _make(tmp_path, digits_runs, "--table", "digits", "--table", "digits_alpha_r")
+    figures = tmp_path / "figures"
+    for stem in ("digits_digits_resnet18_none_curves", "digits_alpha_r_digits_resnet18_none_heatmap",
+                 "digits_alpha_r_digits_resnet18_none_curves"):
+        png = (figures / f"{stem}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 5_000
+        height, width, channels = matplotlib.image.imread(figures / f"{stem}.png").shape
+        assert height > 200 and width > 200 and channels in (3, 4)
+        assert (figures / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    md = (tmp_path / "tables" / "digits_alpha_r.md").read_text()
+    # alpha rows x r columns; GNP's digits run (alpha 0.8, r 0.1) is a point of this grid too
+    assert "| 0.5 | 5.00 ± 1.41 (2) | – | – |" in md and "| 0.8 | – | – | 1.50 (1) |" in md
+    assert "| 1 | – | – | 2.00 (1) |" in md
