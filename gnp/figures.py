@@ -104,8 +104,7 @@ def _save(fig, stem: Path) -> list[Path]:
         buffer = _io.BytesIO()
         fig.savefig(buffer, format=fmt, dpi=150, bbox_inches="tight")
         path = stem.parent / f"{stem.name}.{fmt}"
-        data = buffer.getvalue()
-        io._atomic_write(path, lambda f: f.write(data))
+        io.write_bytes(path, buffer.getvalue())
         paths.append(path)
     plt.close(fig)
     return paths

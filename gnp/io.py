@@ -77,8 +77,12 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(strict_json(obj), allow_nan=False, sort_keys=True, **kwargs)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

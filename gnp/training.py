@@ -104,6 +104,18 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
                              fused=fused)
 
 
+def build_method(cfg: DictConfig, model: nn.Module, net: nn.Module, steps_per_epoch: int, device: torch.device,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> GradientNormPenalty:
+    """The config's method around its base optimizer. `model` is what a step calls (DDP and/or
+    compiled), `net` the plain module that owns the parameters."""
+    m, o = cfg.method, cfg.optimizer
+    return GradientNormPenalty(
+        model, build_optimizer(o, net, device), r=m.r, alpha=m.alpha, normalize_first_grad=m.normalize_first_grad,
+        l2=o.weight_decay if o.weight_decay_mode == "loss" else 0.0, max_grad_norm=m.max_grad_norm,
+        sync_perturbation=m.sync_perturbation, warmup=m.warmup, warmup_steps=round(m.warmup_epochs * steps_per_epoch),
+        gnp_probability=m.gnp_probability, seed=cfg.seed, grad_scaler=grad_scaler)
+
+
 def cosine_schedule(total_steps: int, warmup_steps: int):
     """LR factor per step: linear warmup, then cosine decay to zero at the last step."""
     def factor(step: int) -> float:
@@ -215,16 +227,10 @@ class Trainer:
             torch.compile(self.net, mode=None if t.compile is True else t.compile)
         # What a training step calls: the (compiled) model, in DDP when there are several replicas.
         self.model = distributed.wrap(self.forward, device) if ctx.world_size > 1 else self.forward
-        base = build_optimizer(cfg.optimizer, self.net, device)
-        l2 = cfg.optimizer.weight_decay if cfg.optimizer.weight_decay_mode == "loss" else 0.0
         scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
-        self.optimizer = GradientNormPenalty(
-            self.model, base, r=m.r, alpha=m.alpha, normalize_first_grad=m.normalize_first_grad, l2=l2,
-            max_grad_norm=m.max_grad_norm, sync_perturbation=m.sync_perturbation, warmup=m.warmup,
-            warmup_steps=round(m.warmup_epochs * self.steps_per_epoch), gnp_probability=m.gnp_probability,
-            seed=cfg.seed, grad_scaler=scaler)
+        self.optimizer = build_method(cfg, self.model, self.net, self.steps_per_epoch, device, scaler)
         self.lr_factor = cosine_schedule(t.epochs * self.steps_per_epoch, round(t.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(base, self.lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.base_optimizer, self.lr_factor)
         self.ema = WeightAverage(self.net, t.ema_decay) if t.ema_decay else None
         # Each replica keeps its own BatchNorm statistics, as the authors' code; they are averaged
         # for evaluation and checkpoints only.

@@ -6,14 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from gnp import GradientNormPenalty, tables
+from gnp import tables
 from gnp.models import build_model
-from gnp.training import build_optimizer
+from gnp.training import build_method
 from test_tables import DIGITS, DIGITS_METHODS, load_script, write_run
 
 reproduce = load_script("reproduce")
@@ -48,10 +49,7 @@ def test_every_cell_composes_and_each_method_takes_a_step(name):
         torch.manual_seed(0)
         options = {k: v for k, v in cfg.model.items() if k != "name"} | SHRUNK[cfg.model.name]
         model = build_model(cfg.model.name, cfg.dataset.num_classes, **options)
-        m, o = cfg.method, cfg.optimizer
-        opt = GradientNormPenalty(model, build_optimizer(o, model.parameters()), r=m.r, alpha=m.alpha,
-                                  normalize_first_grad=m.normalize_first_grad, max_grad_norm=m.max_grad_norm,
-                                  l2=o.weight_decay if o.weight_decay_mode == "loss" else 0.0)
+        opt = build_method(cfg, model, model, steps_per_epoch=10, device=torch.device("cpu"))
         images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, cfg.dataset.num_classes, (2,))
         before = [p.detach().clone() for p in model.parameters()]
         loss = opt.step(lambda: F.cross_entropy(model(images), labels))
@@ -81,17 +79,27 @@ def test_cells_follow_the_published_recipes():
     assert len(plans) == 2 * (4 * 3 + 1) * 3 + 2 * 3 * 3
 
 
-def test_cells_that_cannot_run_yet_say_why_and_really_cannot():
-    """When this fails, the missing keys exist: set runnable: true in conf/table/vit_gr_warmup.yaml."""
-    table = tables.load_table("vit_gr_warmup")
+def test_cells_that_cannot_run_yet_say_why_and_launch_nothing(tmp_path, monkeypatch):
+    spec = yaml.safe_load((tables.TABLE_DIR / "digits.yaml").read_text())
+    spec["methods"]["gnp"].update(runnable=False, reason="needs method.future_switch")
+    (tmp_path / "future.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(tables, "TABLE_DIR", tmp_path)
+    table = tables.load_table("future")
     cells = tables.cells(table)
-    assert len(cells) == 9 and all(c.reason and "method.warmup" in c.reason for c in cells)
-    zero = next(c for c in cells if c.method == "adam_gr_zero_warmup")
-    assert zero.overrides == ("experiment=vit_gr_warmup", "dataset=cifar10", "model=vit_ti", "aug=basic", "method=gnp",
-                              "method.r=0.1", "method.alpha=1.0", "method.warmup=zero", "method.warmup_epochs=40")
-    with pytest.raises(Exception, match="method.warmup"):
-        compose_config(*zero.overrides)
-    assert {p.expected for p in tables.make_plans(table)} == {None}
+    assert {c.reason for c in cells if c.method == "gnp"} == {"needs method.future_switch"}
+    assert {c.reason for c in cells if c.method != "gnp"} == {None}
+    assert {p.cell.method for p in tables.make_plans(table) if p.expected is None} == {"gnp"}
+
+
+def test_the_gr_warmup_table_runs_the_follow_up_papers_recipe():
+    configs = {plan.cell.method: plan.config for plan in tables.make_plans(tables.load_table("vit_gr_warmup"))}
+    for method, (name, r, alpha, warmup) in {"adam": ("sgd", 0.0, 0.0, "none"), "adam_gr": ("gnp", 0.1, 1.0, "none"),
+                                             "adam_gr_zero_warmup": ("gnp_warmup", 0.1, 1.0, "zero")}.items():
+        c = configs[method]
+        assert (c["method.name"], c["method.r"], c["method.alpha"], c["method.warmup"]) == (name, r, alpha, warmup)
+        assert (c["optimizer.name"], c["optimizer.lr"], c["optimizer.weight_decay"]) == ("adamw", 1e-3, 0.3)
+        assert (c["train.warmup_epochs"], c["train.epochs"], c["train.batch_size"]) == (40, 300, 256)
+    assert configs["adam_gr_zero_warmup"]["method.warmup_epochs"] == 40
 
 
 def _dir(root, method, seed, table="digits"):
