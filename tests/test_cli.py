@@ -40,7 +40,7 @@ def _check(capsys, *argv):
     (["+model.depth=20"], "model 'resnet18' has no option(s) depth; its options are: width"),
     (["+aug.cutot_size=8"], "aug has no option(s) cutot_size"),
     (["+train.epochs=3"], "train.epochs exists already: set it without the + (train.epochs=3)"),
-    (["method=gpn"], "method=gpn is not a choice of method (gnp, sam, sgd): did you mean method=gnp?"),
+    (["method=gpn"], "method=gpn is not a choice of method (gnp, gnp_warmup, sam, sgd): did you mean method=gnp?"),
     (["device=gpu"], "device='gpu' is invalid: choose auto (a GPU when there is one), cpu, cuda or cuda:N"),
     (["method.alpha=2"], "method.alpha=2 is invalid: must be in [0, 1]"),
 ])

@@ -33,7 +33,7 @@ def test_a_failed_run_is_finished_and_the_next_run_proceeds(tmp_path, monkeypatc
     def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(training, "_train_epoch", crash)
+    monkeypatch.setattr(training.Trainer, "train_epoch", crash)
     with pytest.raises(RuntimeError, match="boom"):
         train(compose_config(*QUICK), tmp_path / "failed")
     assert wandb.run is None
