@@ -37,7 +37,9 @@ def test_a_failed_run_is_finished_and_the_next_run_proceeds(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="boom"):
         train(compose_config(*QUICK), tmp_path / "failed")
     assert wandb.run is None
-    assert _offline_run(tmp_path / "failed").is_dir() and not (tmp_path / "failed" / "summary.json").exists()
+    assert _offline_run(tmp_path / "failed").is_dir()
+    failed = json.loads((tmp_path / "failed" / "summary.json").read_text())
+    assert (failed["status"], failed["error"], failed["test_error"]) == ("failed", "RuntimeError: boom", None)
     monkeypatch.undo()
     train(compose_config(*QUICK, "seed=1"), tmp_path / "next")  # a sweep's next job
     assert (tmp_path / "next" / "summary.json").is_file()
