@@ -126,13 +126,14 @@ def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
     monkeypatch.setattr(GradientNormPenalty, "step", step_then_signal)
 
 
-@pytest.mark.parametrize("method", ["sgd", "sam", "gnp"])
+@pytest.mark.parametrize("method,options", [("sgd", ()), ("sam", ()), ("gnp", ()),
+                                            ("gnp", ("train.channels_last=true", "train.ema_decay=0.9"))])
 def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch,
-                                                                                 method):
-    _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, f"method={method}")
+                                                                                 method, options):
+    _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, f"method={method}", *options)
     _signal_at_step(monkeypatch, 6)  # the second of epoch 2's four steps
     with pytest.raises(Stopped) as stopped:
-        _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}")
+        _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}", *options)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM at step 2/4 of epoch 2" in str(stopped.value)
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
@@ -140,7 +141,7 @@ def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "stopped"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are given back
     monkeypatch.undo()
-    _, resumed = _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}")
+    _, resumed = _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}", *options)
 
     assert _without_timing(_metrics(tmp_path / "b")) == _without_timing(_metrics(tmp_path / "a"))
     assert {k: v for k, v in resumed.items() if k not in TIMING} == \
