@@ -56,8 +56,8 @@ class StopSignals:
 
     def hand_over(self, is_main: bool) -> None:
         """Once the checkpoint is safe: let the scheduler requeue the job where it can."""
-        previous = self._previous.get(self.signum)
-        self.__exit__()
+        self.__exit__()  # the handlers from before the run are back in place
+        previous = signal.getsignal(self.signum)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)  # a scheduler's own handler (submitit's requeues the job and exits)
         elif is_main and self.signum in REQUEUE_SIGNALS and "SLURM_JOB_ID" in os.environ:

@@ -353,13 +353,41 @@ def test_parallel_launcher_trains_two_digits_jobs_at_once_on_two_cpu_slots(tmp_p
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_a_sweep_and_prints_its_summary(tmp_path):
+def _submitit_task(sweep_dir: Path) -> int | None:
+    """The PID of the process that runs the submitted job (submitit starts it under its controller)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended meanwhile
+        if b"submitit.core._submit" in args and any(str(sweep_dir).encode() in a for a in args):
+            return int(cmdline.parent.name)
+    return None
+
+
+def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
-    # One job (each costs a process start): the submitted job runs in its own process, as on SLURM.
-    sweep_dir, printed = _train_multirun(tmp_path, "hydra/launcher=submitit_local", "device=cpu", "seed=3")
+    run = [*TINY_DIGITS, "train.epochs=3", "train.sync_every=1", "device=cpu", "seed=3"]
+    uninterrupted = subprocess.run([sys.executable, str(ROOT / "train.py"), *run, f"hydra.run.dir={tmp_path / 'a'}"],
+                                   cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    # The job runs in its own process, as on SLURM; SIGUSR1 stands for SLURM's warning before a time limit.
+    sweep_dir = tmp_path / "sweep"
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *run, "hydra/launcher=submitit_local",
+                              f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env={**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (sweep_dir / "0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the first epoch is done
+    os.kill(_submitit_task(sweep_dir), signal.SIGUSR1)
+    printed, errors = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, printed + errors
+    log = (sweep_dir / "0" / "train.log").read_text()
+    assert "received SIGUSR1" in log and "Resuming" in log  # checkpointed, requeued, resumed
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "images_per_second")}  # noqa: E731
+                          for r in rows.splitlines()]
+    assert strip((sweep_dir / "0" / "metrics.jsonl").read_text()) == strip((tmp_path / "a" / "metrics.jsonl").read_text())
     _check_summary(sweep_dir, printed, [0])
-    assert json.loads((sweep_dir / "0" / "summary.json").read_text())["seed"] == 3
-    assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folder: it ran there
 
 
 @pytest.mark.parametrize("overrides,lines", [
