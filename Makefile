@@ -9,12 +9,15 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
+# pip prints errors only (-qq): a failed install still says why.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)"
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	@echo "Setting up $(VENV) with $(TORCH), $(TORCHVISION) and gnp (a few minutes the first time)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -qq --upgrade pip
+	@$(PY) -m pip install -qq "$(TORCH)" "$(TORCHVISION)"
+	@$(PY) -m pip install -qq -e ".[dev,slurm]"
+	@touch $@
+	@echo "$(VENV) is ready"
 
 demo: setup
 	$(PY) scripts/demo.py
