@@ -28,8 +28,7 @@ def load(run_dir: Path, device: torch.device) -> dict[str, Any] | None:
     path = run_dir / FILENAME
     if not path.exists():
         return None
-    fix = (f"Move it away to start this run afresh, or resume from another run directory "
-           f"(hydra.run.dir=...).")
+    fix = "Move it away to start this run afresh, or resume from another run directory (hydra.run.dir=...)."
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:

@@ -198,7 +198,7 @@ class Trainer:
     def build(self) -> None:
         """Data, model, optimizer, schedule and weight average, as the config says."""
         cfg, ctx = self.cfg, self.ctx
-        t, m, d, device = cfg.train, cfg.method, cfg.dataset, ctx.device
+        t, d, device = cfg.train, cfg.dataset, ctx.device
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         dtype = AUTOCAST_DTYPES.get(self.precision)

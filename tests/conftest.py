@@ -2,12 +2,15 @@
 real CIFAR on-disk format so that the real loading code is what the tests exercise."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from gnp.data import write_synthetic_cifar
+from gnp.method import GradientNormPenalty
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -25,3 +28,20 @@ def cifar_root(tmp_path):
     write_synthetic_cifar(root, "cifar10")
     write_synthetic_cifar(root, "cifar100")
     return root
+
+
+def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM, times: int = 1) -> dict:
+    """Deliver `signum` (`times` times) to this process during optimisation step `step` (1-based), as a
+    scheduler would; returns the count of steps started."""
+    calls = {"n": 0}
+    original = GradientNormPenalty.step
+
+    def step_then_signal(self, closure):
+        calls["n"] += 1
+        if calls["n"] == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return original(self, closure)
+
+    monkeypatch.setattr(GradientNormPenalty, "step", step_then_signal)
+    return calls

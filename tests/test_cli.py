@@ -141,7 +141,7 @@ def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in out + err, err
     last = (out + err).strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGINT at step ") and f"Resume: python train.py " in last
+    assert last.startswith("stopped by SIGINT at step ") and "Resume: python train.py " in last
     assert last.endswith(f"hydra.run.dir={run}")
     assert json.loads((run / "summary.json").read_text())["status"] == "stopped"
     state = torch.load(run / "checkpoint.pt", weights_only=False)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_config
+from conftest import compose_config, signal_at_step
 from gnp.method import GradientNormPenalty
 from gnp.models import build_model
-from gnp.training import Trainer, build_optimizer, train
+from gnp.training import Stopped, Trainer, build_optimizer, train
 
 # A narrow ResNet-18 (BatchNorm) on a few real digits: 4 steps per epoch.
 TINY = ("dataset=digits", "aug=none", "optimizer.lr=0.05", "dataset.limit_train=128", "dataset.limit_test=64", "train.batch_size=32",
@@ -142,7 +142,7 @@ def test_gr_warmup_is_logged_as_the_closed_form(tmp_path):
 
 def _fast_path_runs(root, tmp_path, *fast_path):
     """Two epochs of a WRN (BatchNorm, dropout) on generated CIFAR: eager NCHW float32, then with `fast_path`."""
-    common = (f"dataset=cifar10", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=64",
+    common = ("dataset=cifar10", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=64",
               "train.batch_size=16", "train.eval_batch_size=25", "train.epochs=2", "train.channels_last=false", *WRN)
     _run(tmp_path / "eager", *common)
     _run(tmp_path / "fast", *common, *fast_path)
@@ -193,23 +193,9 @@ def test_compiled_steps_equal_the_eager_steps_and_compile_once(tmp_path, cifar_r
 
 
 def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
-    import os
-    import signal
-
-    from gnp.training import Stopped
-
     common = ("precision=fp16", "train.epochs=2", "train.sync_every=1")
     _run(tmp_path / "a", *common)
-    calls = {"n": 0}
-    original = GradientNormPenalty.step
-
-    def step_then_signal(self, closure):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, closure)
-
-    monkeypatch.setattr(GradientNormPenalty, "step", step_then_signal)
+    signal_at_step(monkeypatch, 6)
     with pytest.raises(Stopped):
         _run(tmp_path / "b", *common)
     monkeypatch.undo()

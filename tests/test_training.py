@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_config
+from conftest import compose_config, signal_at_step
 from gnp import checkpoint, io, training
 from gnp.data import load_dataset
-from gnp.method import GradientNormPenalty
 from gnp.models import build_model
 from gnp.runs import RunDirectory, RunDirectoryBusy
 from gnp.training import Diverged, Stopped, train
@@ -112,26 +111,12 @@ RESUMABLE = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout
              "dataset.limit_train=64", "train.epochs=2", "train.sync_every=1")
 
 
-def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
-    """Deliver `signum` to this process during optimisation step `step` (1-based), as a scheduler would."""
-    calls = {"n": 0}
-    original = GradientNormPenalty.step
-
-    def step_then_signal(self, closure):
-        calls["n"] += 1
-        if calls["n"] == step:
-            os.kill(os.getpid(), signum)
-        return original(self, closure)
-
-    monkeypatch.setattr(GradientNormPenalty, "step", step_then_signal)
-
-
 @pytest.mark.parametrize("method,options", [("sgd", ()), ("sam", ()), ("gnp", ()),
                                             ("gnp", ("train.channels_last=true", "train.ema_decay=0.9"))])
 def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch,
                                                                                  method, options):
     _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, f"method={method}", *options)
-    _signal_at_step(monkeypatch, 6)  # the second of epoch 2's four steps
+    signal_at_step(monkeypatch, 6)  # the second of epoch 2's four steps
     with pytest.raises(Stopped) as stopped:
         _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, f"method={method}", *options)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
@@ -173,17 +158,7 @@ def test_timed_checkpoints_within_epochs_change_nothing_and_a_kill_after_one_res
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, cifar_root, monkeypatch):
-    calls = {"n": 0}
-    original = GradientNormPenalty.step
-
-    def step_with_two_interrupts(self, closure):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, closure)
-
-    monkeypatch.setattr(GradientNormPenalty, "step", step_with_two_interrupts)
+    calls = signal_at_step(monkeypatch, 2, signal.SIGINT, times=2)
     with pytest.raises(KeyboardInterrupt):
         _cifar_run(cifar_root, tmp_path / "run", "train.epochs=2")
     assert calls["n"] == 2 and not (tmp_path / "run" / "checkpoint.pt").exists()
