@@ -231,7 +231,8 @@ class Trainer:
         if self.channels_last and device.type == "cpu":
             log.warning("train.channels_last=true on the CPU: its NHWC BatchNorm kernel computes batch statistics "
                         "less accurately than NCHW (README: Speed)")
-        self.net = self.net.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        self.net = self.net.to(device, memory_format=memory_format)
         self.num_parameters = count_parameters(self.net)
         self.forward = self.net if t.compile is False else \
             torch.compile(self.net, mode=None if t.compile is True else t.compile)
@@ -277,8 +278,9 @@ class Trainer:
             raise
         summary = self.summary("finished")
         self.record(summary)
-        log.info(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%)"
-                 + (f", EMA {summary['ema_test_error']:.2f}%" if self.cfg.train.ema_decay else "") + f"; outputs in {self.run_dir}")
+        ema = f", EMA {summary['ema_test_error']:.2f}%" if self.cfg.train.ema_decay else ""
+        log.info(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%){ema}; "
+                 f"outputs in {self.run_dir}")
         return summary
 
     def record(self, summary: dict, exit_code: int = 0, preempted: bool = False) -> None:
@@ -485,7 +487,8 @@ class Trainer:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: BatchLoader, autocast=nullcontext, channels_last: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: BatchLoader, autocast=nullcontext,
+             channels_last: bool = False) -> dict[str, float]:
     """Mean cross-entropy, error (%) and, with more than 10 classes, top-5 error (%) on the loader's
     whole dataset, summed over replicas."""
     was_training = model.training

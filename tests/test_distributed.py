@@ -47,8 +47,8 @@ def test_two_processes_match_one_on_one_node_or_two(tmp_path):
     assert done.stdout.count("test error") == 1  # only the main process reports
     # Two "nodes" of one process each, as `torchrun --nnodes=2` on two machines; each composes its own
     # timestamped run directory, and the main process's is the one both use.
-    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-                  "--rdzv-id=gnp-test"]
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=gnp-test"]
     nodes = [subprocess.Popen([*TORCHRUN, *rendezvous, "train.py", *RUN,
                                f"hydra.run.dir={tmp_path}/nodes/" + "${now:%H-%M-%S-%f}"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

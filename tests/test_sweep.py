@@ -374,8 +374,8 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninter
     # The job runs in its own process, as on SLURM; SIGUSR1 stands for SLURM's warning before a time limit.
     sweep_dir = tmp_path / "sweep"
     sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *run, "hydra/launcher=submitit_local",
-                              f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env={**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1"},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path,
+                             env={**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (sweep_dir / "0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)  # until the first epoch is done
@@ -384,9 +384,11 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninter
     assert sweep.returncode == 0, printed + errors
     log = (sweep_dir / "0" / "train.log").read_text()
     assert "received SIGUSR1" in log and "Resuming" in log  # checkpointed, requeued, resumed
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "images_per_second")}  # noqa: E731
-                          for r in rows.splitlines()]
-    assert strip((sweep_dir / "0" / "metrics.jsonl").read_text()) == strip((tmp_path / "a" / "metrics.jsonl").read_text())
+    def without_timing(run_dir):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_second")}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert without_timing(sweep_dir / "0") == without_timing(tmp_path / "a")
     _check_summary(sweep_dir, printed, [0])
 
 

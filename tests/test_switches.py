@@ -16,8 +16,8 @@ from gnp.models import build_model
 from gnp.training import Stopped, Trainer, build_optimizer, train
 
 # A narrow ResNet-18 (BatchNorm) on a few real digits: 4 steps per epoch.
-TINY = ("dataset=digits", "aug=none", "optimizer.lr=0.05", "dataset.limit_train=128", "dataset.limit_test=64", "train.batch_size=32",
-        "train.epochs=1", "wandb.mode=disabled", "device=cpu")
+TINY = ("dataset=digits", "aug=none", "optimizer.lr=0.05", "dataset.limit_train=128", "dataset.limit_test=64",
+        "train.batch_size=32", "train.epochs=1", "wandb.mode=disabled", "device=cpu")
 WRN = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout=0.3")  # dropout: random draws per pass
 TIMING = {"seconds", "images_per_second", "wall_seconds"}
 

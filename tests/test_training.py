@@ -227,7 +227,8 @@ def test_a_foreign_checkpoint_is_refused(tmp_path, cifar_root):
 
 def test_one_run_per_directory_and_a_dead_holder_does_not_block(tmp_path, cifar_root):
     with RunDirectory(tmp_path / "run"):
-        with pytest.raises(RunDirectoryBusy, match=rf"{tmp_path / 'run'} is in use by another run \(PID {os.getpid()}\)"):
+        busy = rf"{tmp_path / 'run'} is in use by another run \(PID {os.getpid()}\)"
+        with pytest.raises(RunDirectoryBusy, match=busy):
             _cifar_run(cifar_root, tmp_path / "run")
     # The lock file of a process that died is still there, but nobody holds the lock.
     assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
