@@ -375,7 +375,8 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninter
     sweep_dir = tmp_path / "sweep"
     sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *run, "hydra/launcher=submitit_local",
                               f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path,
-                             env={**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env={**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (sweep_dir / "0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)  # until the first epoch is done
