@@ -122,3 +122,12 @@ def test_test_loader_keeps_order_and_the_last_partial_batch():
 def test_batch_size_must_split_across_replicas():
     with pytest.raises(ValueError, match="train.batch_size=7 must be divisible"):
         _loader(batch_size=7, world_size=2)
+
+
+def test_the_fake_cifar_command_writes_archives_the_loader_reads(tmp_path, capsys):
+    from gnp.data import main
+
+    main(["fake-cifar", str(tmp_path), "--dataset", "cifar100", "--train", "30", "--test", "12"])
+    assert "dataset.root=" in capsys.readouterr().out
+    splits = load_dataset("cifar100", tmp_path, verify=False)
+    assert len(splits.train_labels) == 30 and len(splits.test_labels) == 12 and splits.train_labels.max() < 100

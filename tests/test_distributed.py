@@ -67,9 +67,9 @@ def test_two_processes_match_one_on_one_node_or_two(tmp_path):
 
 # BatchNorm whose statistics differ between replicas (each perturbs and normalises its own shard),
 # cutout draws, 4 steps per epoch; every step is a checkpoint in the run that is stopped.
-def _bn_run(root, run_dir, *extra):
+def _bn_run(root, run_dir, method, *extra):
     return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "model=resnet18", "model.width=4",
-            "aug=cutout", "method=gnp", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=128",
+            "aug=cutout", f"method={method}", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=128",
             "train.batch_size=32", "train.eval_batch_size=25", "train.epochs=3", "train.sync_every=1",
             "wandb.mode=disabled", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
 
@@ -87,20 +87,21 @@ def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
     pytest.fail(f"no checkpoint at epoch {epoch} step {step}")
 
 
-def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model(tmp_path, cifar_root):
-    uninterrupted = subprocess.run(_bn_run(cifar_root, tmp_path / "a"), cwd=ROOT, capture_output=True, text=True,
-                                   timeout=300)
+@pytest.mark.parametrize("method", ["sgd", "gnp"])
+def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model(tmp_path, cifar_root, method):
+    uninterrupted = subprocess.run(_bn_run(cifar_root, tmp_path / "a", method), cwd=ROOT, capture_output=True,
+                                   text=True, timeout=300)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     every_step = "train.checkpoint_minutes=1e-9"
-    stopped = subprocess.Popen(_bn_run(cifar_root, tmp_path / "b", every_step), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    stopped = subprocess.Popen(_bn_run(cifar_root, tmp_path / "b", method, every_step), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
     stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes, as SLURM's would
     stopped.communicate(timeout=120)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "stopped" and "stopped by SIGTERM at step" in summary["error"], summary["error"]
-    resumed = subprocess.run(_bn_run(cifar_root, tmp_path / "b", every_step), cwd=ROOT, capture_output=True,
+    resumed = subprocess.run(_bn_run(cifar_root, tmp_path / "b", method, every_step), cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming" in resumed.stdout and "of epoch 2" in resumed.stdout

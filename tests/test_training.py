@@ -111,8 +111,11 @@ RESUMABLE = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout
              "dataset.limit_train=64", "train.epochs=2", "train.sync_every=1")
 
 
-@pytest.mark.parametrize("method,options", [("sgd", ()), ("sam", ()), ("gnp", ()),
-                                            ("gnp", ("train.channels_last=true", "train.ema_decay=0.9"))])
+@pytest.mark.parametrize("method,options", [
+    ("sgd", ()), ("sam", ()), ("gnp", ()),
+    ("gnp", ("train.channels_last=true", "train.ema_decay=0.9")),
+    ("gnp", ("method.warmup=r", "method.warmup_epochs=2", "method.gnp_probability=0.5")),  # stopped mid-warmup
+])
 def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch,
                                                                                  method, options):
     _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, f"method={method}", *options)
