@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from gnp import io
+from gnp.runs import first_line
 
 FILENAME = "checkpoint.pt"
 _FORMAT = "gnp-checkpoint-v2"
@@ -23,18 +24,18 @@ def save(run_dir: Path, state: dict[str, Any]) -> None:
     io.torch_save(run_dir / FILENAME, {"format": _FORMAT, **state})
 
 
-def load(run_dir: Path, device: torch.device) -> dict[str, Any] | None:
-    """The saved state, or None when the run directory holds no checkpoint."""
+def load(run_dir: Path) -> dict[str, Any] | None:
+    """The saved state, on the CPU (loading it copies it to the model's device), or None when the run
+    directory holds no checkpoint."""
     path = run_dir / FILENAME
     if not path.exists():
         return None
     fix = "Move it away to start this run afresh, or resume from another run directory (hydra.run.dir=...)."
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is unreadable ({reason}): it is truncated, empty or not a checkpoint. "
-                              f"{fix}") from e
+        raise CheckpointError(f"{path} is unreadable ({first_line(e)}): it is truncated, empty or not a "
+                              f"checkpoint. {fix}") from e
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this version of gnp. {fix}")
     return state

@@ -25,30 +25,31 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gnp import io
+from gnp import distributed, io
 from gnp.checkpoint import CheckpointError
 from gnp.config import ConfigError, unknown_key_error, validate
 from gnp.data import DataError
-from gnp.runs import RunDirectoryBusy, log, remove_stub, setup_console
+from gnp.runs import RunDirectoryBusy, first_line, log, remove_stub, setup_console
 from gnp.tracking import TrackingError
 from gnp.training import Diverged, Stopped, train
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, io.OutputError, TrackingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, io.OutputError, TrackingError,
+               distributed.ReplicaFailed)
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 # Hydra flags that print something and start no job; and those that take a value.
 _INFORMATION_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                       "--version", "--resolve"}
-_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p",
-                     "--experimental-rerun"}
+_OTHER_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {"--package", "-p"}
 _REMOTE_LAUNCHERS = ("slurm", "submitit")  # jobs run elsewhere: do not check this machine's GPU or credentials
 _MOST_ERRORS_SHOWN = 20
 
 
 def check_command_line(argv: list[str]) -> None:
     """Exit with status 2 and one line per problem when any job of the command is invalid."""
-    if any(arg.split("=")[0] in _INFORMATION_FLAGS for arg in argv):
-        return
+    if any(arg.split("=")[0] in _INFORMATION_FLAGS | _OTHER_CONFIG_FLAGS for arg in argv):
+        return  # Hydra prints what was asked, or composes a config other than conf/config.yaml
     overrides, skip_next = [], False
     for arg in argv:
         if skip_next or arg in _FLAGS_WITH_VALUE:
@@ -59,7 +60,7 @@ def check_command_line(argv: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        _exit_with([_first_line(e)])
+        _exit_with([first_line(e)])
     hydra_overrides = [o for o in parsed if o.key_or_group.startswith("hydra")]
     if any(o.key_or_group == "hydra/sweeper" for o in hydra_overrides):
         return  # another sweeper draws its own jobs; each is validated when it starts
@@ -114,18 +115,13 @@ def _composition_problem(error: Exception, job: list[str]) -> str:
         except (HydraException, OmegaConfBaseException):
             valid = []
         return str(unknown_key_error(name, valid))
-    return _first_line(error)
+    return first_line(error)
 
 
 def _flat_keys(node, prefix: str = "") -> list[str]:
     if not isinstance(node, dict):
         return [prefix.rstrip(".")]
     return [key for k, v in node.items() for key in _flat_keys(v, f"{prefix}{k}.")]
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _exit_with(lines: list[str]) -> None:
@@ -158,15 +154,18 @@ def run_job(cfg: DictConfig) -> float | None:
         raise SystemExit(130) from None
     except Exception as e:
         expected = isinstance(e, (*USER_ERRORS, Diverged))
+        main = distributed.detect_launch().rank == 0  # the main process speaks for the run
         if sweep:
-            _record_failed_job(run_dir, e)
-            log.error(f"job {hydra_cfg.job.num} failed: {_first_line(e)}", exc_info=not expected)
+            if main:
+                _record_failed_job(run_dir, e)
+                log.error(f"job {hydra_cfg.job.num} failed: {first_line(e)}", exc_info=not expected)
             return None  # the sweep goes on; its summary lists this job
         if not expected:
             raise  # a bug: its traceback is what a report needs
-        print(f"error: {e}", file=sys.stderr)
-        if not isinstance(e, (Diverged, RunDirectoryBusy)):
-            remove_stub(run_dir)
+        if main:
+            print(f"error: {e}", file=sys.stderr)
+            if not isinstance(e, (Diverged, RunDirectoryBusy)):
+                remove_stub(run_dir)
         raise SystemExit(EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER_ERROR) from None
 
 
@@ -182,6 +181,6 @@ def _record_failed_job(run_dir: Path, error: Exception) -> None:
     if isinstance(error, RunDirectoryBusy) or (run_dir / "summary.json").exists():
         return
     try:
-        io.write_json(run_dir / "summary.json", {"status": "failed", "error": _first_line(error)})
+        io.write_json(run_dir / "summary.json", {"status": "failed", "error": first_line(error)})
     except io.OutputError:
         pass  # the run directory itself is the problem; the console line says so

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from gnp.augment import build_augmentation
 from gnp.data import DATASETS
+from gnp.method import WARMUPS
 from gnp.models import check_model_options
 from gnp.tracking import has_wandb_credentials
 
@@ -18,7 +19,6 @@ OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_DECAY_MODES = ("loss", "optimizer")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-GR_WARMUPS = ("none", "r", "lambda", "zero")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AUTO_OR_BOOL = "auto, true or false"
 
@@ -125,7 +125,7 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
            "method=sam is alpha=1 by definition; use method=gnp for other values")
     _check(m.max_grad_norm is None or (_is_number(m.max_grad_norm) and m.max_grad_norm > 0),
            "method.max_grad_norm", m.max_grad_norm, "must be a number > 0, or null for no clipping")
-    _check(m.warmup in GR_WARMUPS, "method.warmup", m.warmup, f"choose one of {', '.join(GR_WARMUPS)}")
+    _check(m.warmup in WARMUPS, "method.warmup", m.warmup, f"choose one of {', '.join(WARMUPS)}")
     _check(_is_number(m.warmup_epochs) and 0 <= m.warmup_epochs <= t.epochs, "method.warmup_epochs",
            m.warmup_epochs, f"must be in [0, train.epochs={t.epochs}]")
     _check(m.warmup == "none" or m.warmup_epochs > 0, "method.warmup_epochs", m.warmup_epochs,

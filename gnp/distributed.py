@@ -8,15 +8,17 @@ import os
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
+from gnp.method import running_statistics
+
 _DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,9 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> Launch:
         job = submitit.JobEnvironment()
         if job.num_tasks > 1:
             return Launch(job.global_rank, job.local_rank, job.num_tasks, job.hostnames[0], _port(job.raw_job_id))
-    tasks = int(env.get("SLURM_NTASKS", "1"))
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script sees the whole allocation's task count
+    # too, but only the tasks of an srun step are processes of one run.
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
     if tasks > 1 and "SLURM_PROCID" in env:
         return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), tasks,
                       _first_host(env.get("SLURM_JOB_NODELIST", "localhost")), _port(env.get("SLURM_JOB_ID", "0")))
@@ -112,6 +116,48 @@ def _active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+class ReplicaFailed(RuntimeError):
+    """Another process of the run failed; its own message says why."""
+
+
+def agree(error: BaseException | None, device: torch.device) -> None:
+    """Every process learns whether any of them failed at this point: a failed one raises its error,
+    the others ReplicaFailed, so that none waits forever in the next collective."""
+    if _active():
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is None and failed.item():
+            raise ReplicaFailed("another process of this run failed (its error is printed above); this one stops too")
+    if error is not None:
+        raise error
+
+
+def on_main(work: Callable[[], T], device: torch.device) -> T | None:
+    """`work()` on the main process only, then `agree` on its outcome; its result on the main process."""
+    result, error = None, None
+    if not _active() or dist.get_rank() == 0:
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+    agree(error, device)
+    return result
+
+
+def main_first(work: Callable[[], T], device: torch.device) -> T:
+    """`work()` on the main process, then on the others, which find what it prepared (a downloaded,
+    extracted dataset), agreeing on the outcome after each."""
+    result = on_main(work, device)
+    error = None
+    if _active() and dist.get_rank() != 0:
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+    agree(error, device)
+    return result
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum across processes (a no-op in a single process)."""
     if _active():
@@ -152,17 +198,10 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def running_stats(*modules: nn.Module) -> list[torch.Tensor]:
     """The floating-point running statistics (BatchNorm mean and variance) of the modules: the only
     state that differs between DDP replicas, since each normalises with its own shard's batches."""
-    return [buffer for module in modules for m in module.modules()
-            if isinstance(m, _NormBase) and m.track_running_stats
-            for buffer in (m.running_mean, m.running_var) if buffer is not None]
+    return [buffer for module in modules for buffer in running_statistics(module) if buffer.is_floating_point()]
 
 
 @contextmanager

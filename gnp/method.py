@@ -239,7 +239,8 @@ class GradientNormPenalty:
             self.base_optimizer.step()
             self.step_skipped = torch.zeros((), dtype=torch.bool, device=device)
         else:
-            self.grad_scaler.step(self.base_optimizer)  # the host synchronisation: skips on inf/NaN
+            # Skips on inf/NaN; a fused optimizer takes the decision on the device, any other waits for it here.
+            self.grad_scaler.step(self.base_optimizer)
             self.grad_scaler.update()  # after a skip: scale * backoff_factor
             self.step_skipped = self._loss_scale(device) < scale
         self.steps_taken += 1
@@ -323,7 +324,7 @@ class GradientNormPenalty:
 
         rng_after = _rng_state(params)
         saved_params = _copies(params)
-        running_stats = _running_stats(self.model)
+        running_stats = running_statistics(self.model)
         saved_stats = _copies(running_stats)
         torch._foreach_add_(params, direction, alpha=r)
         # An autocast region around `step` caches low-precision copies of the weights and would
@@ -468,7 +469,7 @@ def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return copies
 
 
-def _running_stats(model: nn.Module) -> list[torch.Tensor]:
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
     """Running-statistics buffers (mean, variance, batch counter) of the model's norm layers."""
     return [
         buffer

@@ -26,9 +26,6 @@ class RunDirectoryBusy(RuntimeError):
 class _Stdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at the time (test runners and Hydra replace it)."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stdout
@@ -36,6 +33,12 @@ class _Stdout(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message in one line (its first non-empty one), or its type when it has none."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def setup_console(is_main: bool = True) -> None:

@@ -1,6 +1,6 @@
 """Stop requests: SIGTERM (SLURM, Kubernetes and torchrun before a kill), SIGINT (Ctrl-C), SIGUSR1
 and SIGUSR2 (the pre-timeout signals of SLURM and submitit) ask the training loop to stop at the
-next step boundary, after a checkpoint. A second Ctrl-C stops at once.
+next step boundary, after a checkpoint. Ctrl-C once a stop is under way stops at once.
 
 After the checkpoint the loop calls `StopSignals.hand_over()`: where a scheduler's handler was
 installed before (submitit's, which requeues the job), it runs it; on a plain SLURM job it asks
@@ -47,20 +47,21 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # Ctrl-C after a stop request: stop now, without a checkpoint
         if self.signum is None:
             self.signum = signum
             log.warning(f"received {signal.Signals(signum).name}: stopping after this step, with a checkpoint "
                         f"(press Ctrl-C again to stop at once)")
 
-    def hand_over(self, is_main: bool) -> None:
-        """Once the checkpoint is safe: let the scheduler requeue the job where it can."""
+    def hand_over(self, signum: int, is_main: bool) -> None:
+        """Once the checkpoint is safe: let the scheduler requeue the job where it can. `signum` is
+        the signal the replicas agreed on (a replica may have stopped for another one's signal)."""
         self.__exit__()  # the handlers from before the run are back in place
-        previous = signal.getsignal(self.signum)
+        previous = signal.getsignal(signum)
         if callable(previous) and previous is not signal.default_int_handler:
-            previous(self.signum, None)  # a scheduler's own handler (submitit's requeues the job and exits)
-        elif is_main and self.signum in REQUEUE_SIGNALS and "SLURM_JOB_ID" in os.environ:
+            previous(signum, None)  # a scheduler's own handler (submitit's requeues the job and exits)
+        elif is_main and signum in REQUEUE_SIGNALS and "SLURM_JOB_ID" in os.environ:
             _requeue_slurm_job(os.environ["SLURM_JOB_ID"])
 
 

@@ -34,6 +34,7 @@ import yaml
 
 from gnp.data import DIGITS_TEST_SIZE
 from gnp.models import MODELS
+from gnp.runs import first_line
 from gnp.training import RESUMABLE_CHANGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +315,7 @@ def _composer() -> Iterator[Callable[[tuple[str, ...]], dict]]:
                 cfg = compose(config_name="config", overrides=list(overrides))
                 validate(cfg)
             except Exception as e:  # Hydra's composition errors and ConfigError alike
-                raise TableError(f"the cell {' '.join(overrides)} does not compose: {_first_line(e)}") from e
+                raise TableError(f"the cell {' '.join(overrides)} does not compose: {first_line(e)}") from e
             _composed[overrides] = flatten(OmegaConf.to_container(cfg, resolve=True))
         return _composed[overrides]
 
@@ -369,11 +370,6 @@ def display_path(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 # --- Runs ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -424,7 +420,7 @@ def read_wandb_runs(path: str) -> list[Run]:
 
         api_runs = list(wandb.Api(timeout=30).runs(path))
     except Exception as e:  # no network, no credentials, no such project: all end here
-        raise TableError(f"cannot read the W&B runs of {path!r} ({_first_line(e)}); check the network, "
+        raise TableError(f"cannot read the W&B runs of {path!r} ({first_line(e)}); check the network, "
                          f"`wandb login` and the ENTITY/PROJECT name") from None
     runs = []
     for api_run in api_runs:

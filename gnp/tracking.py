@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gnp import io
+from gnp.runs import first_line
 
 # One row of the paper's results table; `scripts/make_tables.py` reads the same fields.
 TABLE_COLUMNS = ("dataset", "model", "method", "aug", "r", "alpha", "seed", "epochs", "test_error", "best_test_error")
@@ -75,9 +76,8 @@ class Tracker:
                 resume="allow",
                 settings=wandb.Settings(silent=bool(wandb_cfg["silent"])),
             )
-        except Exception as e:  # wandb raises its own errors, and network ones, for a failed start
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrackingError(f"W&B could not start a {mode} run ({reason}); check the network and "
+        except (wandb.errors.Error, OSError, TimeoutError) as e:  # its own errors and the network's
+            raise TrackingError(f"W&B could not start a {mode} run ({first_line(e)}); check the network and "
                                 f"`wandb login`, or log locally with wandb.mode=offline") from e
 
     @property

@@ -10,12 +10,13 @@ uninterrupted run ends. Nothing in a step waits for the GPU: the loop reads the 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from gnp.config import ConfigError, validate
 from gnp.data import BatchLoader, Stream, load_dataset, random_seed
 from gnp.method import GradientNormPenalty
 from gnp.models import build_model, count_parameters
-from gnp.runs import RunDirectory, log, remove_stub, setup_console
+from gnp.runs import RunDirectory, first_line, log, remove_stub, setup_console
 from gnp.signals import StopSignals, exit_code
 from gnp.tracking import Tracker
 
@@ -50,7 +51,7 @@ class Stopped(Exception):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.exit_code = exit_code(signum)
+        self.signum, self.exit_code = signum, exit_code(signum)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -63,7 +64,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         shared_dir = Path(distributed.broadcast_object(str(run_dir)))
         if shared_dir != Path(run_dir):
             remove_stub(run_dir)
-        with RunDirectory(shared_dir) if ctx.is_main else nullcontext():
+        with ExitStack() as held:
+            distributed.on_main(lambda: held.enter_context(RunDirectory(shared_dir)), ctx.device)
             return Trainer(cfg, shared_dir, ctx).run()
     finally:
         distributed.teardown()
@@ -119,7 +121,7 @@ def build_method(cfg: DictConfig, model: nn.Module, net: nn.Module, steps_per_ep
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int):
-    """LR factor per step: linear warmup, then cosine decay to zero at the last step."""
+    """LR factor per step: linear warmup, then cosine decay towards zero (reached one step after the last)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -205,15 +207,14 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
         # Data: the main process fetches/extracts first, the others then read the finished files.
-        if not ctx.is_main:
-            distributed.barrier()
-        data = load_dataset(d.name, d.root, download=d.download, verify=d.verify,
-                            limit_train=d.limit_train, limit_test=d.limit_test)
-        if ctx.is_main:
-            distributed.barrier()
+        data = distributed.main_first(lambda: load_dataset(d.name, d.root, download=d.download, verify=d.verify,
+                                                           limit_train=d.limit_train, limit_test=d.limit_test), device)
         if len(data.train_labels) < t.batch_size:
             raise ConfigError(f"train.batch_size={t.batch_size} is invalid: larger than the training set "
                               f"({len(data.train_labels)} images); lower it or raise dataset.limit_train")
+        if t.batch_size % ctx.world_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} is invalid: it is split evenly over the "
+                              f"{ctx.world_size} processes; use a multiple of {ctx.world_size}")
         self.data_verified = data.verified
         self.train_loader = BatchLoader(
             data.train_images, data.train_labels, batch_size=t.batch_size, device=device, mean=d.mean, std=d.std,
@@ -223,6 +224,9 @@ class Trainer:
                                        device=device, mean=d.mean, std=d.std, train=False, rank=ctx.rank,
                                        world_size=ctx.world_size)
         self.steps_per_epoch = len(self.train_loader)
+        if cfg.method.warmup != "none" and round(cfg.method.warmup_epochs * self.steps_per_epoch) == 0:
+            raise ConfigError(f"method.warmup_epochs={cfg.method.warmup_epochs} is invalid: it rounds to 0 of the "
+                              f"{self.steps_per_epoch} steps per epoch; use at least {1 / self.steps_per_epoch:.3g}")
 
         # Model: identical initial weights on every replica, from init_seed (default: seed).
         torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
@@ -250,38 +254,62 @@ class Trainer:
     # --- the run, top to bottom ------------------------------------------------------------------
 
     def run(self) -> dict:
+        device, main = self.ctx.device, self.ctx.is_main
         try:
+            state = checkpoint.load(self.run_dir)
+            if state:
+                _check_resumable(state["config"], self.config, self.run_dir)
+            finished = self.finished_summary(state)
+            self.check_same_start(state, finished is not None)
+            if finished:
+                log.info(f"{self.run_dir} already finished: test error {finished['test_error']:.2f}%")
+                return finished
             self.build()
-            state = checkpoint.load(self.run_dir, self.ctx.device)
             start_epoch, start_step, saved_totals = self.resume(state) if state else (0, 0, None)
-            if state and start_epoch == self.cfg.train.epochs and (self.run_dir / "summary.json").exists():
-                summary = self.summary("finished")
-                log.info(f"{self.run_dir} already finished: test error {summary['test_error']:.2f}%")
-                return summary
-            self.tracker = Tracker(self.run_dir, self.config, enabled=self.ctx.is_main,
-                                   run_id=state["wandb_run_id"] if state else None)
+            wandb_id = state["wandb_run_id"] if state else None
+            self.tracker = distributed.on_main(
+                lambda: Tracker(self.run_dir, self.config, enabled=True, run_id=wandb_id), device)
+            if state:  # a kill between the checkpoint and metrics.jsonl must not leave the file short
+                distributed.on_main(lambda: io.write_jsonl(self.run_dir / "metrics.jsonl", self.history), device)
             with self.signals:
                 for epoch in range(start_epoch, self.cfg.train.epochs):
                     self.train_epoch(epoch, start_step if epoch == start_epoch else 0,
                                      saved_totals if epoch == start_epoch else None)
         except Stopped as stopped:
             self.record_end(self.summary("stopped", str(stopped)), exit_code=stopped.exit_code, preempted=True)
-            self.signals.hand_over(self.ctx.is_main)
+            self.signals.hand_over(stopped.signum, main)
             raise
         except KeyboardInterrupt:
-            self.record_end(self.summary("stopped", "interrupted by a second Ctrl-C, without a checkpoint at this "
-                                                    "step; a resume continues from the last checkpoint"), exit_code=130)
+            self.record_end(self.summary("stopped", "interrupted (Ctrl-C) without a checkpoint at this step; a "
+                                                    "resume continues from the last checkpoint"), exit_code=130)
             raise
         except BaseException as e:
-            self.record_end(self.summary("diverged" if isinstance(e, Diverged) else "failed", _one_line(e)),
-                            exit_code=1)
+            self.record_end(self.summary("diverged" if isinstance(e, Diverged) else "failed",
+                                         f"{type(e).__name__}: {first_line(e)}"), exit_code=1)
             raise
         summary = self.summary("finished")
-        self.record(summary)
+        distributed.on_main(lambda: self.record(summary), device)
         ema = f", EMA {summary['ema_test_error']:.2f}%" if self.cfg.train.ema_decay else ""
         log.info(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%){ema}; "
                  f"outputs in {self.run_dir}")
         return summary
+
+    def finished_summary(self, state: dict | None) -> dict | None:
+        """The summary of a run that this directory holds finished already, else None."""
+        path = self.run_dir / "summary.json"
+        if not state or state["epoch"] < self.cfg.train.epochs or not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        return summary if summary.get("status") == "finished" else None
+
+    def check_same_start(self, state: dict | None, finished: bool) -> None:
+        """Every process must resume from the same checkpoint (they read it each on its own)."""
+        where = [state["epoch"], state["step"], int(finished)] if state else [-1, -1, 0]
+        seen = distributed.all_gather(torch.tensor(where, device=self.ctx.device)).tolist()
+        if any(other != seen[0] for other in seen):
+            raise checkpoint.CheckpointError(
+                f"the processes of this run found different checkpoints in {self.run_dir} ((epoch, step, finished) "
+                f"per process: {seen}); every node must see the same run directory, on a shared filesystem")
 
     def record(self, summary: dict, exit_code: int = 0, preempted: bool = False) -> None:
         """summary.json (main process), through W&B when the run got as far as starting it."""
@@ -291,11 +319,12 @@ class Trainer:
             io.write_json(self.run_dir / "summary.json", summary)
 
     def record_end(self, summary: dict, exit_code: int, preempted: bool = False) -> None:
-        """`record` for a run that ends early: a failure to record it never hides why it ended."""
+        """`record` for a run that ends early (no collective: the other processes may be gone); a
+        failure to record it never hides why it ended."""
         try:
             self.record(summary, exit_code, preempted)
         except Exception as e:
-            log.warning(f"could not record the end of the run: {_one_line(e)}")
+            log.warning(f"could not record the end of the run: {first_line(e)}")
 
     def resume(self, state: dict) -> tuple[int, int, torch.Tensor | None]:
         """Restore the checkpoint's state; returns where to continue (epoch, step) and the partial
@@ -326,7 +355,7 @@ class Trainer:
         t, device = self.cfg.train, self.ctx.device
         self.forward.train()
         totals = EpochTotals(device, saved_totals)
-        self.epoch_start = time.perf_counter()
+        epoch_start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
         for step, (images, target) in enumerate(self.train_loader.epoch(epoch, start_step), start_step):
@@ -351,82 +380,76 @@ class Trainer:
             if done == self.steps_per_epoch:
                 break  # the end of the epoch is checked, and checkpointed, below
             if done % t.sync_every == 0 or (self.signals.requested and self.ctx.world_size == 1):
-                stop, due = self.poll(epoch, done, totals)
-                if stop or due:
+                signum, due = self.poll(epoch, done, totals)
+                if signum or due:
                     self.save_checkpoint(epoch, done, totals)
-                if stop:
-                    self.stop(epoch, done)
+                if signum:
+                    self.stop(signum, f"step {done}/{self.steps_per_epoch} of epoch {epoch + 1}")
                 if not bar.disable:
                     loss, errors = totals.sums[:2].tolist()
                     seen = done * self.train_loader.batch_size // self.ctx.world_size  # this replica's images
                     bar.set_postfix(loss=f"{loss / seen:.3f}", err=f"{100 * errors / seen:.1f}%")
         bar.close()
-        stop, _ = self.poll(epoch, self.steps_per_epoch, totals)
-        self.finish_epoch(epoch, totals)  # evaluates and checkpoints
-        if stop:
-            self.stop(epoch + 1, 0)
+        signum, _ = self.poll(epoch, self.steps_per_epoch, totals)
+        images_per_second = (self.steps_per_epoch - start_step) * t.batch_size / (time.perf_counter() - epoch_start)
+        self.finish_epoch(epoch, totals, epoch_start, images_per_second)
+        if signum and epoch + 1 < t.epochs:  # after the last epoch the run is simply done
+            self.stop(signum, f"the end of epoch {epoch + 1}")
 
-    def poll(self, epoch: int, done: int, totals: EpochTotals) -> tuple[bool, bool]:
-        """Read the device's flags, agreed across replicas: raise Diverged on NaN or inf; return
-        whether a signal asked to stop and whether a timed checkpoint is due."""
+    def poll(self, epoch: int, done: int, totals: EpochTotals) -> tuple[int, bool]:
+        """Read the device's flags, agreed across replicas: raise Diverged on NaN or inf; return the
+        signal that asked to stop (0: none) and whether a timed checkpoint is due."""
         minutes = self.cfg.train.checkpoint_minutes
         due = self.ctx.is_main and minutes > 0 and time.monotonic() - self.last_checkpoint >= 60 * minutes
-        host_flags = torch.tensor([float(self.signals.requested), float(due)], dtype=torch.float64,
+        host_flags = torch.tensor([float(self.signals.signum or 0), float(due)], dtype=torch.float64,
                                   device=self.ctx.device)
-        # MAX over replicas: any NaN, the earliest bad step (as its negative), any stop request, any due.
+        # MAX over replicas: any NaN, the earliest bad step (as its negative), a signal, a due checkpoint.
         flags = torch.cat([totals.sums[-1:], -totals.first_bad_step.view(1), host_flags])
-        nonfinite, minus_first_bad, stop, due = distributed.all_reduce_max(flags).tolist()
+        nonfinite, minus_first_bad, signum, due = distributed.all_reduce_max(flags).tolist()
         if nonfinite:
             raise Diverged(self.divergence_message(epoch, int(-minus_first_bad)))
-        return bool(stop), bool(due)
+        return int(signum), bool(due)
 
-    def stop(self, epoch: int, step: int) -> None:
-        signum = self.signals.signum or signal.SIGTERM  # another replica received it
-        where = f"step {step}/{self.steps_per_epoch} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}"
+    def stop(self, signum: int, where: str) -> None:
         raise Stopped(f"stopped by {signal.Signals(signum).name} at {where}; the checkpoint in {self.run_dir} "
                       f"resumes it", signum)
 
-    def finish_epoch(self, epoch: int, totals: EpochTotals) -> None:
-        """Average the epoch's sums over replicas, evaluate, log, checkpoint."""
-        train_seconds = time.perf_counter() - self.epoch_start
-        replica_stats = self.gather_replica_stats()
+    def finish_epoch(self, epoch: int, totals: EpochTotals, epoch_start: float, images_per_second: float) -> None:
+        """Average the epoch's sums over replicas, evaluate, checkpoint, log."""
         sums = distributed.all_reduce_sum(totals.sums.clone()).tolist()
+        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(self.net.parameters())))).item()
         images = self.steps_per_epoch * self.train_loader.batch_size
         named = dict(zip(EpochTotals.FIELDS, sums))
         steps = max(named["applied_steps"], 1)  # one gradient norm per applied step and replica
         with distributed.replica_averaged(self.replica_stats):
             test = evaluate(self.forward, self.test_loader, self.autocast, self.channels_last)
-            row = {
-                "epoch": epoch + 1, "lr": self.cfg.optimizer.lr * self.lr_factor(epoch * self.steps_per_epoch),
-                "train_loss": named["loss"] / images, "train_error": 100 * named["errors"] / images,
-                "first_pass_loss": named["first_pass_loss"] / images,
-                "first_pass_error": 100 * named["first_pass_errors"] / images,
-                "g1_norm": named["g1_norm"] / steps, "grad_norm": named["grad_norm"] / steps,
-                "param_norm": torch.linalg.vector_norm(
-                    torch.stack(torch._foreach_norm(list(self.net.parameters())))).item(),
-                "r": self.optimizer.step_r, "alpha": self.optimizer.step_alpha,
-                **{f"test_{k}": v for k, v in test.items()},
-            }
-            if self.ema:
-                row.update({f"ema_test_{k}": v for k, v in evaluate(self.ema.model, self.test_loader,
-                                                                     self.autocast, self.channels_last).items()})
-            row["seconds"] = time.perf_counter() - self.epoch_start
-            row["images_per_second"] = images / train_seconds
-            self.history.append(row)
-            if self.ctx.is_main:
-                self.write_checkpoint(epoch + 1, 0, None, replica_stats)
-        if self.ctx.is_main:
-            self.tracker.log_epoch(self.history)
-            log.info(_epoch_line(row, self.cfg.train.epochs))
+            ema_test = evaluate(self.ema.model, self.test_loader, self.autocast, self.channels_last) \
+                if self.ema else {}
+        self.history.append({
+            "epoch": epoch + 1, "lr": self.cfg.optimizer.lr * self.lr_factor(epoch * self.steps_per_epoch),
+            "train_loss": named["loss"] / images, "train_error": 100 * named["errors"] / images,
+            "first_pass_loss": named["first_pass_loss"] / images,
+            "first_pass_error": 100 * named["first_pass_errors"] / images,
+            "g1_norm": named["g1_norm"] / steps, "grad_norm": named["grad_norm"] / steps,
+            "param_norm": param_norm, "r": self.optimizer.step_r, "alpha": self.optimizer.step_alpha,
+            **{f"test_{k}": v for k, v in test.items()}, **{f"ema_test_{k}": v for k, v in ema_test.items()},
+            "seconds": time.perf_counter() - epoch_start, "images_per_second": images_per_second,
+        })
+        self.save_checkpoint(epoch + 1, 0, None)
+        distributed.on_main(lambda: self.tracker.log_epoch(self.history), self.ctx.device)
+        log.info(_epoch_line(self.history[-1], self.cfg.train.epochs))
 
-    def save_checkpoint(self, epoch: int, done: int, totals: EpochTotals) -> None:
-        """A checkpoint within an epoch: after step `done` of epoch `epoch` (0-based)."""
+    def save_checkpoint(self, epoch: int, step: int, totals: EpochTotals | None) -> None:
+        """The state after step `step` of epoch `epoch` (0-based; step 0: the end of the previous
+        epoch), with the replicas' BatchNorm statistics averaged in the saved model and each one's
+        own kept beside them, so that a resumed DDP run continues every replica exactly."""
         replica_stats = self.gather_replica_stats()
-        replica_totals = distributed.all_gather(totals.sums)
+        replica_totals = None if totals is None else distributed.all_gather(totals.sums).cpu()
         with distributed.replica_averaged(self.replica_stats):
-            if self.ctx.is_main:
-                self.write_checkpoint(epoch, done, replica_totals, replica_stats)
-                log.info(f"checkpoint at step {done}/{self.steps_per_epoch} of epoch {epoch + 1}")
+            distributed.on_main(lambda: self.write_checkpoint(epoch, step, replica_totals, replica_stats),
+                                self.ctx.device)
+        if step:
+            log.info(f"checkpoint at step {step}/{self.steps_per_epoch} of epoch {epoch + 1}")
 
     def gather_replica_stats(self) -> torch.Tensor | None:
         """Every replica's own BatchNorm statistics, so that a resumed DDP run continues each exactly."""
@@ -441,7 +464,7 @@ class Trainer:
             "config": self.config, "epoch": epoch, "step": step, "history": self.history,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
-            "replica_stats": replica_stats, "totals": None if totals is None else totals.cpu(),
+            "replica_stats": replica_stats, "totals": totals,
             "wandb_run_id": self.tracker.run_id if self.tracker else None,
         })
 
@@ -530,11 +553,6 @@ def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(f"{run_dir} holds a checkpoint of a different run ({diffs}). Resume with the same "
                           f"settings, or start a new run in another directory (hydra.run.dir=...).")
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _git_commit() -> str | None:

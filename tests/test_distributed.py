@@ -1,11 +1,13 @@
 """train.py under torchrun (gloo, CPU): two processes give the single-process result, on one node
 or two; a run stopped mid-epoch resumes exactly; every replica evaluates one model, the one saved."""
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +76,10 @@ def _bn_run(root, run_dir, method, *extra):
             "wandb.mode=disabled", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
 
 
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
@@ -97,10 +103,11 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     stopped = subprocess.Popen(_bn_run(cifar_root, tmp_path / "b", method, every_step), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
-    stopped.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes, as SLURM's would
+    # The signal reaches one process only (as a scheduler may deliver it): both agree to stop.
+    os.kill(_children(stopped.pid)[-1], signal.SIGUSR1)
     stopped.communicate(timeout=120)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert summary["status"] == "stopped" and "stopped by SIGTERM at step" in summary["error"], summary["error"]
+    assert summary["status"] == "stopped" and "stopped by SIGUSR1 at step" in summary["error"], summary["error"]
     resumed = subprocess.run(_bn_run(cifar_root, tmp_path / "b", method, every_step), cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -125,3 +132,19 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     assert logged["test_error"] == pytest.approx(100 * (logits.argmax(1) != data.test_labels).double().mean().item(),
                                                  abs=1e-9)
     assert logged["test_loss"] == pytest.approx(F.cross_entropy(logits, data.test_labels).item(), rel=1e-4)
+
+
+def test_a_failure_of_the_main_process_alone_stops_the_others_without_a_traceback(tmp_path):
+    # Two processes started by hand, as srun would: only the main one loads the data first, and fails.
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    processes = [subprocess.Popen([sys.executable, "train.py", f"dataset.root={tmp_path / 'empty'}", "device=cpu",
+                                   "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    (_, main_err), (_, other_err) = [p.communicate(timeout=180) for p in processes]
+    assert [p.returncode for p in processes] == [2, 2]
+    assert "Traceback" not in main_err + other_err, main_err + other_err
+    (error,) = [line for line in main_err.splitlines() if line.startswith("error: ")]
+    assert "CIFAR10 was not found" in error
+    assert "error: " not in other_err  # the main process speaks for the run
