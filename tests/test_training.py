@@ -160,6 +160,15 @@ def test_timed_checkpoints_within_epochs_change_nothing_and_a_kill_after_one_res
     assert resumed["test_loss"] == uninterrupted["test_loss"]
 
 
+def test_a_signal_in_the_last_epochs_last_steps_lets_the_run_finish(tmp_path, cifar_root, monkeypatch):
+    signal_at_step(monkeypatch, 8)  # the last step of the last epoch: nothing is left to resume
+    _, summary = _cifar_run(cifar_root, tmp_path / "run", *RESUMABLE, "train.sync_every=25")
+    assert summary["status"] == "finished" and summary["epochs_completed"] == 2
+    monkeypatch.undo()
+    _, again = _cifar_run(cifar_root, tmp_path / "run", *RESUMABLE, "train.sync_every=25")
+    assert again == json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path, cifar_root, monkeypatch):
     calls = signal_at_step(monkeypatch, 2, signal.SIGINT, times=2)
     with pytest.raises(KeyboardInterrupt):
