@@ -33,7 +33,8 @@ benchmark = _load_benchmark()
 
 def _tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return net.double()
 
 
 def test_the_two_pass_step_is_gradient_norm_penaltys_step():
@@ -61,7 +62,8 @@ def test_the_two_pass_step_is_gradient_norm_penaltys_step():
 def test_the_two_pass_step_follows_the_formula_on_least_squares(max_grad_norm):
     """L(w) = 0.5 * mean((Xw - y)^2) has the gradient X^T (Xw - y) / n: one plain SGD step by hand."""
     generator = torch.Generator().manual_seed(0)
-    X, y = torch.randn(20, 5, dtype=torch.float64, generator=generator), torch.randn(20, dtype=torch.float64, generator=generator)
+    X = torch.randn(20, 5, dtype=torch.float64, generator=generator)
+    y = torch.randn(20, dtype=torch.float64, generator=generator)
     w0 = torch.randn(5, dtype=torch.float64, generator=generator)
     r, alpha, l2, lr = 0.2, 0.7, 0.01, 0.5
 
@@ -98,7 +100,8 @@ def test_each_fast_path_pair_differs_in_that_path_alone(device):
         else:
             assert on[pair["path"]] is True and off[pair["path"]] is False
     compiled = [name for name, (_, paths, _) in variants.items() if paths.compile]
-    assert set(compiled) == ({"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[fused=off]"} if device == "cuda" else set())
+    main_setting = {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[fused=off]"}
+    assert set(compiled) == (main_setting if device == "cuda" else set())
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,8 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench_cpu.json"
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "--steps", "1", "--repeats", "2",
                            "--warmup", "0", "--precisions", "fp32", "--loop-images", "16", "--test-images", "8",
-                           "--loop-epochs", "2", "--loader-batches", "1", "--skip", "exact", "--out", str(out)])
+                           "--loop-epochs", "2", "--loop-repeats", "1", "--loader-batches", "1", "--skip", "exact",
+                           "--out", str(out)])
     assert code == 0
     return out, json.loads(out.read_text())
 
@@ -116,7 +120,7 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     assert data["format"] == benchmark.FORMAT and data["complete"] is True
     assert {"device", "device_name", "device_count", "cpu_threads", "torch", "cuda"} <= data["environment"].keys()
     assert data["environment"]["device"] == "cpu" and "--steps 1" in data["command"]
-    assert data["settings"]["models"] == [{"name": "resnet18", "options": {"width": 2}, "batch_size": 8}]
+    assert data["settings"]["models"] == [{"name": "resnet18", "options": {"width": 2}, "batch_size": 8, "steps": 1}]
     [model] = data["models"]
     assert (model["model"], model["options"], model["batch_size"]) == ("resnet18", {"width": 2}, 8)
     assert model["parameters"] == sum(p.numel() for p in benchmark.MODELS["resnet18"](width=2).parameters())
@@ -126,8 +130,12 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
         timing = v["ms_per_step"]
         assert len(timing["samples"]) == 2 and timing["median"] == statistics.median(timing["samples"])
         assert timing["min"] <= timing["q1"] <= timing["median"] <= timing["q3"] <= timing["max"]
-        assert v["images_per_second"] == pytest.approx(8 * 1000 / timing["median"])
+        if "mean_ms_per_step" not in v:  # hybrid's rate is its mean's (below)
+            assert v["images_per_second"] == pytest.approx(8 * 1000 / timing["median"])
     assert model["variants"]["sgd"]["two_pass_fraction"] == 0 and model["variants"]["gnp"]["two_pass_fraction"] == 1
+    hybrid = model["variants"]["hybrid"]
+    assert hybrid["two_pass_fraction"] in (0, 0.5, 1)  # over its 2 timed steps
+    assert hybrid["images_per_second"] == pytest.approx(8000 / hybrid["mean_ms_per_step"])
     medians = {name: v["ms_per_step"]["median"] for name, v in model["variants"].items()}
     assert model["ratios"]["gnp/sgd"] == pytest.approx(medians["gnp"] / medians["sgd"])
     assert model["ratios"]["gnp/two_pass"] == pytest.approx(medians["gnp"] / medians["two_pass"])
@@ -143,9 +151,12 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     [loop] = data["loop"]
     for method in ("sgd", "gnp"):
         run = loop["methods"][method]
-        assert run["ok"] and len(run["epoch_images_per_second"]) == 2
-        assert run["images_per_second"] == run["epoch_images_per_second"][1]  # the first epoch is the warm-up
-        assert run["loop/bare_step"] == pytest.approx(run["images_per_second"] / model["variants"][method]["images_per_second"])
+        assert run["ok"] and len(run["epoch_images_per_second"]) == 1 and len(run["epoch_images_per_second"][0]) == 2
+        assert run["images_per_second"] == run["epoch_images_per_second"][0][1]  # the first epoch is the warm-up
+        assert len(run["bare_step_ms"]["samples"]) == 2  # one block before the run, one after
+        assert run["bare_step_images_per_second"] == pytest.approx(8000 / run["bare_step_ms"]["median"])
+        assert run["loop/bare_step"] == pytest.approx(run["images_per_second"] / run["bare_step_images_per_second"])
+        assert run["summaries"][0]["method"] == method and run["summaries"][0]["status"] == "finished"
     assert "checks" not in data and data["checks_failed"] == []
 
 
@@ -199,5 +210,14 @@ def test_bad_model_specs_are_one_line_errors(spec, message, capsys):
 
 
 def test_default_options_are_dropped_from_a_model_spec():
-    assert benchmark.parse_model("resnet18:width=64,batch=128") == benchmark.ModelSpec("resnet18", {}, 128)
-    assert benchmark.parse_model("vit_s:depth=1") == benchmark.ModelSpec("vit_s", {"depth": 1}, None)
+    assert benchmark.parse_model("resnet18:width=64,batch=128,steps=3") == benchmark.ModelSpec("resnet18", {}, 128, 3)
+    assert benchmark.parse_model("vit_s:depth=1") == benchmark.ModelSpec("vit_s", {"depth": 1}, None, None)
+
+
+def test_a_mixed_variant_costs_the_mean_of_its_steps_whatever_one_block_did():
+    """Blocks of 2 steps, a plain step 10 ms and a two-pass one 20 ms: the steps cost 15 ms on average
+    (3 two-pass steps of 6), also when one block was slowed down by another process."""
+    two_pass = [True, False, True, True, False, False]
+    assert benchmark.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert benchmark.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert benchmark.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
