@@ -710,14 +710,15 @@ def measure_loader(args: argparse.Namespace, device: torch.device, data: DataPat
     per_block = min(args.loader_batches, len(next(iter(loaders.values()))))
     epochs = itertools.count()
 
-    def consume(loader: BatchLoader) -> Callable[[], None]:
+    def consume(loader: BatchLoader, batches: int) -> Callable[[], None]:
+        """A call that takes the first `batches` batches of a new epoch (its shuffle included)."""
         def call() -> None:
-            for _ in itertools.islice(loader.epoch(next(epochs)), per_block):
+            for _ in itertools.islice(loader.epoch(next(epochs)), batches):
                 pass
         return call
 
     print(f"\n== loader: {len(labels)} images, batch {batch}, blocks of {per_block} batches", flush=True)
-    calls = {key: consume(loader) for key, loader in loaders.items()}
+    calls = {key: consume(loader, per_block) for key, loader in loaders.items()}
     warm_up(calls, device, 1)
     samples = interleaved(calls, device, args.repeats, 1)
     gnp_rates = {m["label"]: m["variants"]["gnp"]["images_per_second"] for m in models}
@@ -730,7 +731,7 @@ def measure_loader(args: argparse.Namespace, device: torch.device, data: DataPat
             "ms_per_block": timing, "images_per_second": images_per_second,
             "times_gnp_step": {label: images_per_second / r for label, r in gnp_rates.items()}}
     if args.checks and device.type == "cuda":
-        result["sync"] = {f"{style}/{preset}": no_sync(consume(loader), device)
+        result["sync"] = {f"{style}/{preset}": no_sync(consume(loader, 1), device)  # SYNC_STEPS batches
                           for (style, preset), loader in loaders.items()}
     return result
 
