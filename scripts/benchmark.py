@@ -490,7 +490,7 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
     hybrid["images_per_second"] = spec.batch_size * 1000 / hybrid["mean_ms_per_step"]
     result["ratios"] = step_ratios(result["variants"])
     result["limits"] = STEP_LIMITS[device.type]
-    result["fast_paths"] = [{**pair, "speedup": _median(result, pair["off"]) / _median(result, pair["on"])}
+    result["fast_paths"] = [{**pair, "speedup": paired_ratio(result["variants"], pair["off"], pair["on"])}
                             for pair in fast_path_pairs(variants, main)]
     if "evaluation" not in args.skip:
         result["evaluation"] = measure_evaluation(steps["gnp"], data, args, device)
@@ -507,12 +507,22 @@ def _median(model: dict, variant: str) -> float:
     return model["variants"][variant]["ms_per_step"]["median"]
 
 
+def paired_ratio(variants: dict, a: str, b: str) -> float:
+    """Median over rounds of a's step time over b's in the same round: a shared machine's drift from
+    one round to the next cancels out."""
+    samples = (variants[v]["ms_per_step"]["samples"] for v in (a, b))
+    return statistics.median(x / y for x, y in zip(*samples))
+
+
 def step_ratios(variants: dict) -> dict[str, float]:
-    ms = {name: v.get("mean_ms_per_step", v["ms_per_step"]["median"]) for name, v in variants.items()}
-    ratios = {f"{name}/sgd": ms[name] / ms["sgd"] for name in ("sam", "gnp", "hybrid", "two_pass")}
-    ratios["gnp/two_pass"] = ms["gnp"] / ms["two_pass"]
-    # What hybrid steps would cost if a plain step cost SGD's and a two-pass one GNP's, for the draws it made.
-    ratios["hybrid_expected/sgd"] = 1 + variants["hybrid"]["two_pass_fraction"] * (ratios["gnp/sgd"] - 1)
+    ratios = {f"{name}/sgd": paired_ratio(variants, name, "sgd") for name in ("sam", "gnp", "two_pass")}
+    ratios["gnp/two_pass"] = paired_ratio(variants, "gnp", "two_pass")
+    # Hybrid steps against what they would cost if a plain step cost SGD's median and a two-pass one
+    # GNP's, for the draws they made (the mix `mixed_step_ms` is measured against).
+    sgd, gnp, hybrid = (variants[v] for v in ("sgd", "gnp", "hybrid"))
+    ratios["hybrid/sgd"] = hybrid["mean_ms_per_step"] / sgd["ms_per_step"]["median"]
+    ratios["hybrid_expected/sgd"] = 1 + hybrid["two_pass_fraction"] * (
+        gnp["ms_per_step"]["median"] / sgd["ms_per_step"]["median"] - 1)
     return ratios
 
 
@@ -966,17 +976,18 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def print_model(m: dict) -> None:
-    sgd = _median(m, "sgd")
     print(f"\n{m['label']}, batch {m['batch_size']}, main setting {m['main_label']}, "
           f"{m['parameters']:,} parameters")
     rows = []
     for name, v in m["variants"].items():
         t = v["ms_per_step"]
-        ms = v.get("mean_ms_per_step", t["median"])
-        extra = f"mean of {100 * v['two_pass_fraction']:.0f}% two-pass steps" if name == "hybrid" else ""
+        hybrid = name == "hybrid"
+        ms = v["mean_ms_per_step"] if hybrid else t["median"]
+        extra = f"mean of {100 * v['two_pass_fraction']:.0f}% two-pass steps" if hybrid else ""
+        ratio = m["ratios"]["hybrid/sgd"] if hybrid else paired_ratio(m["variants"], name, "sgd")
         rows.append([name, f"{ms:.2f}", f"{t['min']:.2f}-{t['max']:.2f}", f"{v['images_per_second']:,.0f}",
-                     f"{ms / sgd:.3f}", extra])
-    print_table(["variant", "ms/step", "min-max", "images/s", "x sgd", ""], rows)
+                     f"{ratio:.3f}", extra])
+    print_table(["variant", "ms/step", "min-max", "images/s", "x sgd (paired)", ""], rows)
     r, limits = m["ratios"], m["limits"]
     print(f"GNP / SGD {r['gnp/sgd']:.3f} (limit {limits['gnp/sgd']})   GNP / two-pass {r['gnp/two_pass']:.3f} "
           f"(limit {limits['gnp/two_pass']})   SAM / SGD {r['sam/sgd']:.3f}   hybrid / SGD {r['hybrid/sgd']:.3f} "
@@ -1084,12 +1095,13 @@ def readme_tables(folder: Path = BENCHMARK_DIR) -> str:
             rates = data["loader_images_per_second"]
             loader_rows.append([where, "official", *(_count(rates[k]) if k in rates else "–" for k in PRESETS)])
     return "\n".join([
-        "Steps (medians; ratios of median step times; two-pass: the hand-written two-pass step):",
+        "Steps (SGD: median ms/step; ratios: medians over rounds of the ratio within a round; hybrid: its mean "
+        "step time, with the share of two-pass steps it drew; two-pass: the hand-written two-pass step):",
         "",
         *_markdown(["measured on", "model, batch", "setting", "SGD ms/step", "SAM ÷ SGD", "GNP ÷ SGD",
                     "hybrid p=0.5 ÷ SGD", "GNP ÷ two-pass", "peak memory SGD → GNP (limit)"], step_rows),
         "",
-        "Fast paths (a GNP step's time without the path ÷ with it; precision: ÷ fp32):",
+        "Fast paths (a GNP step's time without the path ÷ with it, paired by round as above; precision: fp32 ÷ it):",
         "",
         *_markdown(["measured on", "model", "compile", "channels_last", "bf16", "fp16", "fused optimizer"], path_rows),
         "",

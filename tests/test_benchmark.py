@@ -136,9 +136,13 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     hybrid = model["variants"]["hybrid"]
     assert hybrid["two_pass_fraction"] in (0, 0.5, 1)  # over its 2 timed steps
     assert hybrid["images_per_second"] == pytest.approx(8000 / hybrid["mean_ms_per_step"])
-    medians = {name: v["ms_per_step"]["median"] for name, v in model["variants"].items()}
-    assert model["ratios"]["gnp/sgd"] == pytest.approx(medians["gnp"] / medians["sgd"])
-    assert model["ratios"]["gnp/two_pass"] == pytest.approx(medians["gnp"] / medians["two_pass"])
+    samples = {name: v["ms_per_step"]["samples"] for name, v in model["variants"].items()}
+    for a, b in (("gnp", "sgd"), ("gnp", "two_pass"), ("sam", "sgd")):  # paired by round, median of 2 rounds
+        per_round = [samples[a][r] / samples[b][r] for r in range(2)]
+        assert model["ratios"][f"{a}/{b}"] == pytest.approx(sum(per_round) / 2)
+    channels_last = next(p for p in model["fast_paths"] if p["path"] == "channels_last")
+    off, on = samples["gnp[channels_last=off]"], samples["gnp"]
+    assert channels_last["speedup"] == pytest.approx((off[0] / on[0] + off[1] / on[1]) / 2)
     memory = model["memory"]
     assert memory["parameter_bytes"] == 4 * model["parameters"] and memory["sgd_bytes"] > 0
     assert memory["limit_bytes"] == pytest.approx((memory["sgd_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
