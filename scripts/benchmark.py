@@ -904,12 +904,26 @@ def run(args: argparse.Namespace, command: str) -> int:
                      if k not in ("readme", "memory_child", "out")},
         "limits": {"steps": STEP_LIMITS[device.type], "memory_slack": MEMORY_SLACK, "loader": LOADER_TARGET,
                    "loop": LOOP_TARGETS},
-        "complete": False, "stage_seconds": {}, "models": [],
+        "complete": False, "stage_seconds": {}, "errors": {}, "models": [],
     }
     print(f"{env['device_name']} ({env['cpu_threads']} CPU threads), torch {env['torch']}; writing {out}", flush=True)
 
-    def save(stage: str, stage_started: float) -> None:
-        report["stage_seconds"][stage] = time.perf_counter() - stage_started
+    def attempt(name: str, measure: Callable[[], Any], show: Callable[[Any], None]) -> Any:
+        """Run one stage and print it; a stage that fails is recorded (a failed check) and the others
+        still run, so that one command on a GPU machine brings back all it can."""
+        stage_started = time.perf_counter()
+        try:
+            result = measure()
+        except Exception as e:
+            traceback.print_exc()
+            report["errors"][name] = f"{_one_line(e)} (at {_innermost(e)})"
+            return None
+        finally:
+            report["stage_seconds"][name] = time.perf_counter() - stage_started
+        show(result)
+        return result
+
+    def save() -> None:
         report["seconds"] = time.perf_counter() - started
         io.write_json(out, report)
 
@@ -918,42 +932,33 @@ def run(args: argparse.Namespace, command: str) -> int:
         data = DataPaths(work / "data", args.loop_images, args.test_images,
                          max(m.batch_size for m in [*args.models, ModelSpec(*EXACT_MODEL)]))
         for spec in args.models:
-            t = time.perf_counter()
-            report["models"].append(measure_model(spec, args, device, data))
-            print_model(report["models"][-1])
-            save(f"steps {spec.label}", t)
-        if "exact" not in args.skip:
-            t = time.perf_counter()
-            report["exact"] = measure_exact(args, device, data)
-            print_exact(report["exact"])
-            save("exact", t)
-        if "loader" not in args.skip:
-            t = time.perf_counter()
-            report["loader"] = measure_loader(args, device, data, report["models"])
-            print_loader(report["loader"], device)
-            save("loader", t)
-        if "loop" not in args.skip:
-            t = time.perf_counter()
-            report["loop"] = [measure_loop(args.models[0], args, device, data, work)]
-            print_loop(report["loop"][0])
-            save("loop", t)
-        if args.checks:
-            t = time.perf_counter()
-            report["checks"] = {"runs": run_checks(args, device, data, work)}
-            save("checks", t)
+            if model := attempt(f"steps {spec.label}", lambda: measure_model(spec, args, device, data), print_model):
+                report["models"].append(model)
+            save()
+        stages = [
+            ("exact", "exact" not in args.skip, lambda: measure_exact(args, device, data), print_exact),
+            ("loader", "loader" not in args.skip, lambda: measure_loader(args, device, data, report["models"]),
+             lambda loader: print_loader(loader, device)),
+            ("loop", "loop" not in args.skip, lambda: [measure_loop(args.models[0], args, device, data, work)],
+             lambda loops: print_loop(loops[0])),
+            ("checks", args.checks, lambda: {"runs": run_checks(args, device, data, work)}, lambda checks: None),
+        ]
+        for key, wanted, measure, show in stages:
+            if wanted and (result := attempt(key, measure, show)) is not None:
+                report[key] = result
+            save()
     failed = failed_checks(report)
     report["checks_failed"] = failed
     report["complete"] = True
-    report["seconds"] = time.perf_counter() - started
-    io.write_json(out, report)
+    save()
     print_checks(failed, args.checks)
     print(f"\nwrote {out} ({report['seconds']:.0f} s)")
     return 1 if failed else 0
 
 
 def failed_checks(report: dict) -> list[str]:
-    """Every check that did not pass, named."""
-    failed = []
+    """Every check that did not pass, and every stage that failed, named."""
+    failed = [f"stage {name}: {error}" for name, error in report["errors"].items()]
     for model in report["models"]:
         failed += [f"sync {model['label']} {name}: {c.get('error') or c.get('where')}"
                    for name, c in model.get("sync", {}).items() if not c["ok"]]
@@ -1075,7 +1080,7 @@ def readme_tables(folder: Path = BENCHMARK_DIR) -> str:
             loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, "sgd"),
                               _loop_cell(loop, "gnp"), _count(evaluation) if evaluation else "–"])
         if "loader" in data:
-            first = data["models"][0]["label"]
+            first = data["models"][0]["label"] if data["models"] else None
             for style, presets in data["loader"]["styles"].items():
                 loader_rows.append([where, style, *(_loader_cell(presets.get(k), first) for k in PRESETS)])
     for name, data in old:  # the formats of the scripts this one replaced
@@ -1154,10 +1159,11 @@ def _memory(memory: dict | None) -> str:
             f"(≤ {memory['limit_bytes'] / 2**20:,.0f})")
 
 
-def _loader_cell(preset: dict | None, model_label: str) -> str:
+def _loader_cell(preset: dict | None, model_label: str | None) -> str:
     if not preset:
         return "–"
-    return f"{_count(preset['images_per_second'])} ({preset['times_gnp_step'][model_label]:.0f}×)"
+    times = preset["times_gnp_step"].get(model_label)
+    return _count(preset["images_per_second"]) + (f" ({times:.0f}×)" if times else "")
 
 
 def _loop_cell(loop: dict | None, method: str) -> str:

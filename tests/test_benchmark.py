@@ -176,8 +176,13 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
 
     full = copy.deepcopy(data)
     full["models"][0]["options"] = {}
+    check = {"label": "pyramidnet272 bf16", "model": "pyramidnet272", "options": {}, "method": "gnp",
+             "batch_size": 128, "images_per_second": 100.0, "ok": True}  # as run_checks records a run
+    full["checks"] = {"runs": [check, {**check, "model": "vit_s", "ok": False}]}
     (out.parent / "full.json").write_text(json.dumps(full))
-    measured = {t.method: t for t in tables.read_throughput(out.parent)}
+    [epoch] = [t for t in tables.read_throughput(out.parent) if t.upper_bound]  # a failed run is no measurement
+    assert (epoch.model, epoch.method, epoch.images_per_second) == ("pyramidnet272", "gnp", 100.0)
+    measured = {t.method: t for t in tables.read_throughput(out.parent) if not t.upper_bound}
     assert set(measured) == {"sgd", "sam", "gnp"}
     for method, t in measured.items():
         assert t.model == "resnet18" and not t.upper_bound
@@ -225,3 +230,19 @@ def test_a_mixed_variant_costs_the_mean_of_its_steps_whatever_one_block_did():
     assert benchmark.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
     assert benchmark.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
     assert benchmark.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
+
+
+def test_a_failing_stage_is_recorded_and_fails_the_run_while_the_others_go_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(benchmark, "measure_model", broken)
+    out = tmp_path / "bench.json"
+    code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "resnet18:width=3,batch=8",
+                           "--skip", "exact", "loader", "loop", "--loop-images", "8", "--test-images", "8",
+                           "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert code == 1 and data["complete"] is True and data["models"] == []
+    assert set(data["errors"]) == {"steps resnet18 (width=2)", "steps resnet18 (width=3)"}  # the second still ran
+    assert all(e.startswith("RuntimeError: CUDA error: an illegal memory access (at ") for e in data["errors"].values())
+    assert len(data["checks_failed"]) == 2
