@@ -13,7 +13,8 @@ it measured (results/benchmarks/<name>_<device>.json, or --out):
    (`two_pass_step`) on the same model and optimizer, and of GNP with each fast path flipped
    (compile, channels_last, precision, fused optimizer). The variants are interleaved round-robin
    (--warmup steps each, then --repeats rounds of --steps steps each), with device synchronisation
-   around each timed block; medians with min/max and quartiles. Then evaluation throughput
+   around each timed block: medians with min/max and quartiles, and ratios as medians over rounds
+   of the ratio within a round (a shared machine's drift cancels). Then evaluation throughput
    (gnp.training.evaluate) and peak memory of SGD and GNP (CUDA: max_memory_allocated in this
    process; CPU: peak RSS of a child process per variant).
 2. exact mode: SGD, GNP and exact (double-backward) GNP on a ResNet-18 of width 8, batch 32.
@@ -24,7 +25,8 @@ it measured (results/benchmarks/<name>_<device>.json, or --out):
 5. checks (CUDA only, or --checks on): every model family trains a short GNP epoch through
    gnp.training.train, and no training step or loader batch synchronises the host with the GPU.
 
-Targets are printed beside the measurements; only a failed check makes the exit status non-zero.
+Targets are printed beside the measurements; only a failed check (or a stage that raised) makes the
+exit status non-zero.
 """
 from __future__ import annotations
 
