@@ -28,8 +28,9 @@ train: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Speed of the training loop against its limits (README, Speed); on CUDA also the end-to-end checks.
 bench: setup
-	$(PY) scripts/benchmark_step.py $(ARGS)
+	$(PY) scripts/benchmark.py $(ARGS)
 
 # The paper's tables and figures from the runs in $(RUNS) (results/tables/, results/figures/).
 RUNS ?= runs

@@ -1,0 +1,248 @@
+"""scripts/benchmark.py: its hand-written two-pass step (the reference GNP's step is timed against)
+is the GNP update, checked against GradientNormPenalty and a closed form; a tiny run writes every
+field that README.md's speed tables and the tables' time estimates read; README.md's tables are
+what the generator makes of the committed JSON. No timing is asserted."""
+import copy
+import importlib.util
+import json
+import statistics
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gnp import tables
+from gnp.augment import PRESETS, STYLES
+from gnp.method import GradientNormPenalty
+from conftest import ROOT
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_benchmark()
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return net.double()
+
+
+def test_the_two_pass_step_is_gradient_norm_penaltys_step():
+    """Three steps with SGD momentum, in-loss L2 and an active clip: parameters, BatchNorm statistics
+    and momentum agree to float64 rounding."""
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    reference, suite = _tiny_net(), _tiny_net()
+    settings = dict(r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=0.05)
+    base_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    base = torch.optim.SGD(suite.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt = GradientNormPenalty(suite, base, **settings)
+    for _ in range(3):
+        benchmark.two_pass_step(list(reference.parameters()), list(reference.buffers()), base_ref,
+                                lambda: F.cross_entropy(reference(x), y), **settings)
+        opt.step(lambda: F.cross_entropy(suite(x), y))
+        assert opt.final_grad_norm.item() == pytest.approx(0.05, rel=1e-4)  # the clip was active
+    for (name, a), b in zip(reference.state_dict().items(), suite.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+    for a, b in zip(base_ref.state_dict()["state"].values(), base.state_dict()["state"].values()):
+        torch.testing.assert_close(a["momentum_buffer"], b["momentum_buffer"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.1])
+def test_the_two_pass_step_follows_the_formula_on_least_squares(max_grad_norm):
+    """L(w) = 0.5 * mean((Xw - y)^2) has the gradient X^T (Xw - y) / n: one plain SGD step by hand."""
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 5, dtype=torch.float64, generator=generator)
+    y = torch.randn(20, dtype=torch.float64, generator=generator)
+    w0 = torch.randn(5, dtype=torch.float64, generator=generator)
+    r, alpha, l2, lr = 0.2, 0.7, 0.01, 0.5
+
+    def grad(w):
+        return X.T @ (X @ w - y) / len(y) + l2 * w
+
+    d = grad(w0) / grad(w0).norm()
+    g = (1 - alpha) * d + alpha * grad(w0 + r * d)
+    if max_grad_norm is not None:
+        g = g * min(1.0, max_grad_norm / (g.norm().item() + 1e-6))  # clip_grad_norm_'s documented coefficient
+    expected = w0 - lr * g
+
+    w = nn.Parameter(w0.clone())
+    optimizer = torch.optim.SGD([w], lr=lr)
+    benchmark.two_pass_step([w], [], optimizer, lambda: 0.5 * ((X @ w - y) ** 2).mean(), r=r, alpha=alpha,
+                            l2=l2, max_grad_norm=max_grad_norm)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_each_fast_path_pair_differs_in_that_path_alone(device):
+    main = benchmark.FastPaths("bf16" if device == "cuda" else "fp32", True, device == "cuda", device == "cuda")
+    variants = benchmark.step_variants(main, ["fp32", "bf16", "fp16"])
+    pairs = benchmark.fast_path_pairs(variants, main)
+    key = {"compile": "compile", "channels_last": "channels_last", "fused": "fused", "bf16": "precision",
+           "fp16": "precision"}
+    assert {p["path"] for p in pairs} == set(key) - ({"compile"} if device == "cpu" else set())
+    for pair in pairs:
+        on, off = asdict(variants[pair["on"]][1]), asdict(variants[pair["off"]][1])
+        assert {k for k in on if on[k] != off[k]} == {key[pair["path"]]}
+        assert variants[pair["on"]][0] == variants[pair["off"]][0] == "gnp"
+        if pair["path"] in ("bf16", "fp16"):
+            assert (on["precision"], off["precision"]) == (pair["path"], "fp32")
+        else:
+            assert on[pair["path"]] is True and off[pair["path"]] is False
+    compiled = [name for name, (_, paths, _) in variants.items() if paths.compile]
+    main_setting = {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[fused=off]"}
+    assert set(compiled) == (main_setting if device == "cuda" else set())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench_cpu.json"
+    code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "--steps", "1", "--repeats", "2",
+                           "--warmup", "0", "--precisions", "fp32", "--loop-images", "16", "--test-images", "8",
+                           "--loop-epochs", "2", "--loop-repeats", "1", "--loader-batches", "1", "--skip", "exact",
+                           "--out", str(out)])
+    assert code == 0
+    return out, json.loads(out.read_text())
+
+
+def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
+    _, data = tiny_run
+    assert data["format"] == benchmark.FORMAT and data["complete"] is True
+    assert {"device", "device_name", "device_count", "cpu_threads", "torch", "cuda"} <= data["environment"].keys()
+    assert data["environment"]["device"] == "cpu" and "--steps 1" in data["command"]
+    assert data["settings"]["models"] == [{"name": "resnet18", "options": {"width": 2}, "batch_size": 8, "steps": 1}]
+    [model] = data["models"]
+    assert (model["model"], model["options"], model["batch_size"]) == ("resnet18", {"width": 2}, 8)
+    assert model["parameters"] == sum(p.numel() for p in benchmark.MODELS["resnet18"](width=2).parameters())
+    assert set(model["variants"]) == {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[channels_last=off]",
+                                      "gnp[fused=on]"}
+    for v in model["variants"].values():
+        timing = v["ms_per_step"]
+        assert len(timing["samples"]) == 2 and timing["median"] == statistics.median(timing["samples"])
+        assert timing["min"] <= timing["q1"] <= timing["median"] <= timing["q3"] <= timing["max"]
+        if "mean_ms_per_step" not in v:  # hybrid's rate is its mean's (below)
+            assert v["images_per_second"] == pytest.approx(8 * 1000 / timing["median"])
+    assert model["variants"]["sgd"]["two_pass_fraction"] == 0 and model["variants"]["gnp"]["two_pass_fraction"] == 1
+    hybrid = model["variants"]["hybrid"]
+    assert hybrid["two_pass_fraction"] in (0, 0.5, 1)  # over its 2 timed steps
+    assert hybrid["images_per_second"] == pytest.approx(8000 / hybrid["mean_ms_per_step"])
+    samples = {name: v["ms_per_step"]["samples"] for name, v in model["variants"].items()}
+    for a, b in (("gnp", "sgd"), ("gnp", "two_pass"), ("sam", "sgd")):  # paired by round, median of 2 rounds
+        per_round = [samples[a][r] / samples[b][r] for r in range(2)]
+        assert model["ratios"][f"{a}/{b}"] == pytest.approx(sum(per_round) / 2)
+    channels_last = next(p for p in model["fast_paths"] if p["path"] == "channels_last")
+    off, on = samples["gnp[channels_last=off]"], samples["gnp"]
+    assert channels_last["speedup"] == pytest.approx((off[0] / on[0] + off[1] / on[1]) / 2)
+    memory = model["memory"]
+    assert memory["parameter_bytes"] == 4 * model["parameters"] and memory["sgd_bytes"] > 0
+    assert memory["limit_bytes"] == pytest.approx((memory["sgd_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
+    assert model["evaluation"]["images"] == 8 and model["evaluation"]["images_per_second"] > 0
+    assert set(data["loader"]["styles"]) == set(STYLES)
+    assert all(set(presets) == set(PRESETS) for presets in data["loader"]["styles"].values())
+    basic = data["loader"]["styles"]["official"]["basic"]
+    assert basic["times_gnp_step"][model["label"]] == pytest.approx(
+        basic["images_per_second"] / model["variants"]["gnp"]["images_per_second"])
+    [loop] = data["loop"]
+    for method in ("sgd", "gnp"):
+        run = loop["methods"][method]
+        assert run["ok"] and len(run["epoch_images_per_second"]) == 1 and len(run["epoch_images_per_second"][0]) == 2
+        assert run["images_per_second"] == run["epoch_images_per_second"][0][1]  # the first epoch is the warm-up
+        assert len(run["bare_step_ms"]["samples"]) == 2  # one block before the run, one after
+        assert run["bare_step_images_per_second"] == pytest.approx(8000 / run["bare_step_ms"]["median"])
+        assert run["loop/bare_step"] == pytest.approx(run["images_per_second"] / run["bare_step_images_per_second"])
+        assert run["summaries"][0]["method"] == method and run["summaries"][0]["status"] == "finished"
+    assert "checks" not in data and data["checks_failed"] == []
+
+
+def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
+    out, data = tiny_run
+    model = data["models"][0]
+    text = benchmark.readme_tables(out.parent)
+    row = next(line for line in text.splitlines() if "ResNet-18 (width 2), 8 |" in line)
+    assert f"| {model['variants']['sgd']['ms_per_step']['median']:.3g} |" in row
+    assert f"| {model['ratios']['gnp/sgd']:.2f}× |" in row and f"| {model['ratios']['gnp/two_pass']:.2f}× |" in row
+    assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 5
+    assert tables.read_throughput(out.parent) == []  # a shrunk model is no measurement of the full one
+
+    full = copy.deepcopy(data)
+    full["models"][0]["options"] = {}
+    check = {"label": "pyramidnet272 bf16", "model": "pyramidnet272", "options": {}, "method": "gnp",
+             "batch_size": 128, "images_per_second": 100.0, "ok": True}  # as run_checks records a run
+    full["checks"] = {"runs": [check, {**check, "model": "vit_s", "ok": False}]}
+    (out.parent / "full.json").write_text(json.dumps(full))
+    [epoch] = [t for t in tables.read_throughput(out.parent) if t.upper_bound]  # a failed run is no measurement
+    assert (epoch.model, epoch.method, epoch.images_per_second) == ("pyramidnet272", "gnp", 100.0)
+    measured = {t.method: t for t in tables.read_throughput(out.parent) if not t.upper_bound}
+    assert set(measured) == {"sgd", "sam", "gnp"}
+    for method, t in measured.items():
+        assert t.model == "resnet18" and not t.upper_bound
+        assert t.images_per_second == pytest.approx(8000 / model["variants"][method]["ms_per_step"]["median"])
+        assert t.device == f"cpu ({data['environment']['cpu_threads']} threads)" and t.how == measured["sgd"].how
+    (out.parent / "full.json").unlink()
+
+
+def test_readme_speed_tables_are_generated_from_the_committed_json():
+    readme = (ROOT / "README.md").read_text()
+    assert benchmark.generated_readme_tables(readme) == benchmark.readme_tables(), \
+        "README.md's speed tables are stale: run python scripts/benchmark.py --readme"
+
+
+def test_the_readme_tables_are_replaced_between_their_markers():
+    text = f"# x\n\n## Speed\nbefore\n{benchmark.README_BEGIN}\nold table\n{benchmark.README_END}\nafter\n"
+    updated = benchmark.replace_readme_tables(text, "| new |")
+    assert updated == f"# x\n\n## Speed\nbefore\n{benchmark.README_BEGIN}\n| new |\n{benchmark.README_END}\nafter\n"
+    assert benchmark.generated_readme_tables(updated) == "| new |"
+    with pytest.raises(SystemExit, match="no speed-table markers"):
+        benchmark.replace_readme_tables("# x\n", "| new |")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("resnet18:widht=3", "has no option(s) widht"),
+    ("resnet18:width", "expected NAME or NAME:KEY=VALUE"),
+    ("resnet99", "is not a known model"),
+    ("resnet18:batch=0", "batch=0 must be an integer >= 1"),
+])
+def test_bad_model_specs_are_one_line_errors(spec, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--models", spec])
+    assert message in capsys.readouterr().err
+
+
+def test_default_options_are_dropped_from_a_model_spec():
+    assert benchmark.parse_model("resnet18:width=64,batch=128,steps=3") == benchmark.ModelSpec("resnet18", {}, 128, 3)
+    assert benchmark.parse_model("vit_s:depth=1") == benchmark.ModelSpec("vit_s", {"depth": 1}, None, None)
+
+
+def test_a_mixed_variant_costs_the_mean_of_its_steps_whatever_one_block_did():
+    """Blocks of 2 steps, a plain step 10 ms and a two-pass one 20 ms: the steps cost 15 ms on average
+    (3 two-pass steps of 6), also when one block was slowed down by another process."""
+    two_pass = [True, False, True, True, False, False]
+    assert benchmark.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert benchmark.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert benchmark.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
+
+
+def test_a_failing_stage_is_recorded_and_fails_the_run_while_the_others_go_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(benchmark, "measure_model", broken)
+    out = tmp_path / "bench.json"
+    code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "resnet18:width=3,batch=8",
+                           "--skip", "exact", "loader", "loop", "--loop-images", "8", "--test-images", "8",
+                           "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert code == 1 and data["complete"] is True and data["models"] == []
+    assert set(data["errors"]) == {"steps resnet18 (width=2)", "steps resnet18 (width=3)"}  # the second still ran
+    assert all(e.startswith("RuntimeError: CUDA error: an illegal memory access (at ") for e in data["errors"].values())
+    assert len(data["checks_failed"]) == 2
