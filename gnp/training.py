@@ -359,22 +359,7 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
         for step, (images, target) in enumerate(self.train_loader.epoch(epoch, start_step), start_step):
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            # Dropout, stochastic depth and ShakeDrop draws of this step on this replica.
-            torch.manual_seed(random_seed(self.cfg.seed, Stream.MODEL, epoch * self.steps_per_epoch + step,
-                                          self.ctx.rank))
-
-            def closure():
-                with self.autocast():
-                    logits = self.model(images)
-                return F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing), logits
-
-            first_loss = self.optimizer.step(closure)
-            self.scheduler.step()
-            if self.ema:
-                self.ema.update()
-            totals.add(self.optimizer, first_loss, target, step)
+            self.train_step(epoch * self.steps_per_epoch + step, images, target, totals)
             bar.update()
             done = step + 1
             if done == self.steps_per_epoch:
@@ -395,6 +380,24 @@ class Trainer:
         self.finish_epoch(epoch, totals, epoch_start, images_per_second)
         if signum and epoch + 1 < t.epochs:  # after the last epoch the run is simply done
             self.stop(signum, f"the end of epoch {epoch + 1}")
+
+    def train_step(self, global_step: int, images: torch.Tensor, target: torch.Tensor, totals: EpochTotals) -> None:
+        """One optimisation step with everything the loop does around it."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # Dropout, stochastic depth and ShakeDrop draws of this step on this replica.
+        torch.manual_seed(random_seed(self.cfg.seed, Stream.MODEL, global_step, self.ctx.rank))
+        first_loss = self.optimizer.step(lambda: self.loss_and_logits(images, target))
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update()
+        totals.add(self.optimizer, first_loss, target, global_step % self.steps_per_epoch)
+
+    def loss_and_logits(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closure each pass of a step evaluates: the loss in float32, and the logits."""
+        with self.autocast():
+            logits = self.model(images)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.train.label_smoothing), logits
 
     def poll(self, epoch: int, done: int, totals: EpochTotals) -> tuple[int, bool]:
         """Read the device's flags, agreed across replicas: raise Diverged on NaN or inf; return the
@@ -503,7 +506,7 @@ class Trainer:
             "train_loss": last.get("train_loss"), "train_error": last.get("train_error"),
             "wall_seconds": sum(row["seconds"] for row in history),
             "images_per_second": sum(row["images_per_second"] for row in history) / len(history) if history else None,
-            "data_verified": self.data_verified, "git_commit": _git_commit(), "torch_version": torch.__version__,
+            "data_verified": self.data_verified, "git_commit": git_commit(), "torch_version": torch.__version__,
             "device": f"{device_name} x{self.ctx.world_size}" if self.ctx.world_size > 1 else device_name,
             "world_size": self.ctx.world_size,
         }
@@ -555,7 +558,7 @@ def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
                           f"settings, or start a new run in another directory (hydra.run.dir=...).")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=10)

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -61,11 +60,12 @@ from omegaconf import DictConfig
 from gnp import io
 from gnp.augment import PRESETS, STYLES, build_augmentation
 from gnp.config import validate
-from gnp.data import BatchLoader, Stream, load_dataset, random_seed, write_synthetic_cifar
+from gnp.data import BatchLoader, load_dataset, write_synthetic_cifar
 from gnp.distributed import Context, pick_device
 from gnp.method import GradientNormPenalty
 from gnp.models import MODELS, check_model_options, count_parameters
-from gnp.training import EpochTotals, Trainer, _git_commit, evaluate, train, use_channels_last
+from gnp.runs import first_line
+from gnp.training import EpochTotals, Trainer, evaluate, git_commit, train, use_channels_last
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,7 +253,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
 
 def main_paths(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> FastPaths:
     """The fast paths of the main comparison: what the suite chooses on this device, compile as asked."""
-    return FastPaths(args.precision, use_channels_last("auto", spec.name), args.compile, device.type == "cuda")
+    return FastPaths(args.precision, use_channels_last("auto", spec.name, device), args.compile, device.type == "cuda")
 
 
 # --- configs and steps of the suite's own code -----------------------------------------------------
@@ -286,10 +286,7 @@ class SuiteStep:
         self.totals = EpochTotals(device)
 
     def closure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.trainer.autocast():
-            logits = self.trainer.model(self.images)
-        smoothing = self.trainer.cfg.train.label_smoothing
-        return F.cross_entropy(logits.float(), self.target, label_smoothing=smoothing), logits
+        return self.trainer.loss_and_logits(self.images, self.target)
 
     def __call__(self) -> None:
         self.trainer.optimizer.step(self.closure)
@@ -298,11 +295,7 @@ class SuiteStep:
     def loop_step(self) -> None:
         """The step with the training loop's per-step work around it: the step's model seed, the
         learning-rate schedule and the epoch's running totals."""
-        step = self.trainer.optimizer.steps_taken
-        torch.manual_seed(random_seed(self.trainer.cfg.seed, Stream.MODEL, step, 0))
-        first_loss = self.trainer.optimizer.step(self.closure)
-        self.trainer.scheduler.step()
-        self.totals.add(self.trainer.optimizer, first_loss, self.target, step)
+        self.trainer.train_step(self.trainer.optimizer.steps_taken, self.images, self.target, self.totals)
 
 
 class TwoPassStep(SuiteStep):
@@ -649,7 +642,7 @@ def no_sync(call: Callable[[], None], device: torch.device) -> dict:
         for _ in range(SYNC_STEPS):
             call()
     except RuntimeError as e:
-        return {"ok": False, "mode": "error", "error": _one_line(e), "where": _innermost(e)}
+        return {"ok": False, "mode": "error", "error": f"{type(e).__name__}: {first_line(e)}", "where": _innermost(e)}
     finally:
         torch.cuda.set_sync_debug_mode("default")
     synchronize(device)
@@ -672,11 +665,6 @@ def count_syncs(call: Callable[[], None], device: torch.device) -> dict:
     in_scaler = all(Path(w.filename).name == "grad_scaler.py" for w in syncs)
     return {"ok": in_scaler and len(syncs) <= SYNC_STEPS, "mode": "warn", "steps": SYNC_STEPS,
             "synchronisations": len(syncs), "where": places}
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _innermost(error: BaseException) -> str:
@@ -796,7 +784,7 @@ def run_checked(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     try:
         summary = train(cfg, run_dir)
     except Exception as e:  # a check that fails is recorded, and the others still run
-        return {"ok": False, "problems": [_one_line(e)], "metrics": [], "summary": None}
+        return {"ok": False, "problems": [f"{type(e).__name__}: {first_line(e)}"], "metrics": [], "summary": None}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     problems = []
     if summary["status"] != "finished":
@@ -901,7 +889,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
     report: dict[str, Any] = {
         "format": FORMAT, "name": args.name, "command": command,
-        "git_commit": _git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": env,
+        "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": env,
         "settings": {k: [asdict(m) for m in v] if k == "models" else v for k, v in vars(args).items()
                      if k not in ("readme", "memory_child", "out")},
         "limits": {"steps": STEP_LIMITS[device.type], "memory_slack": MEMORY_SLACK, "loader": LOADER_TARGET,
@@ -918,7 +906,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             result = measure()
         except Exception as e:
             traceback.print_exc()
-            report["errors"][name] = f"{_one_line(e)} (at {_innermost(e)})"
+            report["errors"][name] = f"{type(e).__name__}: {first_line(e)} (at {_innermost(e)})"
             return None
         finally:
             report["stage_seconds"][name] = time.perf_counter() - stage_started
