@@ -124,7 +124,7 @@ def test_cutout_holes_are_16x16_clipped_at_borders_and_mean_coloured():
     assert torch.equal(hole, rows[:, :, None] & cols[:, None, :])  # one rectangle per image
     heights, widths = rows.sum(1), cols.sum(1)
     assert heights.min() >= 8 and widths.min() >= 8 and heights.max() == 16 and widths.max() == 16
-    interior = rows[:, 0].logical_not() & rows[:, -1].logical_not() & cols[:, 0].logical_not() & cols[:, -1].logical_not()
+    interior = ~rows[:, 0] & ~rows[:, -1] & ~cols[:, 0] & ~cols[:, -1]
     assert (heights[interior] == 16).all() and (widths[interior] == 16).all()
     # holes clear of all four borders: centre row and column each in [9, 23], 15 of 32 values
     assert abs(interior.float().mean().item() - (15 / 32) ** 2) < 0.04

@@ -68,11 +68,12 @@ def test_two_processes_match_one_on_one_node_or_two(tmp_path):
 
 
 # BatchNorm whose statistics differ between replicas (each perturbs and normalises its own shard),
-# cutout draws, 4 steps per epoch; every step is a checkpoint in the run that is stopped.
+# cutout draws, 8 steps per epoch (room for the signal to land mid-epoch on a busy machine); every step
+# is a checkpoint in the run that is stopped.
 def _bn_run(root, run_dir, method, *extra):
     return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "model=resnet18", "model.width=4",
             "aug=cutout", f"method={method}", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=128",
-            "train.batch_size=32", "train.eval_batch_size=25", "train.epochs=3", "train.sync_every=1",
+            "train.batch_size=16", "train.eval_batch_size=25", "train.epochs=3", "train.sync_every=1",
             "wandb.mode=disabled", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
 
 

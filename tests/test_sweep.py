@@ -428,7 +428,7 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_a_warning_signal_and_requeue(t
 
 
 SLURM_TASK_9_OF_2_NODES = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
-                           "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+                           "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "16",
                            "SLURM_JOB_NODELIST": "gpu[07-08]"}
 
 
@@ -447,6 +447,9 @@ def test_ddp_settings_of_an_srun_task_come_from_slurms_environment(monkeypatch):
     assert distributed.detect_launch({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", **SLURM_TASK_9_OF_2_NODES}) \
         == distributed.Launch(2, 0, 4)  # torchrun inside a SLURM job: torchrun's variables win
     assert distributed.detect_launch({}) == distributed.Launch(0, 0, 1)
+    # The batch script itself sees the allocation's 16 tasks but is one process, not a replica.
+    batch_script = {k: v for k, v in SLURM_TASK_9_OF_2_NODES.items() if k != "SLURM_STEP_NUM_TASKS"}
+    assert distributed.detect_launch(batch_script) == distributed.Launch(0, 0, 1)
 
 
 @pytest.mark.parametrize("name", ["alpha_r_grid", "bayes_alpha_r_lr"])
