@@ -352,7 +352,6 @@ def test_parallel_launcher_trains_two_digits_jobs_at_once_on_two_cpu_slots(tmp_p
     assert spans[0][1] < spans[1][2] and spans[1][1] < spans[0][2]  # each started before the other ended
 
 
-@pytest.mark.slow
 def _submitit_task(sweep_dir: Path) -> int | None:
     """The PID of the process that runs the submitted job (submitit starts it under its controller)."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -365,6 +364,7 @@ def _submitit_task(sweep_dir: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
     run = [*TINY_DIGITS, "train.epochs=3", "train.sync_every=1", "device=cpu", "seed=3"]
