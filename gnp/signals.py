@@ -1,6 +1,7 @@
 """Stop requests: SIGTERM (SLURM, Kubernetes and torchrun before a kill), SIGINT (Ctrl-C), SIGUSR1
-and SIGUSR2 (the pre-timeout signals of SLURM and submitit) ask the training loop to stop at the
-next step boundary, after a checkpoint. Ctrl-C once a stop is under way stops at once.
+and SIGUSR2 (the pre-timeout signals of SLURM and submitit) ask the training loop to stop after a
+checkpoint, at the next step where it reads the device's flags (every `train.sync_every` steps).
+Ctrl-C once a stop is under way stops at once.
 
 After the checkpoint the loop calls `StopSignals.hand_over()`: where a scheduler's handler was
 installed before (submitit's, which requeues the job), it runs it; on a plain SLURM job it asks
@@ -55,9 +56,9 @@ class StopSignals:
                         f"(press Ctrl-C again to stop at once)")
 
     def hand_over(self, signum: int, is_main: bool) -> None:
-        """Once the checkpoint is safe: let the scheduler requeue the job where it can. `signum` is
-        the signal the replicas agreed on (a replica may have stopped for another one's signal)."""
-        self.__exit__()  # the handlers from before the run are back in place
+        """Once the checkpoint is safe and the `with` block has put back the handlers from before the
+        run: let the scheduler requeue the job where it can. `signum` is the signal the replicas
+        agreed on (a replica may have stopped for another one's signal)."""
         previous = signal.getsignal(signum)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, None)  # a scheduler's own handler (submitit's requeues the job and exits)

@@ -47,10 +47,8 @@ def run_name(config: dict) -> str:
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, config: dict, *, enabled: bool, run_id: str | None = None):
-        self.run_dir, self.enabled, self.run = Path(run_dir), enabled, None
-        if not enabled:
-            return
+    def __init__(self, run_dir: str | Path, config: dict, *, run_id: str | None = None):
+        self.run_dir, self.run = Path(run_dir), None
         io.write_text(self.run_dir / "config.yaml", _to_yaml(config))
         wandb_cfg = config["wandb"]
         mode = resolve_wandb_mode(wandb_cfg["mode"])
@@ -86,8 +84,6 @@ class Tracker:
 
     def log_epoch(self, history: list[dict]) -> None:
         """Rewrite metrics.jsonl from the full history (atomic), and send the newest row to W&B."""
-        if not self.enabled:
-            return
         io.write_jsonl(self.run_dir / "metrics.jsonl", history)
         if self.run is not None:
             row = history[-1]
@@ -96,8 +92,6 @@ class Tracker:
     def finish(self, summary: dict | None, exit_code: int = 0, preempted: bool = False) -> None:
         """Write summary.json (when given) and close the W&B run; called on failure too. A preempted
         run is marked so in W&B, which then expects it to resume."""
-        if not self.enabled:
-            return
         if summary is not None:
             io.write_json(self.run_dir / "summary.json", summary)
         if self.run is not None:

@@ -37,7 +37,7 @@ from gnp.tracking import Tracker
 
 # Keys that may differ when a run is resumed: they change where and how it is logged, not what it computes.
 RESUMABLE_CHANGES = ("wandb", "device", "train.progress", "train.checkpoint_minutes", "train.sync_every",
-                     "dataset.root", "dataset.download")
+                     "train.eval_batch_size", "dataset.root", "dataset.download", "dataset.verify")
 CNN_PREFIXES = ("resnet", "wrn", "pyramidnet")  # the models that channels_last speeds up
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -113,11 +113,20 @@ def build_method(cfg: DictConfig, model: nn.Module, net: nn.Module, steps_per_ep
     """The config's method around its base optimizer. `model` is what a step calls (DDP and/or
     compiled), `net` the plain module that owns the parameters."""
     m, o = cfg.method, cfg.optimizer
+    warmup_steps = round(m.warmup_epochs * steps_per_epoch)
+    if m.warmup != "none" and warmup_steps == 0:
+        raise ConfigError(f"method.warmup_epochs={m.warmup_epochs} is invalid: it rounds to 0 of the "
+                          f"{steps_per_epoch} steps per epoch; use at least {1 / steps_per_epoch:.3g}")
     return GradientNormPenalty(
         model, build_optimizer(o, net, device), r=m.r, alpha=m.alpha, normalize_first_grad=m.normalize_first_grad,
         l2=o.weight_decay if o.weight_decay_mode == "loss" else 0.0, max_grad_norm=m.max_grad_norm,
-        sync_perturbation=m.sync_perturbation, warmup=m.warmup, warmup_steps=round(m.warmup_epochs * steps_per_epoch),
+        sync_perturbation=m.sync_perturbation, warmup=m.warmup, warmup_steps=warmup_steps,
         gnp_probability=m.gnp_probability, seed=cfg.seed, grad_scaler=grad_scaler)
+
+
+def init_seed(cfg: DictConfig) -> int:
+    """The seed of the model's initial weights: `init_seed`, by default `seed`."""
+    return cfg.seed if cfg.init_seed is None else cfg.init_seed
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int):
@@ -161,6 +170,9 @@ class EpochTotals:
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device) if saved is None \
             else saved.to(device=device, dtype=torch.float64)
         self.first_bad_step = torch.full((), math.inf, dtype=torch.float64, device=device)
+
+    def field(self, name: str) -> torch.Tensor:
+        return self.sums[self.FIELDS.index(name)]
 
     def add(self, optimizer: GradientNormPenalty, first_loss: torch.Tensor, target: torch.Tensor, step: int) -> None:
         labels = target if target.ndim == 1 else target.argmax(1)  # soft targets from mixup/cutmix
@@ -224,12 +236,9 @@ class Trainer:
                                        device=device, mean=d.mean, std=d.std, train=False, rank=ctx.rank,
                                        world_size=ctx.world_size)
         self.steps_per_epoch = len(self.train_loader)
-        if cfg.method.warmup != "none" and round(cfg.method.warmup_epochs * self.steps_per_epoch) == 0:
-            raise ConfigError(f"method.warmup_epochs={cfg.method.warmup_epochs} is invalid: it rounds to 0 of the "
-                              f"{self.steps_per_epoch} steps per epoch; use at least {1 / self.steps_per_epoch:.3g}")
 
         # Model: identical initial weights on every replica, from init_seed (default: seed).
-        torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
+        torch.manual_seed(init_seed(cfg))
         self.net = build_model(cfg.model.name, d.num_classes, **{k: v for k, v in cfg.model.items() if k != "name"})
         self.channels_last = use_channels_last(t.channels_last, cfg.model.name, device)
         if self.channels_last and device.type == "cpu":
@@ -255,20 +264,17 @@ class Trainer:
 
     def run(self) -> dict:
         device, main = self.ctx.device, self.ctx.is_main
+        # A refusal here (a corrupted checkpoint, another run's config) leaves the directory as it is.
+        state, finished = self.open_run_directory()
+        if finished:
+            log.info(f"{self.run_dir} already finished: test error {finished['test_error']:.2f}%")
+            return finished
         try:
-            state = checkpoint.load(self.run_dir)
-            if state:
-                _check_resumable(state["config"], self.config, self.run_dir)
-            finished = self.finished_summary(state)
-            self.check_same_start(state, finished is not None)
-            if finished:
-                log.info(f"{self.run_dir} already finished: test error {finished['test_error']:.2f}%")
-                return finished
             self.build()
             start_epoch, start_step, saved_totals = self.resume(state) if state else (0, 0, None)
             wandb_id = state["wandb_run_id"] if state else None
             self.tracker = distributed.on_main(
-                lambda: Tracker(self.run_dir, self.config, enabled=True, run_id=wandb_id), device)
+                lambda: Tracker(self.run_dir, self.config, run_id=wandb_id), device)
             if state:  # a kill between the checkpoint and metrics.jsonl must not leave the file short
                 distributed.on_main(lambda: io.write_jsonl(self.run_dir / "metrics.jsonl", self.history), device)
             with self.signals:
@@ -293,6 +299,22 @@ class Trainer:
         log.info(f"test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%){ema}; "
                  f"outputs in {self.run_dir}")
         return summary
+
+    def open_run_directory(self) -> tuple[dict | None, dict | None]:
+        """The checkpoint to resume from and, for a run that is finished already, its summary: the same
+        on every process, or every process stops."""
+        state = finished = error = None
+        try:
+            state = checkpoint.load(self.run_dir)
+            if state:
+                _check_resumable(state["config"], self.config, self.run_dir)
+                self.history = state["history"]
+            finished = self.finished_summary(state)
+        except Exception as e:
+            error = e
+        distributed.agree(error, self.ctx.device)
+        self.check_same_start(state, finished is not None)
+        return state, finished
 
     def finished_summary(self, state: dict | None) -> dict | None:
         """The summary of a run that this directory holds finished already, else None."""
@@ -329,13 +351,11 @@ class Trainer:
     def resume(self, state: dict) -> tuple[int, int, torch.Tensor | None]:
         """Restore the checkpoint's state; returns where to continue (epoch, step) and the partial
         epoch's sums of this replica."""
-        _check_resumable(state["config"], self.config, self.run_dir)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema:
             self.ema.model.load_state_dict(state["ema"])
-        self.history = state["history"]
         per_replica = state["replica_stats"]  # None for a single process: its model holds them
         if per_replica is not None and len(per_replica) == self.ctx.world_size:
             own = per_replica[self.ctx.rank].to(self.ctx.device)
@@ -371,7 +391,7 @@ class Trainer:
                 if signum:
                     self.stop(signum, f"step {done}/{self.steps_per_epoch} of epoch {epoch + 1}")
                 if not bar.disable:
-                    loss, errors = totals.sums[:2].tolist()
+                    loss, errors = totals.field("loss").item(), totals.field("errors").item()
                     seen = done * self.train_loader.batch_size // self.ctx.world_size  # this replica's images
                     bar.set_postfix(loss=f"{loss / seen:.3f}", err=f"{100 * errors / seen:.1f}%")
         bar.close()
@@ -407,7 +427,7 @@ class Trainer:
         host_flags = torch.tensor([float(self.signals.signum or 0), float(due)], dtype=torch.float64,
                                   device=self.ctx.device)
         # MAX over replicas: any NaN, the earliest bad step (as its negative), a signal, a due checkpoint.
-        flags = torch.cat([totals.sums[-1:], -totals.first_bad_step.view(1), host_flags])
+        flags = torch.cat([totals.field("nonfinite").view(1), -totals.first_bad_step.view(1), host_flags])
         nonfinite, minus_first_bad, signum, due = distributed.all_reduce_max(flags).tolist()
         if nonfinite:
             raise Diverged(self.divergence_message(epoch, int(-minus_first_bad)))
@@ -494,7 +514,7 @@ class Trainer:
             "aug_style": cfg.aug.get("style"),
             "r": cfg.method.r, "alpha": cfg.method.alpha, "warmup": cfg.method.warmup,
             "warmup_epochs": cfg.method.warmup_epochs, "gnp_probability": cfg.method.gnp_probability,
-            "seed": cfg.seed, "init_seed": cfg.seed if cfg.init_seed is None else cfg.init_seed,
+            "seed": cfg.seed, "init_seed": init_seed(cfg),
             "epochs": cfg.train.epochs, "epochs_completed": len(history),
             "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size,
             "precision": self.precision, "num_parameters": self.num_parameters,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose_config, signal_at_step
+from gnp.config import ConfigError
 from gnp.method import GradientNormPenalty
 from gnp.models import build_model
 from gnp.training import Stopped, Trainer, build_optimizer, train
@@ -138,6 +139,13 @@ def test_gr_warmup_is_logged_as_the_closed_form(tmp_path):
     # r in force at each epoch's last step (steps count from 0): r * min(1, step / warmup_steps).
     expected = [0.1 * min(1.0, (e * steps + steps - 1) / warmup_steps) for e in range(3)]
     assert [row["r"] for row in rows] == pytest.approx(expected) and [row["alpha"] for row in rows] == [0.8] * 3
+
+
+def test_a_gr_warmup_shorter_than_one_step_is_refused(tmp_path):
+    # 4 steps per epoch: 0.1 epochs round to 0 warmup steps, which would make the warmup a no-op.
+    with pytest.raises(ConfigError, match=r"method.warmup_epochs=0.1 is invalid: it rounds to 0 of the 4 steps per "
+                                          r"epoch; use at least 0.25"):
+        _run(tmp_path, "method=gnp", "method.warmup=r", "method.warmup_epochs=0.1")
 
 
 def _fast_path_runs(root, tmp_path, *fast_path):

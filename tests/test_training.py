@@ -177,10 +177,16 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, cifar_root, monkeypatch):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "stopped"
 
 
-def test_resuming_with_different_settings_is_refused(tmp_path, cifar_root):
+def test_resuming_with_different_settings_is_refused_and_the_run_is_left_as_it_was(tmp_path, cifar_root):
     _cifar_run(cifar_root, tmp_path / "run")
+    def outputs():  # but train.log, which records the refusal too
+        return {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file() and p.name != "train.log"}
+
+    before = outputs()
     with pytest.raises(training.ConfigError, match=r"different run \(method.alpha: 0.8 -> 0.5\)"):
         _cifar_run(cifar_root, tmp_path / "run", "method.alpha=0.5")
+    assert outputs() == before
+    assert json.loads(before["summary.json"])["status"] == "finished"
 
 
 def test_batch_larger_than_the_training_set_is_refused(tmp_path, cifar_root):
