@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -118,6 +118,16 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     _check(isinstance(o.decay_norm_and_bias, bool), "optimizer.decay_norm_and_bias", o.decay_norm_and_bias,
            "true (decay every parameter, as the official code) or false (no decay on biases and norm weights)")
     _check(o.fused in ("auto", True, False), "optimizer.fused", o.fused, AUTO_OR_BOOL)
+    if o.name == "sgd":
+        _check(_is_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+        _check(o.nesterov in (True, False), "optimizer.nesterov", o.nesterov, "true or false")
+        _check(not o.nesterov or o.momentum > 0, "optimizer.nesterov", o.nesterov,
+               "Nesterov needs momentum > 0; with optimizer.momentum=0 set optimizer.nesterov=false too")
+    if o.name == "adamw":
+        betas = list(o.betas) if isinstance(o.betas, Sequence) and not isinstance(o.betas, str) else o.betas
+        _check(isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+               "optimizer.betas", betas, "must be two numbers in [0, 1), e.g. [0.9,0.999]")
+        _check(_is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a number > 0")
 
     _check(_is_number(m.r) and m.r >= 0, "method.r", m.r, "must be a number >= 0")
     _check(_is_number(m.alpha) and 0 <= m.alpha <= 1, "method.alpha", m.alpha, "must be in [0, 1]")

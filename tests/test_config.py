@@ -51,10 +51,15 @@ def test_default_is_the_official_gnp_recipe():
     ("optimizer.weight_decay_mode=both", "optimizer.weight_decay_mode='both' is invalid"),
     ("wandb.mode=maybe", "wandb.mode='maybe' is invalid: choose one of auto, online, offline, disabled"),
     ("dataset.limit_train=0", "dataset.limit_train=0 is invalid"),
+    ("optimizer.momentum=1", r"optimizer.momentum=1 is invalid: must be in \[0, 1\)"),
+    ("optimizer.momentum=0", "optimizer.nesterov=True is invalid: Nesterov needs momentum > 0"),
+    ("optimizer=adamw optimizer.betas=[0.9,1.0]", r"optimizer.betas=\[0.9, 1.0\] is invalid: must be two numbers"),
+    ("optimizer=adamw optimizer.betas=0.9", "optimizer.betas=0.9 is invalid: must be two numbers in"),
+    ("optimizer=adamw optimizer.eps=0", "optimizer.eps=0 is invalid: must be a number > 0"),
 ])
 def test_bad_values_name_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config(override))
+        validate(compose_config(*override.split()))
 
 
 def test_sam_is_alpha_one():
