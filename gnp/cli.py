@@ -32,6 +32,7 @@ from gnp.data import DataError
 from gnp.runs import RunDirectoryBusy, first_line, log, remove_stub, setup_console
 from gnp.tracking import TrackingError
 from gnp.training import Diverged, Stopped, train
+from hydra_plugins.gnp_parallel_launcher.parallel_launcher import SWEEP_DIR_VARIABLE
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, io.OutputError, TrackingError,
@@ -70,7 +71,11 @@ def check_command_line(argv: list[str]) -> None:
     multirun = "-m" in argv or "--multirun" in argv
     if not multirun and any(o.is_sweep_override() for o in job_overrides):
         return  # Hydra itself explains that a sweep needs --multirun
-    jobs = BasicSweeper.split_arguments(job_overrides, None)[0] if multirun else [[o.input_line for o in job_overrides]]
+    try:
+        jobs = BasicSweeper.split_arguments(job_overrides, None)[0] if multirun else \
+            [[o.input_line for o in job_overrides]]
+    except HydraException:
+        return  # a sweep that needs the config to expand (glob): each job is validated when it starts
     problems = _check_jobs(jobs, check_environment=not remote)
     if problems:
         lines = [message if not multirun else f"job {i} ({' '.join(jobs[i]) or 'defaults'}): {message}"
@@ -138,9 +143,12 @@ def run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    if sweep:  # a Hydra multirun's runs form one W&B group, unless the command names one
+    # A multirun's runs form one W&B group, unless the command names one; the parallel launcher
+    # starts each as a single run, and says which sweep it belongs to.
+    sweep_dir = hydra_cfg.sweep.dir if sweep else os.environ.get(SWEEP_DIR_VARIABLE)
+    if sweep_dir:
         with open_dict(cfg):
-            cfg.wandb.group = cfg.wandb.group or f"multirun-{Path(hydra_cfg.sweep.dir).name}"
+            cfg.wandb.group = cfg.wandb.group or f"multirun-{Path(sweep_dir).name}"
             cfg.wandb.tags = [*cfg.wandb.tags, "multirun"]
     try:
         return train(cfg, run_dir)["test_error"]
@@ -154,18 +162,22 @@ def run_job(cfg: DictConfig) -> float | None:
         raise SystemExit(130) from None
     except Exception as e:
         expected = isinstance(e, (*USER_ERRORS, Diverged))
-        main = distributed.detect_launch().rank == 0  # the main process speaks for the run
+        rank = distributed.detect_launch().rank
+        # The main process speaks for the run, and another one for an error of its own alone.
+        speaks = rank == 0 or not isinstance(e, distributed.ReplicaFailed)
+        who = "" if rank == 0 else f"process {rank}: "
         if sweep:
-            if main:
+            if rank == 0:
                 _record_failed_job(run_dir, e)
-                log.error(f"job {hydra_cfg.job.num} failed: {first_line(e)}", exc_info=not expected)
+            if speaks:
+                log.error(f"{who}job {hydra_cfg.job.num} failed: {first_line(e)}", exc_info=not expected)
             return None  # the sweep goes on; its summary lists this job
         if not expected:
             raise  # a bug: its traceback is what a report needs
-        if main:
-            print(f"error: {e}", file=sys.stderr)
-            if not isinstance(e, (Diverged, RunDirectoryBusy)):
-                remove_stub(run_dir)
+        if speaks:
+            print(f"error: {who}{e}", file=sys.stderr)
+        if rank == 0 and not isinstance(e, (Diverged, RunDirectoryBusy)):
+            remove_stub(run_dir)
         raise SystemExit(EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER_ERROR) from None
 
 

@@ -86,6 +86,8 @@ def test_valid_commands_pass_the_check():
     cli.check_command_line(["-m", "method=sgd,sam,gnp", "seed=range(0,3)", "hydra.sweep.dir=x"])
     cli.check_command_line(["model=vit_s", "method.alpha=0.5", "model.drop_path_rate=0.1"])
     cli.check_command_line(["--cfg", "job", "this=is not checked"])  # Hydra's information flags pass through
+    # A sweep that expands against the config (glob) is left to Hydra; each job is checked as it starts.
+    cli.check_command_line(["-m", "model=glob(resnet*)", "seed=0,1"])
 
 
 def _train(*args, cwd=ROOT, **kwargs):

@@ -135,17 +135,26 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     assert logged["test_loss"] == pytest.approx(F.cross_entropy(logits, data.test_labels).item(), rel=1e-4)
 
 
-def test_a_failure_of_the_main_process_alone_stops_the_others_without_a_traceback(tmp_path):
-    # Two processes started by hand, as srun would: only the main one loads the data first, and fails.
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failure_of_one_process_alone_stops_the_others_and_is_printed_once(tmp_path, cifar_root, failing):
+    # Two processes started by hand, as srun would; the data of one of them is missing (a node-local
+    # folder, say). The main process loads first; the other fails after it, on its own.
     (tmp_path / "empty").mkdir()
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    processes = [subprocess.Popen([sys.executable, "train.py", f"dataset.root={tmp_path / 'empty'}", "device=cpu",
+    processes = [subprocess.Popen([sys.executable, "train.py", "dataset.verify=false", "device=cpu",
+                                   f"dataset.root={tmp_path / 'empty' if rank == failing else cifar_root}",
                                    "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
                                   env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    (_, main_err), (_, other_err) = [p.communicate(timeout=180) for p in processes]
+    errors = [p.communicate(timeout=180)[1] for p in processes]
     assert [p.returncode for p in processes] == [2, 2]
-    assert "Traceback" not in main_err + other_err, main_err + other_err
-    (error,) = [line for line in main_err.splitlines() if line.startswith("error: ")]
-    assert "CIFAR10 was not found" in error
-    assert "error: " not in other_err  # the main process speaks for the run
+    assert "Traceback" not in "".join(errors), "".join(errors)
+    lines = [[line for line in err.splitlines() if line.startswith("error: ")] for err in errors]
+    who = "" if failing == 0 else f"process {failing}: "
+    (own,) = lines[failing]
+    assert own.startswith(f"error: {who}CIFAR10 was not found"), own
+    other = lines[1 - failing]
+    if failing == 0:
+        assert other == []  # the main process speaks for the run
+    else:
+        assert len(other) == 1 and "another process of this run failed" in other[0]

@@ -334,6 +334,14 @@ def test_a_multirun_of_train_py_ends_with_its_summary(tmp_path):
     sweep_dir, printed = _train_multirun(tmp_path, "device=cpu", "seed=0,1")
     _check_summary(sweep_dir, printed, [0, 1])
     assert sorted(row[1] for row in _table(printed)) == ["0", "1"]  # the swept seed
+    _check_wandb_group(sweep_dir, [0, 1])
+
+
+def _check_wandb_group(sweep_dir: Path, numbers: list[int]) -> None:
+    """The jobs of one sweep form one W&B group, named after its directory."""
+    for k in numbers:
+        wandb = yaml.safe_load((sweep_dir / str(k) / "config.yaml").read_text())["wandb"]
+        assert wandb["group"] == f"multirun-{sweep_dir.name}" and "multirun" in wandb["tags"]
 
 
 @pytest.mark.slow
@@ -349,6 +357,7 @@ def test_parallel_launcher_trains_two_digits_jobs_at_once_on_two_cpu_slots(tmp_p
         spans.append((start[1], datetime.fromisoformat(start[2]), datetime.fromisoformat(end[1])))
         assert "device: cpu" in (sweep_dir / str(k) / "config.yaml").read_text()
     assert spans[0][0] != spans[1][0]  # distinct slots
+    _check_wandb_group(sweep_dir, [0, 1])  # each job is a single run of its own, started by the launcher
     assert spans[0][1] < spans[1][2] and spans[1][1] < spans[0][2]  # each started before the other ended
 
 
@@ -367,7 +376,9 @@ def _submitit_task(sweep_dir: Path) -> int | None:
 @pytest.mark.slow
 def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
-    run = [*TINY_DIGITS, "train.epochs=3", "train.sync_every=1", "device=cpu", "seed=3"]
+    # 16 steps per epoch: the signal, sent once the first epoch is done, lands well before the last.
+    run = [*TINY_DIGITS, "train.epochs=4", "dataset.limit_train=512", "train.batch_size=32", "train.sync_every=1",
+           "device=cpu", "seed=3"]
     uninterrupted = subprocess.run([sys.executable, str(ROOT / "train.py"), *run, f"hydra.run.dir={tmp_path / 'a'}"],
                                    cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert uninterrupted.returncode == 0, uninterrupted.stderr

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 LAUNCHER_LOG = "launcher.log"  # a job's console output, in its directory
+SWEEP_DIR_VARIABLE = "GNP_SWEEP_DIR"  # tells each job, a single run of its own, the sweep it belongs to
 LAUNCHER_PREFIX = "[launcher] "  # the launcher's own lines in that log
 ATTEMPT_START = LAUNCHER_PREFIX + "start"  # begins each attempt's section (a resumed job appends one)
 HYDRA_HINT = "Set the environment variable HYDRA_FULL_ERROR=1"  # printed by Hydra after a traceback
@@ -128,7 +129,7 @@ class _Job:
         self.summary_mtime = summary.stat().st_mtime_ns if summary.exists() else None
         command = self.command(slot)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if slot.device == "cpu" else slot.device,
-               "OMP_NUM_THREADS": threads}
+               "OMP_NUM_THREADS": threads, SWEEP_DIR_VARIABLE: str(self.config.hydra.sweep.dir)}
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / LAUNCHER_LOG
         self.log_file = open(self.log_path, "a")  # a resumed job keeps the log of its earlier attempts
