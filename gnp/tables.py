@@ -238,9 +238,10 @@ class Shrink:
                 out.append(f"train.batch_size={self.limit_train}")
         if self.epochs is not None:
             out.append(f"train.epochs={self.epochs}")
-            for key in ("train.warmup_epochs", "method.warmup_epochs"):  # each must stay below the epochs
-                if (config.get(key) or 0) >= self.epochs:
-                    out.append(f"{key}={self.epochs - 1}")
+            if config["train.warmup_epochs"] >= self.epochs:  # the learning rate's warmup ends before the run
+                out.append(f"train.warmup_epochs={self.epochs - 1}")
+            if (config.get("method.warmup_epochs") or 0) > self.epochs:  # GR's may last the whole run, not longer
+                out.append(f"method.warmup_epochs={self.epochs}")
         return out
 
 
@@ -520,6 +521,7 @@ class Results:
     ignored: Counter                  # unfinished runs by status, and diverged ones
     duplicates: int                   # finished runs of a seed already counted (e.g. a folder and W&B)
     other: int                        # finished runs that are in no cell of this table
+    other_seeds: int                  # finished runs of a cell, of a seed the table (or --seeds) does not list
 
     def stat(self, cell: Cell) -> Stat:
         return stat([run.summary["test_error"] for run in self.runs[cell]])
@@ -530,7 +532,7 @@ class Results:
 
 def collect(table: Table, plans: list[Plan], runs: Iterable[Run]) -> Results:
     by_cell: dict[Cell, list[Run]] = {plan.cell: [] for plan in plans}
-    ignored, duplicates, other = Counter(), 0, 0
+    ignored, duplicates, other, other_seeds = Counter(), 0, 0, 0
     runnable = [plan for plan in plans if plan.expected is not None]
     for run in runs:
         if run.status != "finished":
@@ -539,11 +541,13 @@ def collect(table: Table, plans: list[Plan], runs: Iterable[Run]) -> Results:
         plan = next((p for p in runnable if not matches(run, p)), None)
         if plan is None:
             other += 1
+        elif run.seed not in plan.seeds:
+            other_seeds += 1
         elif any(r.seed == run.seed for r in by_cell[plan.cell]):
             duplicates += 1
         else:
             by_cell[plan.cell].append(run)
-    return Results(table, plans, by_cell, ignored, duplicates, other)
+    return Results(table, plans, by_cell, ignored, duplicates, other, other_seeds)
 
 
 def describe_counts(results: Results) -> str:
@@ -559,6 +563,8 @@ def describe_counts(results: Results) -> str:
         text += f"; {results.duplicates} duplicate runs of a seed already counted"
     if results.other:
         text += f"; {results.other} finished runs belong to no cell of this table"
+    if results.other_seeds:
+        text += f"; {results.other_seeds} finished runs of seeds this table does not list (--seeds adds them)"
     return text
 
 
@@ -956,6 +962,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both scripts share: where runs go, and a smoke-test shrink of every cell."""
     parser.add_argument("--root", default="runs", help="folder of the table's run directories (default: runs)")
+    parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds instead of the table's, e.g. 0,1,2,3")
     parser.add_argument("--limit-train", type=_positive, metavar="N",
                         help="smoke test: N training (and test) images per run (runs go to <root>/<table>-smoke-...)")
     parser.add_argument("--epochs", type=_positive, metavar="E", help="smoke test: E epochs per run")
@@ -968,7 +975,8 @@ def selection(args: argparse.Namespace) -> dict:
     bad = [o for o in args.override if "=" not in o]
     if bad:
         fail(f"--override {bad[0]!r}: expected KEY=VALUE, e.g. --override model.width=4")
-    return {"root": args.root, "shrink": Shrink(args.limit_train, args.epochs), "extra": tuple(args.override)}
+    return {"root": args.root, "seeds": args.seeds, "shrink": Shrink(args.limit_train, args.epochs),
+            "extra": tuple(args.override)}
 
 
 def reproduce_command(table: str, root: str, shrink: Shrink, extra: Iterable[str], seeds=None) -> str:
@@ -985,6 +993,13 @@ def reproduce_command(table: str, root: str, shrink: Shrink, extra: Iterable[str
     for override in extra:
         flags += ["--override", override]
     return "python scripts/reproduce.py " + shlex.join(flags)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 0, e.g. 0,1,2")
+    return tuple(int(p) for p in parts)
 
 
 def _positive(text: str) -> int:

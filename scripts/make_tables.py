@@ -12,10 +12,12 @@ and figures into --figures (PNG and PDF). Missing cells show a dash and the comm
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from gnp import io, tables
+from gnp.runs import first_line
 from gnp.tracking import resolve_wandb_mode
 
 
@@ -50,13 +52,16 @@ def make_table(name: str, runs: list[tables.Run], args) -> tuple[str, list[str],
     from gnp import figures  # matplotlib only when tables are made
 
     table, selection = tables.load_table(name), tables.selection(args)
+    shrink = selection["shrink"]
+    if shrink:  # a smoke test's tables say so, and never replace the real ones
+        table = dataclasses.replace(table, title=f"{table.title} [smoke test {shrink.suffix.removeprefix('-smoke-')}]")
     results = tables.collect(table, tables.make_plans(table, **selection), runs)
     counts = tables.describe_counts(results)
-    out = Path(args.out)
+    out, stem = Path(args.out), name + shrink.suffix
     reproduce = tables.reproduce_command(name, **selection)
-    io.write_text(out / f"{name}.md", tables.render_markdown(results, counts, reproduce))
-    io.write_text(out / f"{name}.tex", tables.render_latex(results))
-    io.write_text(out / f"{name}.csv", tables.render_csv(results))
+    io.write_text(out / f"{stem}.md", tables.render_markdown(results, counts, reproduce))
+    io.write_text(out / f"{stem}.tex", tables.render_latex(results))
+    io.write_text(out / f"{stem}.csv", tables.render_csv(results))
     written = []
     for (dataset, row, column), plans in tables.cell_groups(results).items():
         cells = [p.cell for p in plans.values()]
@@ -65,15 +70,14 @@ def make_table(name: str, runs: list[tables.Run], args) -> tuple[str, list[str],
         title = figure_title(results, dataset, row, column, cells)
         series = {table.methods[c.method].label: [run.metrics() for run in results.runs[c]]
                   for c in cells if results.runs[c]}
-        stem = Path(args.figures) / f"{name}_{dataset}_{row}_{column}"
-        written += figures.curves(stem.with_name(stem.name + "_curves"), title, series)
+        written += figures.curves(Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_curves", title, series)
     for (dataset, row, column), plans, row_values, column_values, at in tables.heatmap_grids(results):
         stats = {key: results.stat(plan.cell) for key, plan in at.items()}
         if any(s.n for s in stats.values()):
             title = figure_title(results, dataset, row, column, [p.cell for p in plans.values()])
-            stem = Path(args.figures) / f"{name}_{dataset}_{row}_{column}_heatmap"
-            written += figures.heatmap(stem, title, *table.heatmap, row_values, column_values, stats)
-    print(f"{name}: {counts}\n  wrote {out / name}.md, .tex, .csv" + (f" and {len(written)} figure files in "
+            path = Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_heatmap"
+            written += figures.heatmap(path, title, *table.heatmap, row_values, column_values, stats)
+    print(f"{stem}: {counts}\n  wrote {out / stem}.md, .tex, .csv" + (f" and {len(written)} figure files in "
                                                                         f"{args.figures}/" if written else ""))
     return (name, *tables.csv_rows(results))
 
@@ -90,12 +94,16 @@ def log_to_wandb(project_path: str, made: list[tuple[str, list[str], list[list]]
     import wandb
 
     entity, _, project = project_path.rpartition("/")
-    run = wandb.init(project=project, entity=entity or None, job_type="tables", name="tables",
-                     mode=resolve_wandb_mode("auto"))
-    run.log({f"tables/{name}": wandb.Table(columns=header, data=rows, allow_mixed_types=True)
-             for name, header, rows in made})
-    run.finish()
-    print(f"logged {len(made)} tables to W&B project {project_path}")
+    mode = resolve_wandb_mode("auto")
+    try:
+        run = wandb.init(project=project, entity=entity or None, job_type="tables", name="tables", mode=mode)
+        run.log({f"tables/{name}": wandb.Table(columns=header, data=rows, allow_mixed_types=True)
+                 for name, header, rows in made})
+        run.finish()
+    except (wandb.errors.Error, OSError, TimeoutError) as e:
+        tables.fail(f"W&B could not log the tables ({first_line(e)}); check the network and `wandb login`")
+    where = "" if mode == "online" else f" offline (upload with: wandb sync {run.dir.removesuffix('/files')})"
+    print(f"logged {len(made)} tables to W&B project {project_path}{where}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ measured in results/benchmarks/ (a model without a measurement is "unknown").
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -19,6 +20,7 @@ from collections import Counter, defaultdict
 from gnp import tables
 
 LAUNCHERS = ("basic", "parallel", "slurm")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch", action="store_true", help="run the runs not done (Hydra multirun, seeds grouped)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="basic",
                         help="Hydra launcher of --launch: basic (one after another), parallel, slurm")
-    parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds instead of the table's, e.g. 0,1")
     tables.add_selection_arguments(parser)
     args = parser.parse_args(argv)
     launcher_file = tables.CONF / "hydra" / "launcher" / f"{args.launcher}.yaml"
@@ -36,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"checkout; choose one of: basic")
     try:
         table = tables.load_table(args.table)
-        plans = tables.make_plans(table, seeds=args.seeds, **tables.selection(args))
+        plans = tables.make_plans(table, **tables.selection(args))
     except tables.TableError as e:
         tables.fail(str(e))
 
     todo = report(table, plans, tables.read_throughput())
     if not args.launch:
         if todo:
-            command = tables.reproduce_command(args.table, seeds=args.seeds, **tables.selection(args))
+            command = tables.reproduce_command(args.table, **tables.selection(args))
             print(f"\nRun them: {command} --launch [--launcher {'|'.join(LAUNCHERS)}]")
         return 0
     return launch(todo, args.launcher)
@@ -95,13 +96,30 @@ def launch(todo: list[tuple[tables.Plan, list[int]]], launcher: str) -> int:
     for i, (plan, seeds) in enumerate(todo, 1):
         args = plan.multirun_args(seeds, launcher)
         print(f"\n== launch {i}/{len(todo)}: python {shlex.join(args)}", flush=True)
-        if subprocess.run([sys.executable, *args], cwd=tables.ROOT).returncode != 0:
+        code = run_in_foreground([sys.executable, *args])
+        if code > 128:  # stopped by a signal (the runs checkpointed): the remaining cells wait too
+            print(f"\nlaunch {i}/{len(todo)} stopped by {signal.Signals(code - 128).name}; the same command "
+                  f"resumes it and launches the rest", file=sys.stderr)
+            return code
+        if code != 0:
             failed.append(f"{plan.cell.dataset}/{plan.cell.row}/{plan.cell.column}/{plan.cell.method}")
     if failed:
         print(f"\n{len(failed)} of {len(todo)} launches failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     print(f"\n{len(todo)} launches done.")
     return 0
+
+
+def run_in_foreground(command: list[str]) -> int:
+    """Run `command` to its end. It has a session of its own, and Ctrl-C or SIGTERM reach it once,
+    from here, so that it can finish its step and checkpoint; this script waits for it."""
+    child = subprocess.Popen(command, cwd=tables.ROOT, start_new_session=True)
+    previous = {s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in STOP_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _fraction_left(plan: tables.Plan, run) -> float:
@@ -114,13 +132,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.2f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    parts = text.split(",")
-    if not all(p.strip().isdigit() for p in parts):
-        raise tables.argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 0, e.g. 0,1,2")
-    return tuple(int(p) for p in parts)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@ shrunk model, the recipes are the published ones, the state of each run director
 a second --launch skips finished runs and resumes interrupted ones, and time estimates follow the
 measured throughput."""
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import compose_config
+from conftest import ROOT, compose_config
 from gnp import tables
 from gnp.models import build_model
 from gnp.training import build_method
@@ -56,6 +60,15 @@ def test_every_cell_composes_and_each_method_takes_a_step(name):
         assert torch.isfinite(loss) and opt.grad_norm > 0
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_table_shrinks_to_a_one_epoch_smoke_test(name):
+    for plan in tables.make_plans(tables.load_table(name), shrink=tables.Shrink(limit_train=64, epochs=1)):
+        config = plan.config  # composed and validated with the shrink's overrides
+        assert config["train.epochs"] == 1 and config["dataset.limit_train"] == 64
+        assert config["train.warmup_epochs"] == 0 and (config.get("method.warmup_epochs") or 0) <= 1
+        assert plan.directory.parts[-5].endswith("-smoke-n64-e1")
 
 
 def test_cells_follow_the_published_recipes():
@@ -145,6 +158,29 @@ def test_a_second_launch_skips_finished_runs_and_resumes_interrupted_ones(tmp_pa
     assert len(launches) == 1 and "method=sam " in launches[0] and "seed=0 " in launches[0]
     assert "Resuming" in second and summaries["sam"].exists()
     assert summaries["sgd"].stat().st_mtime_ns == finished
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_launch_stops_its_run_with_a_checkpoint_and_launches_nothing_more(tmp_path):
+    long = ["digits", "--root", str(tmp_path), "--seeds", "0", "--limit-train", "256", "--epochs", "40",
+            "--override", "model.width=4", "--override", "wandb.mode=disabled", "--override", "device=cpu",
+            "--override", "train.sync_every=1", "--launch"]
+    process = subprocess.Popen([sys.executable, "scripts/reproduce.py", *long], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    run = _dir(tmp_path, "sgd", 0, "digits-smoke-n256-e40")
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # to the script alone, as a Ctrl-C in a terminal
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == "launch 1/3 stopped by SIGINT; the same command resumes it and launches " \
+                                           "the rest"
+    assert out.count("== launch") == 1
+    assert json.loads((run / "summary.json").read_text())["status"] == "stopped"
+    log = (run / "train.log").read_text()
+    assert log.count("received SIGINT") == 1 and "checkpoint" in log  # once: a second one stops without saving
+    assert (run / "checkpoint.pt").exists()
 
 
 def _plan(method, model="resnet18", **config):

@@ -257,12 +257,22 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     assert exit.value.code == 2 and err.count("\n") == 1 and message in err
 
 
-def test_figures_are_valid_images(tmp_path, digits_runs):
-    for alpha, r, error in ((0.5, 0.02, 4.0), (0.5, 0.02, 6.0), (1.0, 0.1, 2.0)):
-        seed = int(error)
+def test_a_smoke_tests_tables_say_so_and_leave_the_real_ones(tmp_path, digits_runs):
+    _make(tmp_path, digits_runs, "--table", "digits")
+    real = (tmp_path / "tables" / "digits.md").read_text()
+    _make(tmp_path, digits_runs, "--table", "digits", "--epochs", "1")
+    assert (tmp_path / "tables" / "digits.md").read_text() == real
+    smoke = (tmp_path / "tables" / "digits-smoke-e1.md").read_text()
+    assert smoke.splitlines()[0].endswith("[smoke test e1]")
+
+
+def test_figures_are_valid_images(tmp_path, digits_runs, capsys):
+    # The grid's seeds are 0 and 1: its seed-2 run is left out, and counted as such.
+    for alpha, r, seed, error in ((0.5, 0.02, 0, 4.0), (0.5, 0.02, 1, 6.0), (0.5, 0.02, 2, 90.0), (1.0, 0.1, 0, 2.0)):
         overrides = DIGITS + ("method=gnp", f"method.alpha={alpha}", f"method.r={r}")
         write_run(digits_runs / f"grid_{alpha}_{r}_{seed}", overrides, seed, error)
     _make(tmp_path, digits_runs, "--table", "digits", "--table", "digits_alpha_r")
+    assert "; 1 finished runs of seeds this table does not list (--seeds adds them)" in capsys.readouterr().out
     figures = tmp_path / "figures"
     for stem in ("digits_digits_resnet18_none_curves", "digits_alpha_r_digits_resnet18_none_heatmap",
                  "digits_alpha_r_digits_resnet18_none_curves"):
