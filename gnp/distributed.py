@@ -132,30 +132,31 @@ def agree(error: BaseException | None, device: torch.device) -> None:
         raise error
 
 
-def on_main(work: Callable[[], T], device: torch.device) -> T | None:
-    """`work()` on the main process only, then `agree` on its outcome; its result on the main process."""
+def agreed(work: Callable[[], T], device: torch.device, here: bool = True) -> T | None:
+    """`work()` on this process if `here`, then `agree` on the outcome of every process's part; the
+    result where it ran."""
     result, error = None, None
-    if not _active() or dist.get_rank() == 0:
+    if here:
         try:
             result = work()
         except Exception as e:
             error = e
     agree(error, device)
     return result
+
+
+def on_main(work: Callable[[], T], device: torch.device) -> T | None:
+    """`work()` on the main process only, agreed on; its result on the main process."""
+    return agreed(work, device, here=not _active() or dist.get_rank() == 0)
 
 
 def main_first(work: Callable[[], T], device: torch.device) -> T:
     """`work()` on the main process, then on the others, which find what it prepared (a downloaded,
     extracted dataset), agreeing on the outcome after each."""
-    result = on_main(work, device)
-    error = None
-    if _active() and dist.get_rank() != 0:
-        try:
-            result = work()
-        except Exception as e:
-            error = e
-    agree(error, device)
-    return result
+    main = not _active() or dist.get_rank() == 0
+    first = agreed(work, device, here=main)
+    then = agreed(work, device, here=not main)
+    return first if main else then
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

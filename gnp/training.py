@@ -303,16 +303,14 @@ class Trainer:
     def open_run_directory(self) -> tuple[dict | None, dict | None]:
         """The checkpoint to resume from and, for a run that is finished already, its summary: the same
         on every process, or every process stops."""
-        state = finished = error = None
-        try:
+        def read() -> tuple[dict | None, dict | None]:
             state = checkpoint.load(self.run_dir)
             if state:
                 _check_resumable(state["config"], self.config, self.run_dir)
                 self.history = state["history"]
-            finished = self.finished_summary(state)
-        except Exception as e:
-            error = e
-        distributed.agree(error, self.ctx.device)
+            return state, self.finished_summary(state)
+
+        state, finished = distributed.agreed(read, self.ctx.device)
         self.check_same_start(state, finished is not None)
         return state, finished
 
