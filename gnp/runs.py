@@ -100,12 +100,22 @@ class RunDirectory:
 # What a run that stopped before training leaves: nothing worth keeping.
 _STUB_FILES = {"summary.json", "config.yaml", LOG_FILE, LOCK_FILE}
 _HYDRA_FOLDER = ".hydra"  # Hydra's record of the job's config, written before the run starts
+DEFAULT_OUTPUTS = "outputs"  # where conf/config.yaml's hydra.run.dir puts single runs
 
 
 def remove_stub(path: str | Path) -> None:
     """Remove a run directory that holds nothing but what a failed start wrote (the error is on the
     console); a directory with anything else in it is left as it is."""
-    path = Path(path)
+    path = Path(path).absolute()
     if not path.is_dir() or any(p.name not in _STUB_FILES | {_HYDRA_FOLDER} for p in path.iterdir()):
         return
     shutil.rmtree(path, ignore_errors=True)
+    # The default layout's folders (outputs/<dataset>/<model>/<method>/) go too when nothing else is in them.
+    root = Path.cwd() / DEFAULT_OUTPUTS
+    for parent in path.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        try:
+            parent.rmdir()  # refused, and the climb ends, where the folder holds anything else
+        except OSError:
+            break

@@ -53,8 +53,11 @@ def make_table(name: str, runs: list[tables.Run], args) -> tuple[str, list[str],
 
     table, selection = tables.load_table(name), tables.selection(args)
     shrink = selection["shrink"]
-    if shrink:  # a smoke test's tables say so, and never replace the real ones
-        table = dataclasses.replace(table, title=f"{table.title} [smoke test {shrink.suffix.removeprefix('-smoke-')}]")
+    # A smoke test's tables, and tables of cells with extra overrides, say so in their title (row labels
+    # such as "width 16" are the table's); a smoke test's files never replace the real ones.
+    changes = [f"smoke test {shrink.suffix.removeprefix('-smoke-')}"] * bool(shrink) + list(selection["extra"])
+    if changes:
+        table = dataclasses.replace(table, title=f"{table.title} [{'; '.join(changes)}]")
     results = tables.collect(table, tables.make_plans(table, **selection), runs)
     counts = tables.describe_counts(results)
     out, stem = Path(args.out), name + shrink.suffix
@@ -86,8 +89,9 @@ def figure_title(results: tables.Results, dataset: str, row: str, column: str, c
     t = results.table
     seeds = sorted({len(results.runs[c]) for c in cells if results.runs[c]})
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    n += " seed" if seeds == [1] else " seeds"
     return (f"{t.title}\n{t.datasets[dataset]} · {t.rows[row].label} · {t.columns[column]} · "
-            f"{n} seeds per method · {', '.join(results.devices(cells))}")
+            f"{n} per method · {', '.join(results.devices(cells))}")
 
 
 def log_to_wandb(project_path: str, made: list[tuple[str, list[str], list[list]]]) -> None:

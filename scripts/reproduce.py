@@ -41,17 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     except tables.TableError as e:
         tables.fail(str(e))
 
-    todo = report(table, plans, tables.read_throughput())
+    todo, conflicts = report(table, plans, tables.read_throughput())
     if not args.launch:
         if todo:
             command = tables.reproduce_command(args.table, **tables.selection(args))
             print(f"\nRun them: {command} --launch [--launcher {'|'.join(LAUNCHERS)}]")
         return 0
-    return launch(todo, args.launcher)
+    code = launch(todo, args.launcher)
+    if conflicts and code == 0:
+        print(f"\n{conflicts} runs were not launched: their folders hold other runs (see above)", file=sys.stderr)
+        return 1
+    return code
 
 
-def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> list[tuple[tables.Plan, list[int]]]:
-    """Print every command with the state of its run; return the (plan, seeds) to launch."""
+Todo = list[tuple[tables.Plan, list[int]]]  # the cells to launch, each with its seeds left
+
+
+def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> tuple[Todo, int]:
+    """Print every command with the state of its run; return the (plan, seeds) to launch and the
+    number of runs whose folder holds another run."""
     states, todo = Counter(), []
     hours: dict[tuple[str, bool], float] = defaultdict(float)  # (device, upper bound) -> hours
     unknown: list[str] = []
@@ -87,10 +95,13 @@ def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> list[t
               + (" (extrapolated from start-up epochs: upper bounds)" if upper_bound else ""))
     if unknown:
         print(f"Time unknown for {len(unknown)} cells: " + "; ".join(sorted(set(unknown))))
-    return todo
+    if states["conflict"]:
+        print(f"{states['conflict']} runs conflict: their folders hold runs with other settings. Move those "
+              f"folders, or give these runs another --root")
+    return todo, states["conflict"]
 
 
-def launch(todo: list[tuple[tables.Plan, list[int]]], launcher: str) -> int:
+def launch(todo: Todo, launcher: str) -> int:
     """One Hydra multirun per cell over its seeds left; each job lands in its own run directory."""
     failed = []
     for i, (plan, seeds) in enumerate(todo, 1):

@@ -91,8 +91,8 @@ def test_valid_commands_pass_the_check():
 
 
 def _train(*args, cwd=ROOT, **kwargs):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          **kwargs)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, **kwargs)
 
 
 def _one_error_line(done, status: int) -> str:
@@ -112,6 +112,12 @@ def test_typos_and_missing_data_leave_no_run_directory(tmp_path):
     line = _one_error_line(missing, 2)
     assert f"CIFAR10 was not found in {tmp_path / 'empty'}" in line and "cifar-10-python.tar.gz" in line
     assert not (tmp_path / "run").exists()
+    # The default layout, outputs/<dataset>/<model>/<method>/<time>: its new folders go too, outputs/ stays.
+    (tmp_path / "work" / "outputs" / "cifar10").mkdir(parents=True)
+    (tmp_path / "work" / "outputs" / "cifar10" / "earlier_run").mkdir()
+    missing = _train(f"dataset.root={tmp_path / 'empty'}", "device=cpu", "wandb.mode=disabled", cwd=tmp_path / "work")
+    _one_error_line(missing, 2)
+    assert [p.name for p in (tmp_path / "work").rglob("*")] == ["outputs", "cifar10", "earlier_run"]
 
 
 def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):

@@ -139,6 +139,17 @@ def test_every_command_with_the_state_of_its_run(tmp_path, capsys):
     assert lines[0].endswith(f"method=sgd seed=0 hydra.run.dir={_dir(root, 'sgd', 0)}")
 
 
+def test_a_launch_that_leaves_conflicting_runs_undone_fails(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(_dir(root, "sgd", 1), DIGITS + DIGITS_METHODS["sgd"], 1, 2.0)
+    write_run(_dir(root, "sam", 1), DIGITS + DIGITS_METHODS["sam"], 1, 2.0)
+    write_run(_dir(root, "gnp", 1), DIGITS + ("method=gnp", "method.r=0.2", "method.alpha=0.8"), 1, 2.0)
+    assert reproduce.main(["digits", "--root", str(root), "--seeds", "1", "--launch"]) == 1
+    out, err = capsys.readouterr()
+    assert "1 runs conflict: their folders hold runs with other settings" in out and "== launch" not in out
+    assert err.strip() == "1 runs were not launched: their folders hold other runs (see above)"
+
+
 @pytest.mark.slow
 def test_a_second_launch_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capfd):
     tiny = ["digits", "--root", str(tmp_path), "--seeds", "0", "--limit-train", "64", "--epochs", "1",

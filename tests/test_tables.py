@@ -264,6 +264,9 @@ def test_a_smoke_tests_tables_say_so_and_leave_the_real_ones(tmp_path, digits_ru
     assert (tmp_path / "tables" / "digits.md").read_text() == real
     smoke = (tmp_path / "tables" / "digits-smoke-e1.md").read_text()
     assert smoke.splitlines()[0].endswith("[smoke test e1]")
+    _make(tmp_path, digits_runs, "--table", "digits", "--epochs", "1", "--override", "model.width=4")
+    title = (tmp_path / "tables" / "digits-smoke-e1.md").read_text().splitlines()[0]
+    assert title.endswith("[smoke test e1; model.width=4]")  # the row label still says the table's width
 
 
 def test_figures_are_valid_images(tmp_path, digits_runs, capsys):
