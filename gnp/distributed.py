@@ -145,18 +145,21 @@ def agreed(work: Callable[[], T], device: torch.device, here: bool = True) -> T 
     return result
 
 
+def _is_main() -> bool:
+    return not _active() or dist.get_rank() == 0
+
+
 def on_main(work: Callable[[], T], device: torch.device) -> T | None:
     """`work()` on the main process only, agreed on; its result on the main process."""
-    return agreed(work, device, here=not _active() or dist.get_rank() == 0)
+    return agreed(work, device, here=_is_main())
 
 
 def main_first(work: Callable[[], T], device: torch.device) -> T:
     """`work()` on the main process, then on the others, which find what it prepared (a downloaded,
     extracted dataset), agreeing on the outcome after each."""
-    main = not _active() or dist.get_rank() == 0
-    first = agreed(work, device, here=main)
-    then = agreed(work, device, here=not main)
-    return first if main else then
+    first = agreed(work, device, here=_is_main())
+    then = agreed(work, device, here=not _is_main())
+    return first if _is_main() else then
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

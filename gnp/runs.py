@@ -41,6 +41,11 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def error_line(error: BaseException) -> str:
+    """An error's type and first line, for records that outlive the traceback."""
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
 def setup_console(is_main: bool = True) -> None:
     """Plain messages on stdout; processes other than the main one print only errors."""
     if not any(isinstance(h, _Stdout) for h in log.handlers):

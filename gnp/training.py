@@ -31,7 +31,7 @@ from gnp.config import ConfigError, validate
 from gnp.data import BatchLoader, Stream, load_dataset, random_seed
 from gnp.method import GradientNormPenalty
 from gnp.models import build_model, count_parameters
-from gnp.runs import RunDirectory, first_line, log, remove_stub, setup_console
+from gnp.runs import RunDirectory, error_line, first_line, log, remove_stub, setup_console
 from gnp.signals import StopSignals, exit_code
 from gnp.tracking import Tracker
 
@@ -291,7 +291,7 @@ class Trainer:
             raise
         except BaseException as e:
             self.record_end(self.summary("diverged" if isinstance(e, Diverged) else "failed",
-                                         f"{type(e).__name__}: {first_line(e)}"), exit_code=1)
+                                         error_line(e)), exit_code=1)
             raise
         summary = self.summary("finished")
         distributed.on_main(lambda: self.record(summary), device)

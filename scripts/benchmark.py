@@ -64,7 +64,7 @@ from gnp.data import BatchLoader, load_dataset, write_synthetic_cifar
 from gnp.distributed import Context, pick_device
 from gnp.method import GradientNormPenalty
 from gnp.models import MODELS, check_model_options, count_parameters
-from gnp.runs import first_line
+from gnp.runs import error_line
 from gnp.training import EpochTotals, Trainer, evaluate, git_commit, train, use_channels_last
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,11 +302,9 @@ class TwoPassStep(SuiteStep):
     """The same model, batch and base optimizer, stepped by the hand-written `two_pass_step`."""
 
     def __call__(self) -> None:
-        cfg, net = self.trainer.cfg, self.trainer.net
-        l2 = cfg.optimizer.weight_decay if cfg.optimizer.weight_decay_mode == "loss" else 0.0
-        two_pass_step([p for p in net.parameters() if p.requires_grad], list(net.buffers()),
-                      self.trainer.optimizer.base_optimizer, lambda: self.closure()[0], r=cfg.method.r,
-                      alpha=cfg.method.alpha, l2=l2, max_grad_norm=cfg.method.max_grad_norm)
+        net, gnp = self.trainer.net, self.trainer.optimizer  # the suite's method, for its settings
+        two_pass_step([p for p in net.parameters() if p.requires_grad], list(net.buffers()), gnp.base_optimizer,
+                      lambda: self.closure()[0], r=gnp.r, alpha=gnp.alpha, l2=gnp.l2, max_grad_norm=gnp.max_grad_norm)
         self.two_pass.append(True)
 
 
@@ -642,7 +640,7 @@ def no_sync(call: Callable[[], None], device: torch.device) -> dict:
         for _ in range(SYNC_STEPS):
             call()
     except RuntimeError as e:
-        return {"ok": False, "mode": "error", "error": f"{type(e).__name__}: {first_line(e)}", "where": _innermost(e)}
+        return {"ok": False, "mode": "error", "error": error_line(e), "where": _innermost(e)}
     finally:
         torch.cuda.set_sync_debug_mode("default")
     synchronize(device)
@@ -784,7 +782,7 @@ def run_checked(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     try:
         summary = train(cfg, run_dir)
     except Exception as e:  # a check that fails is recorded, and the others still run
-        return {"ok": False, "problems": [f"{type(e).__name__}: {first_line(e)}"], "metrics": [], "summary": None}
+        return {"ok": False, "problems": [error_line(e)], "metrics": [], "summary": None}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     problems = []
     if summary["status"] != "finished":
@@ -906,7 +904,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             result = measure()
         except Exception as e:
             traceback.print_exc()
-            report["errors"][name] = f"{type(e).__name__}: {first_line(e)} (at {_innermost(e)})"
+            report["errors"][name] = f"{error_line(e)} (at {_innermost(e)})"
             return None
         finally:
             report["stage_seconds"][name] = time.perf_counter() - stage_started
