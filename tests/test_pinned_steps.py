@@ -1,0 +1,79 @@
+"""Pins the optimisation steps of the plain, SAM and GNP updates bit for bit across refactors.
+
+`tests/pinned/steps.pt` holds the parameters and optimizer state after a few float64 steps of each
+method on a small network with BatchNorm and dropout (the commit that wrote it is inside). The steps
+must stay exactly these: any change to the arithmetic of a method shows here first. Rewrite the file
+only for an intended change of the update: `python tests/test_pinned_steps.py`.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gnp import GradientNormPenalty
+
+PINNED = Path(__file__).parent / "pinned" / "steps.pt"
+STEPS = 4
+# name -> (base optimizer, the method's settings): one-pass, SAM, GNP in both first-term forms, with
+# in-loss L2, clipping, GR warmup and hybrid steps.
+CASES = {
+    "plain": ("sgd", dict(r=0.0, alpha=0.0, l2=1e-3, max_grad_norm=5.0)),
+    "sam": ("sgd", dict(r=0.05, alpha=1.0, l2=1e-3, max_grad_norm=5.0)),
+    "gnp": ("sgd", dict(r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0)),
+    "gnp_paper_formula": ("sgd", dict(r=0.1, alpha=0.8, normalize_first_grad=False, l2=1e-3)),
+    "gnp_adamw": ("adamw", dict(r=0.1, alpha=0.8, max_grad_norm=0.5)),
+    "gnp_r_warmup_hybrid": ("sgd", dict(r=0.1, alpha=0.8, warmup="r", warmup_steps=2, gnp_probability=0.5, seed=3)),
+    "gnp_exact": ("sgd", dict(r=0.1, alpha=0.8, exact=True)),
+}
+
+
+def network() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3)).double()
+
+
+def base_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
+
+
+def build(name: str, model: nn.Module, base: torch.optim.Optimizer):
+    return GradientNormPenalty(model, base, **CASES[name][1])
+
+
+def run(name: str) -> dict[str, torch.Tensor]:
+    model = network()
+    base = base_optimizer(CASES[name][0], model)
+    method = build(name, model, base)
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        x, y = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+        torch.manual_seed(100 + step)  # the dropout draws of this step
+        method.step(lambda: F.cross_entropy(model(x), y))
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        state.update({f"optimizer.{i}.{k}": v.clone() for k, v in base.state[p].items() if torch.is_tensor(v)})
+    return state
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_steps_equal_the_pinned_ones_bit_for_bit(name):
+    pinned = torch.load(PINNED, weights_only=True)["cases"][name]
+    now = run(name)
+    assert now.keys() == pinned.keys()
+    for key, value in pinned.items():
+        assert torch.equal(now[key], value), f"{name}: {key} differs from the pinned step"
+
+
+if __name__ == "__main__":
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    PINNED.parent.mkdir(exist_ok=True)
+    torch.save({"commit": commit, "torch": str(torch.__version__), "cases": {name: run(name) for name in CASES}}, PINNED)
+    print(f"wrote {PINNED} ({len(CASES)} cases, commit {commit})", file=sys.stderr)
