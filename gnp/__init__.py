@@ -1,4 +1,4 @@
-"""gnp: gradient-norm penalty, SAM and SGD on CIFAR."""
-from gnp.method import GradientNormPenalty
+"""gnp: gradient-norm penalty, SAM, ASAM and plain training on CIFAR; the methods are in gnp.methods."""
+from gnp.methods import ASAM, GNP, SAM, Plain
 
-__all__ = ["GradientNormPenalty"]
+__all__ = ["ASAM", "GNP", "Plain", "SAM"]

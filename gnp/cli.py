@@ -15,9 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
@@ -26,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gnp import distributed, io
+from gnp.compose import composer
 from gnp.checkpoint import CheckpointError
 from gnp.config import ConfigError, unknown_key_error, validate
 from gnp.data import DataError
@@ -34,7 +33,6 @@ from gnp.tracking import TrackingError
 from gnp.training import Diverged, Stopped, train
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import SWEEP_DIR_VARIABLE
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, io.OutputError, TrackingError,
                distributed.ReplicaFailed)
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
@@ -45,6 +43,7 @@ _OTHER_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config
 _FLAGS_WITH_VALUE = {"--package", "-p"}
 _REMOTE_LAUNCHERS = ("slurm", "submitit")  # jobs run elsewhere: do not check this machine's GPU or credentials
 _MOST_ERRORS_SHOWN = 20
+RENAMED_CHOICES = {"method=sgd": "method=plain: one pass per step with the base optimizer, whatever it is"}
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -76,7 +75,9 @@ def check_command_line(argv: list[str]) -> None:
             [[o.input_line for o in job_overrides]]
     except HydraException:
         return  # a sweep that needs the config to expand (glob): each job is validated when it starts
-    problems = _check_jobs(jobs, check_environment=not remote)
+    # Where a user's own configs are (hydra.searchpath=[file://...]) counts for every job.
+    search_path = [o.input_line for o in hydra_overrides if o.key_or_group == "hydra.searchpath"]
+    problems = _check_jobs([[*search_path, *job] for job in jobs], check_environment=not remote)
     if problems:
         lines = [message if not multirun else f"job {i} ({' '.join(jobs[i]) or 'defaults'}): {message}"
                  for i, message in problems]
@@ -87,26 +88,24 @@ def check_command_line(argv: list[str]) -> None:
 
 def _check_jobs(jobs: list[list[str]], check_environment: bool) -> list[tuple[int, str]]:
     problems = []
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with composer() as compose:
         for i, job in enumerate(jobs):
             try:
-                validate(compose(config_name="config", overrides=job), check_environment=check_environment)
+                validate(compose(job), check_environment=check_environment)
             except ConfigError as e:
                 problems.append((i, str(e)))
             except (HydraException, OmegaConfBaseException) as e:
-                problems.append((i, _composition_problem(e, job)))
-    GlobalHydra.instance().clear()
+                problems.append((i, _composition_problem(e, job, compose)))
     return problems
 
 
-def _composition_problem(error: Exception, job: list[str]) -> str:
+def _composition_problem(error: Exception, job: list[str], compose) -> str:
     """Hydra's composition errors, said as this suite says the others (with the closest spelling)."""
     if isinstance(error, MissingConfigException) and error.options:
-        group = error.missing_cfg_file.rsplit("/", 1)[0]
-        choice = next((o.split("=", 1)[1] for o in job if o.lstrip("+~").split("=")[0] == group), "?")
-        return str(unknown_key_error(f"{group}={choice}", [f"{group}={o}" for o in error.options])).replace(
-            "is not a config key", f"is not a choice of {group} ({', '.join(error.options)})")
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        if f"{group}={choice}" in RENAMED_CHOICES:
+            return f"{group}={choice} is now {RENAMED_CHOICES[f'{group}={choice}']}"
+        return f"{group}={choice} is not a choice of {group}: choose one of {', '.join(sorted(error.options))}"
     exists = re.search(r"Could not append to config\. An item is already at '([^']+)'", str(error))
     if exists:
         line = next(o for o in job if o.lstrip("+").split("=")[0] == exists.group(1))
@@ -116,7 +115,7 @@ def _composition_problem(error: Exception, job: list[str]) -> str:
         name = next(g for g in key.groups() if g)
         rest = [o for o in job if o.lstrip("+~").split("=")[0] != name]
         try:
-            valid = _flat_keys(OmegaConf.to_container(compose(config_name="config", overrides=rest)))
+            valid = _flat_keys(OmegaConf.to_container(compose(rest)))
         except (HydraException, OmegaConfBaseException):
             valid = []
         return str(unknown_key_error(name, valid))

@@ -1,17 +1,24 @@
 """Checks a composed config before any work starts: each error names the key, the value and what
-is allowed, and an unknown key names its closest valid spelling."""
+is allowed, and an unknown key names its closest valid spelling.
+
+The method's settings are its class's (`method._target_`): the keys it accepts are its constructor's
+arguments and its checks are the constructor's own, run here on a probe model before any run directory
+exists. `method_settings` turns the config into those arguments, for the check and for the real build.
+"""
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 from omegaconf import DictConfig
 
 from gnp.augment import build_augmentation
-from gnp.data import DATASETS
-from gnp.method import WARMUPS
+from gnp.data import DATASETS, TRAIN_SIZES
+from gnp.methods import Method, SettingError
 from gnp.models import check_model_options
 from gnp.tracking import has_wandb_credentials
 
@@ -23,7 +30,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 AUTO_OR_BOOL = "auto, true or false"
 
 # Every key a section may hold. `model` and `aug` are open to their builders' own options, which
-# gnp.models and gnp.augment check; an optimizer's keys depend on which one it is.
+# gnp.models and gnp.augment check, and `method` to its class's; an optimizer's keys depend on which one it is.
 SCHEMA: dict[str, frozenset[str]] = {
     "": frozenset({"seed", "init_seed", "device", "precision", "train", "wandb", "dataset", "model", "method",
                    "optimizer", "aug"}),
@@ -32,8 +39,6 @@ SCHEMA: dict[str, frozenset[str]] = {
     "wandb": frozenset({"mode", "project", "entity", "group", "tags", "silent"}),
     "dataset": frozenset({"name", "num_classes", "root", "download", "verify", "limit_train", "limit_test", "mean",
                           "std"}),
-    "method": frozenset({"name", "r", "alpha", "normalize_first_grad", "max_grad_norm", "sync_perturbation",
-                         "warmup", "warmup_epochs", "gnp_probability"}),
 }
 _OPTIMIZER_KEYS = frozenset({"name", "lr", "weight_decay", "weight_decay_mode", "decay_norm_and_bias", "fused"})
 OPTIMIZER_SCHEMA: dict[str, frozenset[str]] = {
@@ -60,10 +65,15 @@ def _is_number(value) -> bool:
 
 
 def unknown_key_error(key: str, valid: Iterable[str]) -> ConfigError:
-    """The error for a key that does not exist: its closest valid spelling, or where to find them all."""
+    """The error for a key that does not exist: its closest valid spelling, and the keys of its section when
+    they are few (a model's options, say), else where to find them all."""
     valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    section = key.rpartition(".")[0]
+    siblings = [k for k in valid if k.rpartition(".")[0] == section] if section else []
     hint = f"did you mean {close[0]}?" if close else "`python train.py --cfg job` lists every key"
+    if 0 < len(siblings) <= 6:
+        hint += f" ({section} has {', '.join(siblings)})"
     return ConfigError(f"{key} is not a config key: {hint}")
 
 
@@ -89,7 +99,7 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     GPU, W&B credentials), for a sweep checked on a login node before it goes to a cluster.
     """
     check_keys(cfg)
-    t, m, o, d = cfg.train, cfg.method, cfg.optimizer, cfg.dataset
+    t, o, d = cfg.train, cfg.optimizer, cfg.dataset
     _check(_is_int(t.epochs) and t.epochs >= 1, "train.epochs", t.epochs, "must be an integer >= 1")
     _check(_is_int(t.batch_size) and t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
     _check(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
@@ -129,25 +139,12 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
                "optimizer.betas", betas, "must be two numbers in [0, 1), e.g. [0.9,0.999]")
         _check(_is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a number > 0")
 
-    _check(_is_number(m.r) and m.r >= 0, "method.r", m.r, "must be a number >= 0")
-    _check(_is_number(m.alpha) and 0 <= m.alpha <= 1, "method.alpha", m.alpha, "must be in [0, 1]")
-    _check(m.name != "sam" or m.alpha == 1, "method.alpha", m.alpha,
-           "method=sam is alpha=1 by definition; use method=gnp for other values")
-    _check(m.max_grad_norm is None or (_is_number(m.max_grad_norm) and m.max_grad_norm > 0),
-           "method.max_grad_norm", m.max_grad_norm, "must be a number > 0, or null for no clipping")
-    _check(m.warmup in WARMUPS, "method.warmup", m.warmup, f"choose one of {', '.join(WARMUPS)}")
-    _check(_is_number(m.warmup_epochs) and 0 <= m.warmup_epochs <= t.epochs, "method.warmup_epochs",
-           m.warmup_epochs, f"must be in [0, train.epochs={t.epochs}]")
-    _check(m.warmup == "none" or m.warmup_epochs > 0, "method.warmup_epochs", m.warmup_epochs,
-           f"must be > 0 with method.warmup={m.warmup}")
-    _check(_is_number(m.gnp_probability) and 0 < m.gnp_probability <= 1, "method.gnp_probability",
-           m.gnp_probability, "must be in (0, 1] (1 = every step is a GNP step)")
-
     _check(d.name in DATASETS, "dataset.name", d.name, f"choose one of {', '.join(DATASETS)}")
     for key in ("limit_train", "limit_test"):
         value = d[key]
         _check(value is None or (_is_int(value) and value >= 1), f"dataset.{key}", value,
                "must be null (all images) or an integer >= 1")
+    check_method(cfg)
     _check(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, f"choose one of {', '.join(WANDB_MODES)}")
     try:  # the model registry and the augmentation check their own options
         check_model_options(cfg.model.name, [key for key in cfg.model if key != "name"])
@@ -162,6 +159,87 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     if check_environment and cfg.wandb.mode == "online" and not has_wandb_credentials():
         raise ConfigError("wandb.mode=online needs W&B credentials: run `wandb login` or set WANDB_API_KEY, "
                           "or log locally with wandb.mode=offline")
+
+
+# What the run gives a method besides its own config keys, if its constructor takes them.
+RUN_SETTINGS = {"l2": "optimizer.weight_decay_mode=loss", "seed": "seed", "grad_scaler": "precision=fp16",
+                "warmup_steps": "method.warmup_epochs"}
+_METHOD_KEYS = ("_target_", "name")  # the config's own keys of a method: its class, and its name in outputs
+
+
+def method_class(method: Mapping) -> type[Method]:
+    """The class `method._target_` names: a subclass of gnp.methods.Method."""
+    target = method.get("_target_")
+    module, _, name = target.rpartition(".") if isinstance(target, str) else ("", "", "")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"method._target_={target} cannot be imported ({e}); name a class as module.Class on "
+                          f"the Python path (PYTHONPATH), e.g. gnp.methods.GNP") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"method._target_={target!r} is invalid: name a subclass of gnp.methods.Method as "
+                          f"module.Class, e.g. gnp.methods.GNP (every conf/method/*.yaml has one)")
+    return cls
+
+
+def train_steps_per_epoch(cfg: DictConfig, train_size: int | None = None) -> int:
+    """Steps per epoch: floor(training images / global batch). `train_size` defaults to the published size."""
+    n = TRAIN_SIZES[cfg.dataset.name] if train_size is None else train_size
+    if cfg.dataset.limit_train is not None:
+        n = min(n, cfg.dataset.limit_train)
+    return n // cfg.train.batch_size
+
+
+def method_settings(cfg: DictConfig, steps_per_epoch: int,
+                    grad_scaler: torch.amp.GradScaler | None = None) -> dict:
+    """The keyword arguments of the method's constructor: its config keys (warmup_epochs as warmup_steps)
+    and, where the constructor takes them, the in-loss L2 of the optimizer config, the seed and the scaler."""
+    m, o = cfg.method, cfg.optimizer
+    cls = method_class(m)
+    accepted = cls.setting_names()
+    own = [*_METHOD_KEYS, *(k for k in accepted if k not in RUN_SETTINGS),
+           *(["warmup_epochs"] if "warmup_steps" in accepted else [])]
+    unknown = [key for key in m if key not in own]
+    if unknown:
+        raise ConfigError(f"method.{unknown[0]} is not a key of method={m.get('name')} ({cls.__name__}); its keys: "
+                          f"{', '.join(f'method.{k}' for k in own)}")
+    if not isinstance(m.get("name"), str) or not m.name:
+        raise ConfigError(f"method.name={m.get('name')!r} is invalid: give the method a name (it names run "
+                          f"directories and table columns)")
+    settings = {k: v for k, v in m.items() if k not in (*_METHOD_KEYS, "warmup_epochs")}
+    run = {"seed": cfg.seed, "grad_scaler": grad_scaler,
+           "l2": o.weight_decay if o.weight_decay_mode == "loss" else 0.0}
+    if "warmup_epochs" in m:
+        _check(_is_number(m.warmup_epochs) and 0 <= m.warmup_epochs <= cfg.train.epochs, "method.warmup_epochs",
+               m.warmup_epochs, f"must be in [0, train.epochs={cfg.train.epochs}]")
+        run["warmup_steps"] = round(m.warmup_epochs * steps_per_epoch)
+    for key, needed in (("l2", run["l2"] > 0), ("grad_scaler", grad_scaler is not None)):
+        if needed and key not in accepted:
+            raise ConfigError(f"method={m.name} ({cls.__name__}) takes no {key}, which {RUN_SETTINGS[key]} needs: "
+                              f"choose another setting or a method that takes it")
+    return {**settings, **{k: v for k, v in run.items() if k in accepted and v is not None}}
+
+
+def build_method(cfg: DictConfig, model: nn.Module, base_optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> Method:
+    """The config's method around `base_optimizer`; a setting its constructor refuses is a ConfigError."""
+    try:
+        return method_class(cfg.method)(model, base_optimizer,
+                                        **method_settings(cfg, steps_per_epoch, grad_scaler))
+    except SettingError as e:
+        if e.name != "warmup_steps":
+            raise ConfigError(f"method.{e}") from None
+        epochs = cfg.method.warmup_epochs
+        raise ConfigError(f"method.warmup_epochs={epochs} is invalid: " + (
+            f"it rounds to 0 of the {steps_per_epoch} steps per epoch; use at least {1 / steps_per_epoch:.3g}"
+            if epochs else f"must be > 0 with method.warmup={cfg.method.warmup}")) from None
+
+
+def check_method(cfg: DictConfig) -> None:
+    """The method's constructor checks its settings, on a probe model, before any run exists."""
+    probe = nn.Linear(1, 1)
+    build_method(cfg, probe, torch.optim.SGD(probe.parameters(), lr=1.0), max(train_steps_per_epoch(cfg), 1),
+                 torch.amp.GradScaler("cpu") if cfg.precision == "fp16" else None)
 
 
 def check_device(device: str, check_environment: bool = True) -> None:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 DATASETS = (*CIFAR, "digits")
 DIGITS_TEST_SIZE = 300
+# Training images of each dataset as published (a fake CIFAR archive may hold fewer): what the config's
+# checks assume before any data is read.
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "digits": 1_797 - DIGITS_TEST_SIZE}
 
 
 class DataError(RuntimeError):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gnp.method import running_statistics
+from gnp.methods.base import running_statistics
 
 _DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
 T = TypeVar("T")

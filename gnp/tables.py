@@ -694,7 +694,7 @@ def _relative_cost(throughputs: list[Throughput], measured: Throughput, method: 
     if not ratios:
         return None
     ratio = statistics.fmean(ratios)
-    return 1 / ratio if method == "sgd" else ratio
+    return 1 / ratio if method not in two_pass else ratio
 
 
 def _images_per_epoch(config: dict) -> int:

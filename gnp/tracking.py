@@ -15,7 +15,7 @@ from gnp import io
 from gnp.runs import first_line
 
 # One row of the paper's results table; `scripts/make_tables.py` reads the same fields.
-TABLE_COLUMNS = ("dataset", "model", "method", "aug", "r", "alpha", "seed", "epochs", "test_error", "best_test_error")
+TABLE_COLUMNS = ("dataset", "model", "method", "aug", "seed", "epochs", "test_error", "best_test_error")
 
 
 class TrackingError(RuntimeError):
@@ -40,10 +40,12 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def run_name(config: dict) -> str:
-    """dataset-model-method-aug-r-alpha-lr-seed: what tells the runs of a sweep apart at a glance."""
+    """dataset-model-method-aug-r-alpha-lr-seed (r and alpha where the method has them): what tells the
+    runs of a sweep apart at a glance."""
     m = config["method"]
+    radius = "".join(f"-{short}{m[key]}" for key, short in (("r", "r"), ("alpha", "a")) if key in m)
     return (f"{config['dataset']['name']}-{config['model']['name']}-{m['name']}-{config['aug']['name']}"
-            f"-r{m['r']}-a{m['alpha']}-lr{config['optimizer']['lr']}-s{config['seed']}")
+            f"{radius}-lr{config['optimizer']['lr']}-s{config['seed']}")
 
 
 class Tracker:
@@ -98,7 +100,9 @@ class Tracker:
             import wandb
 
             if summary is not None and summary["status"] == "finished":
-                table = wandb.Table(columns=list(TABLE_COLUMNS), data=[[summary[c] for c in TABLE_COLUMNS]])
+                row = {**{c: summary[c] for c in TABLE_COLUMNS},
+                       **{f"method.{k}": v for k, v in summary["method_settings"].items()}}
+                table = wandb.Table(columns=list(row), data=[list(row.values())])
                 self.run.log({"results": table})
             if summary is not None:
                 self.run.summary.update(io.strict_json(summary))

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from gnp import checkpoint, distributed, io
 from gnp.augment import build_augmentation
-from gnp.config import ConfigError, validate
+from gnp.config import ConfigError, build_method, validate
 from gnp.data import BatchLoader, Stream, load_dataset, random_seed
-from gnp.method import GradientNormPenalty
+from gnp.methods import StepReport
 from gnp.models import build_model, count_parameters
 from gnp.runs import RunDirectory, error_line, first_line, log, remove_stub, setup_console
 from gnp.signals import StopSignals, exit_code
@@ -108,22 +108,6 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
                              fused=fused)
 
 
-def build_method(cfg: DictConfig, model: nn.Module, net: nn.Module, steps_per_epoch: int, device: torch.device,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> GradientNormPenalty:
-    """The config's method around its base optimizer. `model` is what a step calls (DDP and/or
-    compiled), `net` the plain module that owns the parameters."""
-    m, o = cfg.method, cfg.optimizer
-    warmup_steps = round(m.warmup_epochs * steps_per_epoch)
-    if m.warmup != "none" and warmup_steps == 0:
-        raise ConfigError(f"method.warmup_epochs={m.warmup_epochs} is invalid: it rounds to 0 of the "
-                          f"{steps_per_epoch} steps per epoch; use at least {1 / steps_per_epoch:.3g}")
-    return GradientNormPenalty(
-        model, build_optimizer(o, net, device), r=m.r, alpha=m.alpha, normalize_first_grad=m.normalize_first_grad,
-        l2=o.weight_decay if o.weight_decay_mode == "loss" else 0.0, max_grad_norm=m.max_grad_norm,
-        sync_perturbation=m.sync_perturbation, warmup=m.warmup, warmup_steps=warmup_steps,
-        gnp_probability=m.gnp_probability, seed=cfg.seed, grad_scaler=grad_scaler)
-
-
 def init_seed(cfg: DictConfig) -> int:
     """The seed of the model's initial weights: `init_seed`, by default `seed`."""
     return cfg.seed if cfg.init_seed is None else cfg.init_seed
@@ -163,8 +147,8 @@ class EpochTotals:
     Gradient norms are averaged over the steps that were applied: a float16 step skipped for an
     overflow has no meaningful gradient."""
 
-    FIELDS = ("loss", "errors", "first_pass_loss", "first_pass_errors", "g1_norm", "grad_norm", "applied_steps",
-              "nonfinite")
+    FIELDS = ("first_pass_loss", "first_pass_errors", "perturbed_loss", "perturbed_errors", "g1_norm",
+              "final_grad_norm", "applied_steps", "nonfinite")
 
     def __init__(self, device: torch.device, saved: torch.Tensor | None = None):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device) if saved is None \
@@ -174,23 +158,24 @@ class EpochTotals:
     def field(self, name: str) -> torch.Tensor:
         return self.sums[self.FIELDS.index(name)]
 
-    def add(self, optimizer: GradientNormPenalty, first_loss: torch.Tensor, target: torch.Tensor, step: int) -> None:
+    def add(self, step: StepReport, target: torch.Tensor, index: int) -> None:
+        """Add the report of the epoch's step `index` (0-based), whose batch had these targets."""
         labels = target if target.ndim == 1 else target.argmax(1)  # soft targets from mixup/cutmix
         n = len(labels)
-        applied = ~optimizer.step_skipped
-        nonfinite = ~(torch.isfinite(first_loss) & torch.isfinite(optimizer.perturbed_loss)
-                      & (torch.isfinite(optimizer.final_grad_norm) | ~applied))
+        applied = ~step.skipped
+        nonfinite = ~(torch.isfinite(step.first_pass_loss) & torch.isfinite(step.perturbed_loss)
+                      & (torch.isfinite(step.final_grad_norm) | ~applied))
         self.sums += torch.stack([
-            optimizer.perturbed_loss.double() * n,
-            (optimizer.perturbed_output.argmax(1) != labels).sum().double(),
-            first_loss.double() * n,
-            (optimizer.last_output.argmax(1) != labels).sum().double(),
-            torch.where(applied, optimizer.grad_norm.double(), 0.0),
-            torch.where(applied, optimizer.final_grad_norm.double(), 0.0),
+            step.first_pass_loss.double() * n,
+            (step.first_pass_output.argmax(1) != labels).sum().double(),
+            step.perturbed_loss.double() * n,
+            (step.perturbed_output.argmax(1) != labels).sum().double(),
+            torch.where(applied, step.g1_norm.double(), 0.0),
+            torch.where(applied, step.final_grad_norm.double(), 0.0),
             applied.double(),
             nonfinite.double(),
         ])
-        self.first_bad_step = torch.where(nonfinite & torch.isinf(self.first_bad_step), float(step),
+        self.first_bad_step = torch.where(nonfinite & torch.isinf(self.first_bad_step), float(index),
                                           self.first_bad_step)
 
 
@@ -252,9 +237,10 @@ class Trainer:
         # What a training step calls: the (compiled) model, in DDP when there are several replicas.
         self.model = distributed.wrap(self.forward, device) if ctx.world_size > 1 else self.forward
         scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
-        self.optimizer = build_method(cfg, self.model, self.net, self.steps_per_epoch, device, scaler)
+        self.method = build_method(cfg, self.model, build_optimizer(cfg.optimizer, self.net, device),
+                                   self.steps_per_epoch, scaler)
         self.lr_factor = cosine_schedule(t.epochs * self.steps_per_epoch, round(t.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.base_optimizer, self.lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.method.base_optimizer, self.lr_factor)
         self.ema = WeightAverage(self.net, t.ema_decay) if t.ema_decay else None
         # Each replica keeps its own BatchNorm statistics, as the authors' code; they are averaged
         # for evaluation and checkpoints only.
@@ -350,7 +336,7 @@ class Trainer:
         """Restore the checkpoint's state; returns where to continue (epoch, step) and the partial
         epoch's sums of this replica."""
         self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema:
             self.ema.model.load_state_dict(state["ema"])
@@ -389,7 +375,7 @@ class Trainer:
                 if signum:
                     self.stop(signum, f"step {done}/{self.steps_per_epoch} of epoch {epoch + 1}")
                 if not bar.disable:
-                    loss, errors = totals.field("loss").item(), totals.field("errors").item()
+                    loss, errors = totals.field("first_pass_loss").item(), totals.field("first_pass_errors").item()
                     seen = done * self.train_loader.batch_size // self.ctx.world_size  # this replica's images
                     bar.set_postfix(loss=f"{loss / seen:.3f}", err=f"{100 * errors / seen:.1f}%")
         bar.close()
@@ -405,11 +391,11 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         # Dropout, stochastic depth and ShakeDrop draws of this step on this replica.
         torch.manual_seed(random_seed(self.cfg.seed, Stream.MODEL, global_step, self.ctx.rank))
-        first_loss = self.optimizer.step(lambda: self.loss_and_logits(images, target))
+        self.method.step(lambda: self.loss_and_logits(images, target))
         self.scheduler.step()
         if self.ema:
             self.ema.update()
-        totals.add(self.optimizer, first_loss, target, global_step % self.steps_per_epoch)
+        totals.add(self.method.last_step, target, global_step % self.steps_per_epoch)
 
     def loss_and_logits(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The closure each pass of a step evaluates: the loss in float32, and the logits."""
@@ -448,11 +434,12 @@ class Trainer:
                 if self.ema else {}
         self.history.append({
             "epoch": epoch + 1, "lr": self.cfg.optimizer.lr * self.lr_factor(epoch * self.steps_per_epoch),
-            "train_loss": named["loss"] / images, "train_error": 100 * named["errors"] / images,
             "first_pass_loss": named["first_pass_loss"] / images,
             "first_pass_error": 100 * named["first_pass_errors"] / images,
-            "g1_norm": named["g1_norm"] / steps, "grad_norm": named["grad_norm"] / steps,
-            "param_norm": param_norm, "r": self.optimizer.step_r, "alpha": self.optimizer.step_alpha,
+            "perturbed_loss": named["perturbed_loss"] / images,
+            "perturbed_error": 100 * named["perturbed_errors"] / images,
+            "g1_norm": named["g1_norm"] / steps, "final_grad_norm": named["final_grad_norm"] / steps,
+            "param_norm": param_norm, **self.method.last_step.schedule,
             **{f"test_{k}": v for k, v in test.items()}, **{f"ema_test_{k}": v for k, v in ema_test.items()},
             "seconds": time.perf_counter() - epoch_start, "images_per_second": images_per_second,
         })
@@ -483,7 +470,7 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         checkpoint.save(self.run_dir, {
             "config": self.config, "epoch": epoch, "step": step, "history": self.history,
-            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.net.state_dict(), "optimizer": self.method.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
             "replica_stats": replica_stats, "totals": totals,
             "wandb_run_id": self.tracker.run_id if self.tracker else None,
@@ -510,18 +497,18 @@ class Trainer:
             "status": status, "error": error,
             "dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name, "aug": cfg.aug.name,
             "aug_style": cfg.aug.get("style"),
-            "r": cfg.method.r, "alpha": cfg.method.alpha, "warmup": cfg.method.warmup,
-            "warmup_epochs": cfg.method.warmup_epochs, "gnp_probability": cfg.method.gnp_probability,
+            "method_settings": {k: v for k, v in self.config["method"].items() if k not in ("_target_", "name")},
             "seed": cfg.seed, "init_seed": init_seed(cfg),
             "epochs": cfg.train.epochs, "epochs_completed": len(history),
             "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size,
             "precision": self.precision, "num_parameters": self.num_parameters,
             "test_error": last.get("test_error") if finished else None,
             "test_loss": last.get("test_loss") if finished else None,
-            "top5_error": last.get("test_top5_error") if finished else None,
+            "test_top5_error": last.get("test_top5_error") if finished else None,
             "ema_test_error": last.get("ema_test_error") if finished else None,
             "best_test_error": min((row["test_error"] for row in history), default=None),
-            "train_loss": last.get("train_loss"), "train_error": last.get("train_error"),
+            **{key: last.get(key) for key in ("first_pass_loss", "first_pass_error", "perturbed_loss",
+                                              "perturbed_error")},
             "wall_seconds": sum(row["seconds"] for row in history),
             "images_per_second": sum(row["images_per_second"] for row in history) / len(history) if history else None,
             "data_verified": self.data_verified, "git_commit": git_commit(), "torch_version": torch.__version__,
@@ -586,8 +573,8 @@ def git_commit() -> str | None:
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
-    line = (f"epoch {row['epoch']:>4}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-            f"err {row['train_error']:5.2f}%  |g1| {row['g1_norm']:.3f}  test loss {row['test_loss']:.4f} "
+    line = (f"epoch {row['epoch']:>4}/{epochs}  lr {row['lr']:.4g}  train loss {row['first_pass_loss']:.4f} "
+            f"err {row['first_pass_error']:5.2f}%  |g1| {row['g1_norm']:.3f}  test loss {row['test_loss']:.4f} "
             f"err {row['test_error']:5.2f}%")
     if "ema_test_error" in row:
         line += f"  EMA err {row['ema_test_error']:5.2f}%"

@@ -54,15 +54,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from gnp import io
+from gnp.compose import compose_config as compose
 from gnp.augment import PRESETS, STYLES, build_augmentation
 from gnp.config import validate
 from gnp.data import BatchLoader, load_dataset, write_synthetic_cifar
 from gnp.distributed import Context, pick_device
-from gnp.method import GradientNormPenalty
 from gnp.models import MODELS, check_model_options, count_parameters
 from gnp.runs import error_line
 from gnp.training import EpochTotals, Trainer, evaluate, git_commit, train, use_channels_last
@@ -78,8 +77,8 @@ README_END = "<!-- end of the generated speed tables -->"
 
 NUM_CLASSES = 10
 # name -> (config method, extra override): the methods of the main comparison.
-METHODS = {"sgd": ("sgd", None), "sam": ("sam", None), "gnp": ("gnp", None),
-           "hybrid": ("gnp", "method.gnp_probability=0.5")}
+METHODS = {"sgd": ("plain", None), "sam": ("sam", None), "gnp": ("gnp", None),
+           "hybrid": ("gnp", "method.two_pass_probability=0.5")}
 # GNP ÷ SGD and GNP ÷ the hand-written two-pass step, on a GPU and on a CPU.
 STEP_LIMITS = {"cuda": {"gnp/sgd": 2.0, "gnp/two_pass": 1.0}, "cpu": {"gnp/sgd": 2.05, "gnp/two_pass": 1.03}}
 MEMORY_SLACK = 0.05  # GNP's peak memory <= (SGD's + 2 x parameter bytes) x (1 + slack)
@@ -259,8 +258,7 @@ def main_paths(spec: ModelSpec, args: argparse.Namespace, device: torch.device) 
 # --- configs and steps of the suite's own code -----------------------------------------------------
 
 def compose_config(overrides: Iterable[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+    cfg = compose(*overrides)
     validate(cfg)
     return cfg
 
@@ -289,20 +287,20 @@ class SuiteStep:
         return self.trainer.loss_and_logits(self.images, self.target)
 
     def __call__(self) -> None:
-        self.trainer.optimizer.step(self.closure)
-        self.two_pass.append(self.trainer.optimizer.two_pass)
+        self.trainer.method.step(self.closure)
+        self.two_pass.append(self.trainer.method.last_step.two_pass)
 
     def loop_step(self) -> None:
         """The step with the training loop's per-step work around it: the step's model seed, the
         learning-rate schedule and the epoch's running totals."""
-        self.trainer.train_step(self.trainer.optimizer.steps_taken, self.images, self.target, self.totals)
+        self.trainer.train_step(self.trainer.method.steps_taken, self.images, self.target, self.totals)
 
 
 class TwoPassStep(SuiteStep):
     """The same model, batch and base optimizer, stepped by the hand-written `two_pass_step`."""
 
     def __call__(self) -> None:
-        net, gnp = self.trainer.net, self.trainer.optimizer  # the suite's method, for its settings
+        net, gnp = self.trainer.net, self.trainer.method  # the suite's method, for its settings
         two_pass_step([p for p in net.parameters() if p.requires_grad], list(net.buffers()), gnp.base_optimizer,
                       lambda: self.closure()[0], r=gnp.r, alpha=gnp.alpha, l2=gnp.l2, max_grad_norm=gnp.max_grad_norm)
         self.two_pass.append(True)
@@ -543,7 +541,7 @@ def release(device: torch.device) -> None:
 def measure_memory(spec: ModelSpec, main: FastPaths, device: torch.device, data: DataPaths,
                    parameter_bytes: int) -> dict:
     """Peak memory of SGD and of GNP steps, each variant alone."""
-    overrides = {method: run_overrides(spec, method, main, device, data.tiny) for method in ("sgd", "gnp")}
+    overrides = {name: run_overrides(spec, METHODS[name][0], main, device, data.tiny) for name in ("sgd", "gnp")}
     if device.type == "cuda":
         peaks = {method: variant_peak_memory(o, device) for method, o in overrides.items()}
     else:  # a child process per variant (both at once): no variant's freed memory can hide in another's peak
@@ -676,11 +674,8 @@ def measure_exact(args: argparse.Namespace, device: torch.device, data: DataPath
     """SGD, GNP and exact GNP (double backward) on a ResNet-18 of width 8, batch 32, eager."""
     spec = ModelSpec(*EXACT_MODEL)
     paths = replace(main_paths(spec, args, device), compile=False)  # no double backward through compiled graphs
-    steps = {name: SuiteStep(compose_config(run_overrides(spec, method, paths, device, data.tiny)), device)
-             for name, method in (("sgd", "sgd"), ("gnp", "gnp"), ("exact", "gnp"))}
-    gnp = steps["exact"].trainer.optimizer
-    steps["exact"].trainer.optimizer = GradientNormPenalty(
-        gnp.model, gnp.base_optimizer, r=gnp.r, alpha=gnp.alpha, l2=gnp.l2, max_grad_norm=gnp.max_grad_norm, exact=True)
+    steps = {name: SuiteStep(compose_config([*run_overrides(spec, method, paths, device, data.tiny), *extra]), device)
+             for name, method, extra in (("sgd", "plain", ()), ("gnp", "gnp", ()), ("exact", "gnp", ["method.exact=true"]))}
     print(f"\n== exact mode: {spec.label}, batch 32, {paths.label}", flush=True)
     warm_up(steps, device, args.warmup)
     samples = interleaved(steps, device, args.repeats, args.steps)
@@ -743,7 +738,8 @@ def measure_loop(spec: ModelSpec, args: argparse.Namespace, device: torch.device
     sample of the loop."""
     main = main_paths(spec, args, device)
     methods = ("sgd", "gnp")
-    bare = {m: SuiteStep(compose_config(run_overrides(spec, m, main, device, data.tiny)), device) for m in methods}
+    bare = {m: SuiteStep(compose_config(run_overrides(spec, METHODS[m][0], main, device, data.tiny)), device)
+            for m in methods}
     warm_up(bare, device, args.warmup)
     result: dict[str, Any] = {"model": spec.name, "options": spec.options, "label": spec.label,
                               "batch_size": spec.batch_size, "main": asdict(main), "epochs": args.loop_epochs,
@@ -753,7 +749,7 @@ def measure_loop(spec: ModelSpec, args: argparse.Namespace, device: torch.device
     for repeat, method in itertools.product(range(args.loop_repeats), methods):
         print(f"\n== loop: {spec.label} {method} ({repeat + 1}/{args.loop_repeats}), {args.loop_epochs} epochs of "
               f"{data.n_train} images, {main.label}", flush=True)
-        overrides = run_overrides(spec, method, main, device, data.full) + [
+        overrides = run_overrides(spec, METHODS[method][0], main, device, data.full) + [
             f"train.epochs={args.loop_epochs}", f"train.eval_batch_size={min(1000, data.n_test)}"]
         bare_seconds[method] += interleaved({method: bare[method]}, device, 1, spec.steps)[method]
         runs[method].append(run_checked(compose_config(overrides), work / f"loop_{method}_{repeat}", device))

@@ -7,18 +7,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
+from gnp.compose import compose_config  # noqa: F401 (the tests' way to compose, re-exported)
 from gnp.data import write_synthetic_cifar
-from gnp.method import GradientNormPenalty
+from gnp.methods import Method
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture
@@ -34,7 +28,7 @@ def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM, times: int = 1
     """Deliver `signum` (`times` times) to this process during optimisation step `step` (1-based), as a
     scheduler would; returns the count of steps started."""
     calls = {"n": 0}
-    original = GradientNormPenalty.step
+    original = Method.step
 
     def step_then_signal(self, closure):
         calls["n"] += 1
@@ -43,5 +37,5 @@ def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM, times: int = 1
                 os.kill(os.getpid(), signum)
         return original(self, closure)
 
-    monkeypatch.setattr(GradientNormPenalty, "step", step_then_signal)
+    monkeypatch.setattr(Method, "step", step_then_signal)
     return calls

@@ -31,7 +31,8 @@ def _check(capsys, *argv):
 @pytest.mark.parametrize("argv,message", [
     (["train.epoch=3"], "train.epoch is not a config key: did you mean train.epochs?"),
     (["+train.epoch=3"], "train.epoch is not a config key: did you mean train.epochs?"),
-    (["+method.raduis=0.1"], "method.raduis is not a config key: did you mean method.r?"),
+    (["+method.raduis=0.1"], "method.raduis is not a key of method=gnp (GNP); its keys: method._target_, method.name, "
+                              "method.r, method.alpha, "),
     (["optimizer.momentun=0.5"], "optimizer.momentum?"),
     (["+optimizer.betas=[0.9,0.99]"], "optimizer.betas is not a config key"),  # SGD has no betas
     (["+wandb.projct=x"], "wandb.projct is not a config key: did you mean wandb.project?"),
@@ -41,9 +42,12 @@ def _check(capsys, *argv):
     (["+model.depth=20"], "model 'resnet18' has no option(s) depth; its options are: width"),
     (["+aug.cutot_size=8"], "aug has no option(s) cutot_size"),
     (["+train.epochs=3"], "train.epochs exists already: set it without the + (train.epochs=3)"),
-    (["method=gpn"], "method=gpn is not a choice of method (gnp, gnp_warmup, sam, sgd): did you mean method=gnp?"),
+    (["method=gpn"], "method=gpn is not a choice of method: choose one of asam, gnp, gnp_warmup, plain, sam"),
+    (["method=sgd"], "method=sgd is now method=plain: one pass per step with the base optimizer, whatever it is"),
+    (["model=resnet18", "model=resnet20"], "model=resnet20 is not a choice of model: choose one of pyramidnet110, "
+                                           "pyramidnet272, resnet101, resnet18, vit, vit_b, vit_s, vit_ti, wrn28_10"),
     (["device=gpu"], "device='gpu' is invalid: choose auto (a GPU when there is one), cpu, cuda or cuda:N"),
-    (["method.alpha=2"], "method.alpha=2 is invalid: must be in [0, 1]"),
+    (["method.alpha=2"], "method.alpha=2 is invalid: alpha must be a number in [0, 1] (1 is SAM, 0 the base optimizer)"),
 ])
 def test_a_mistake_on_the_command_line_is_one_line_with_the_fix(capsys, argv, message):
     code, lines = _check(capsys, *argv)
@@ -51,9 +55,11 @@ def test_a_mistake_on_the_command_line_is_one_line_with_the_fix(capsys, argv, me
 
 
 def test_the_unknown_key_check_covers_every_config_section(capsys):
-    for section in ("train", "wandb", "dataset", "method", "optimizer"):
+    for section in ("train", "wandb", "dataset", "optimizer"):
         code, lines = _check(capsys, f"+{section}.no_such_key=1")
         assert code == 2 and f"{section}.no_such_key is not a config key" in lines[0]
+    code, lines = _check(capsys, "+method.no_such_key=1")  # a method's keys are its class's
+    assert code == 2 and "method.no_such_key is not a key of method=gnp (GNP)" in lines[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -76,14 +82,14 @@ def test_wandb_online_without_credentials(capsys, monkeypatch, tmp_path):
 def test_a_sweep_with_bad_values_fails_before_its_first_job(capsys):
     code, lines = _check(capsys, "-m", "method.alpha=0.5,2", "seed=0,1")
     assert code == 2 and lines == [
-        "error: job 2 (method.alpha=2 seed=0): method.alpha=2 is invalid: must be in [0, 1]",
-        "error: job 3 (method.alpha=2 seed=1): method.alpha=2 is invalid: must be in [0, 1]",
+        "error: job 2 (method.alpha=2 seed=0): method.alpha=2 is invalid: alpha must be a number in [0, 1] (1 is SAM, 0 the base optimizer)",
+        "error: job 3 (method.alpha=2 seed=1): method.alpha=2 is invalid: alpha must be a number in [0, 1] (1 is SAM, 0 the base optimizer)",
         "error: 2 of 4 jobs are invalid; no job was started",
     ]
 
 
 def test_valid_commands_pass_the_check():
-    cli.check_command_line(["-m", "method=sgd,sam,gnp", "seed=range(0,3)", "hydra.sweep.dir=x"])
+    cli.check_command_line(["-m", "method=plain,sam,gnp,asam", "seed=range(0,3)", "hydra.sweep.dir=x"])
     cli.check_command_line(["model=vit_s", "method.alpha=0.5", "model.drop_path_rate=0.1"])
     cli.check_command_line(["--cfg", "job", "this=is not checked"])  # Hydra's information flags pass through
     # A sweep that expands against the config (glob) is left to Hydra; each job is checked as it starts.
@@ -169,3 +175,41 @@ def test_a_sweep_reports_every_failed_job_and_goes_on(tmp_path):
     summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
     statuses = sorted(job["status"] for job in summary["jobs"])
     assert statuses == ["failed", "finished"]
+
+
+SIGN_SAM = '''"""A method of a user's own, outside the package: SAM along sign(g1) / sqrt(n) instead of g1 / ||g1||."""
+import torch
+
+from gnp.methods import TwoPassMethod
+
+
+class SignSAM(TwoPassMethod):
+    def __init__(self, model, base_optimizer, r=0.05, **settings):
+        super().__init__(model, base_optimizer, r, **settings)
+
+    def direction(self, params, g1, g1_norm):
+        signs = torch._foreach_sign(g1)
+        torch._foreach_div_(signs, sum(s.numel() for s in signs) ** 0.5)
+        return signs
+'''
+
+
+def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tmp_path):
+    (tmp_path / "sign_sam.py").write_text(SIGN_SAM)
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "sign_sam.yaml").write_text(
+        "_target_: sign_sam.SignSAM\nname: sign_sam\nr: 0.02\nmax_grad_norm: 5.0\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    done = _train(search, *DIGITS, "method=sign_sam", "train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["status"], summary["method"], summary["method_settings"]) == (
+        "finished", "sign_sam", {"r": 0.02, "max_grad_norm": 5.0})
+    (epoch,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epoch["r"] == 0.02 and epoch["perturbed_loss"] != epoch["first_pass_loss"]  # its two passes ran
+    # Its settings are checked by its class before anything runs.
+    bad = _train(search, *DIGITS, "method=sign_sam", "method.r=-1", f"hydra.run.dir={tmp_path / 'bad'}", env=env)
+    assert _one_error_line(bad, 2) == "error: method.r=-1 is invalid: r must be a finite number >= 0 (0 trains with " \
+                                      "the base optimizer alone)"
+    assert not (tmp_path / "bad").exists()

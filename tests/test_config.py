@@ -15,7 +15,7 @@ CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 def test_the_required_choices_exist():
     names = set(CHOICES)
     for required in [("dataset", "cifar10"), ("dataset", "cifar100"), ("dataset", "digits"), ("model", "resnet18"),
-                     ("method", "sgd"), ("method", "sam"), ("method", "gnp"), ("optimizer", "sgd"),
+                     ("method", "plain"), ("method", "sam"), ("method", "gnp"), ("method", "asam"), ("optimizer", "sgd"),
                      ("optimizer", "adamw"), ("aug", "none"), ("aug", "basic"), ("aug", "cutout"),
                      ("aug", "autoaugment")]:
         assert required in names
@@ -42,9 +42,9 @@ def test_default_is_the_official_gnp_recipe():
     ("train.batch_size=0", "train.batch_size=0 is invalid: must be an integer >= 1"),
     ("optimizer.lr=0", "optimizer.lr=0 is invalid: must be a number > 0"),
     ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is invalid"),
-    ("method.alpha=1.5", r"method.alpha=1.5 is invalid: must be in \[0, 1\]"),
-    ("method.alpha=-0.1", r"method.alpha=-0.1 is invalid: must be in \[0, 1\]"),
-    ("method.r=-0.01", "method.r=-0.01 is invalid: must be a number >= 0"),
+    ("method.alpha=1.5", r"method.alpha=1.5 is invalid: alpha must be a number in \[0, 1\]"),
+    ("method.alpha=-0.1", r"method.alpha=-0.1 is invalid: alpha must be a number in \[0, 1\]"),
+    ("method.r=-0.01", "method.r=-0.01 is invalid: r must be a finite number >= 0"),
     ("model.name=resnet7", "model.name='resnet7' is not a known model; choose one of: .*resnet18"),
     ("+model.depth=20", "model 'resnet18' has no option.s. depth; its options are: width"),
     ("aug.name=randaugment", "aug.name='randaugment' is not a known augmentation"),
@@ -62,9 +62,11 @@ def test_bad_values_name_key_value_and_range(override, message):
         validate(compose_config(*override.split()))
 
 
-def test_sam_is_alpha_one():
-    with pytest.raises(ConfigError, match="method=sam is alpha=1"):
-        validate(compose_config("method=sam", "method.alpha=0.5"))
+def test_a_method_takes_the_keys_of_its_class_only():
+    """SAM has no alpha (it is alpha = 1 by definition); GNP has one."""
+    with pytest.raises(ConfigError, match=r"^method.alpha is not a key of method=sam \(SAM\); its keys: "):
+        validate(compose_config("method=sam", "+method.alpha=0.5"))
+    validate(compose_config("method=gnp", "method.alpha=0.5"))
 
 
 def _cli(*args):
@@ -76,5 +78,5 @@ def test_cli_prints_the_composed_config_and_rejects_bad_values_before_training(t
     assert shown.returncode == 0 and "name: sam" in shown.stdout and "rho" not in shown.stdout
     bad = _cli("method.alpha=2", f"hydra.run.dir={tmp_path}", "wandb.mode=disabled")
     assert bad.returncode == 2
-    assert "error: method.alpha=2 is invalid: must be in [0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+    assert "error: method.alpha=2 is invalid: alpha must be a number in [0, 1] (1 is SAM, 0 the base optimizer)" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "checkpoint.pt").exists()

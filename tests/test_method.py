@@ -1,4 +1,4 @@
-"""GradientNormPenalty against independent oracles: closed forms, torch.func formulas, double backward."""
+"""The methods (gnp.methods) against independent oracles: closed forms, torch.func formulas, double backward."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.func import functional_call, grad
 
-from gnp import GradientNormPenalty
+from gnp.methods import ASAM, GNP, SAM, Method, Plain, TwoPassMethod
 
 IN, HIDDEN, CLASSES = 6, 16, 3
 # Behaviour that involves device state (random generators, kernels) is checked on CUDA too, if present.
@@ -78,13 +78,13 @@ def reference_direction(model: nn.Module, x, y, r: float, alpha: float,
     ({"alpha": -0.1}, "alpha"), ({"l2": -1e-3}, "l2"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
     ({"warmup": "linear", "warmup_steps": 5}, "warmup"), ({"warmup_steps": -1}, "warmup_steps"),
     ({"warmup": "r"}, "warmup_steps"), ({"warmup": "zero", "warmup_steps": 2.5}, "warmup_steps"),
-    ({"gnp_probability": 0.0}, "gnp_probability"), ({"gnp_probability": 1.5}, "gnp_probability"),
+    ({"two_pass_probability": 0.0}, "two_pass_probability"), ({"two_pass_probability": 1.5}, "two_pass_probability"),
     ({"seed": 1.5}, "seed"),
 ])
 def test_invalid_arguments_are_rejected_by_name(kwargs, name):
     model = small_net()
     with pytest.raises(ValueError, match=rf"^{name}=") as error:
-        GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+        GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
     assert "\n" not in str(error.value)
 
 
@@ -93,28 +93,28 @@ def test_invalid_group_l2_is_rejected_by_name():
     base = torch.optim.SGD([{"params": model[0].parameters(), "l2": -1.0},
                             {"params": model[2].parameters()}, {"params": model[4].parameters()}], lr=0.1)
     with pytest.raises(ValueError, match=r"^param_groups\[0\]\['l2'\]=-1.0 is invalid"):
-        GradientNormPenalty(model, base)
+        GNP(model, base)
 
 
 def test_exact_mode_refuses_a_grad_scaler():
     model = small_net()
-    with pytest.raises(ValueError, match="exact=True does not support grad_scaler"):
-        GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
-                            grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="^exact=True is invalid: exact must be False with a grad_scaler"):
+        GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
+            grad_scaler=torch.amp.GradScaler("cpu"))
     # A disabled scaler (a float32 run built with GradScaler(enabled=False)) is no scaler.
-    GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
-                        grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), exact=True,
+        grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
 
 
 def test_base_optimizer_must_be_a_torch_optimizer():
     model = small_net()
     with pytest.raises(TypeError, match="base_optimizer"):
-        GradientNormPenalty(model, object())
+        GNP(model, object())
 
 
 def test_closure_must_return_a_loss():
     model = small_net()
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="closure"):
         opt.step(lambda: "not a loss")
 
@@ -128,8 +128,8 @@ def test_degenerate_settings_equal_the_base_optimizer(r, alpha, normalize, devic
     model = small_net(batchnorm=True, dtype=torch.float32, device=device)
     reference = copy.deepcopy(model)
     sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), **sgd),
-                              r=r, alpha=alpha, normalize_first_grad=normalize)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), **sgd),
+              r=r, alpha=alpha, normalize_first_grad=normalize)
     base = torch.optim.SGD(reference.parameters(), **sgd)
     for step in range(3):
         x, y = make_batch(step, dtype=torch.float32, device=device)
@@ -152,9 +152,99 @@ def test_step_follows_the_formula(r, alpha, normalize):
     model = small_net(batchnorm=True)
     x, y = make_batch(0)
     expected = flat_params(model) - 0.1 * reference_direction(model, x, y, r, alpha, normalize)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                              r=r, alpha=alpha, normalize_first_grad=normalize)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1),
+              r=r, alpha=alpha, normalize_first_grad=normalize)
     opt.step(closure_for(model, x, y))
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sam_is_gnp_with_alpha_one_bit_for_bit():
+    x, y = make_batch(0)
+    steps = []
+    for method in (lambda m, b: SAM(m, b, r=0.05), lambda m, b: GNP(m, b, r=0.05, alpha=1.0)):
+        model = small_net(batchnorm=True, dropout=0.2)
+        opt = method(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        for step in range(3):
+            torch.manual_seed(step)
+            opt.step(closure_for(model, x, y))
+        steps.append(flat_params(model))
+    assert torch.equal(*steps)
+
+
+def reference_asam_gradient(model: nn.Module, x, y, r: float, eta: float) -> torch.Tensor:
+    """ASAM's gradient written from Kwon et al.'s formula with torch.func, as a flat vector:
+    T = |theta| + eta (1 for biases), e = r T^2 g1 / ||T g1||, g = grad L(theta + e)."""
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss(params):
+        fresh = {n: b.clone() for n, b in buffers.items()}
+        return F.cross_entropy(functional_call(model, (params, fresh), (x,)), y)
+
+    g1 = grad(loss)(theta)
+    t = {n: torch.ones_like(v) if n.endswith("bias") else v.abs() + eta for n, v in theta.items()}
+    norm = torch.sqrt(sum((t[n] * g1[n]).pow(2).sum() for n in theta))
+    g2 = grad(loss)({n: theta[n] + r * t[n] ** 2 * g1[n] / norm for n in theta})
+    return torch.cat([g2[n].reshape(-1) for n in theta])
+
+
+@pytest.mark.parametrize("r, eta", [(0.5, 0.01), (1.0, 0.0), (0.05, 0.1)])
+def test_asam_step_follows_its_formula(r, eta):
+    """One float64 step (BatchNorm in train mode) equals theta - lr * g with ASAM's g written by hand."""
+    model = small_net(batchnorm=True)
+    x, y = make_batch(3)
+    expected = flat_params(model) - 0.1 * reference_asam_gradient(model, x, y, r, eta)
+    opt = ASAM(model, torch.optim.SGD(model.parameters(), lr=0.1), r=r, eta=eta)
+    opt.step(closure_for(model, x, y))
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+    assert opt.last_step.two_pass and opt.last_step.schedule == {"r": r}
+
+
+def test_sam_and_asam_refuse_the_lambda_warmup_which_scales_alpha():
+    model = small_net()
+    for cls in (SAM, ASAM):
+        with pytest.raises(ValueError, match=r"^warmup='lambda' is invalid: warmup must be one of none, r, zero"):
+            cls(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup="lambda", warmup_steps=3)
+    GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup="lambda", warmup_steps=3)
+
+
+def test_setting_names_follow_the_settings_each_class_passes_on():
+    assert Plain.setting_names() == ["l2", "max_grad_norm", "grad_scaler"]
+    assert SAM.setting_names() == ["r", "sync_perturbation", "warmup", "warmup_steps", "two_pass_probability", "seed",
+                                   "l2", "max_grad_norm", "grad_scaler"]
+    assert set(GNP.setting_names()) == set(SAM.setting_names()) | {"alpha", "normalize_first_grad", "exact"}
+    assert set(ASAM.setting_names()) == set(SAM.setting_names()) | {"eta"}
+
+
+@pytest.mark.parametrize("build, expected", [
+    (lambda m, b: Plain(m, b), 1.0),
+    (lambda m, b: GNP(m, b), 2.0),
+    (lambda m, b: GNP(m, b, r=0.0), 1.0),                                      # r = 0: plain training
+    (lambda m, b: GNP(m, b, alpha=0.0), 1.0),                                  # the second pass has weight 0
+    (lambda m, b: SAM(m, b, two_pass_probability=0.25), 1.25),                  # hybrid steps
+    (lambda m, b: GNP(m, b, warmup="zero", warmup_steps=300), 1 + 700 / 1000),  # 300 plain steps of 1,000
+    (lambda m, b: GNP(m, b, warmup="zero", warmup_steps=300, two_pass_probability=0.5), 1 + 0.5 * 700 / 1000),
+    (lambda m, b: ASAM(m, b, warmup="r", warmup_steps=300), 2.0),               # an r warmup still takes two
+])
+def test_expected_passes_per_step_count_what_the_schedule_runs(build, expected):
+    model = small_net()
+    assert build(model, torch.optim.SGD(model.parameters(), lr=0.1)).expected_passes(1000) == pytest.approx(expected)
+
+
+def test_a_new_method_is_a_direction_and_nothing_else():
+    """A subclass of TwoPassMethod that says only its direction gets the whole step: it equals GNP's first
+    pass + SAM's combination with that direction, here the unit vector of g1 (that is, SAM)."""
+    class MySAM(TwoPassMethod):
+        def __init__(self, model, base_optimizer, r=0.05, **settings):
+            super().__init__(model, base_optimizer, r, **settings)
+
+        def direction(self, params, g1, g1_norm):
+            return [g / g1_norm for g in g1]
+
+    x, y = make_batch(1)
+    model = small_net(batchnorm=True)
+    expected = flat_params(model) - 0.1 * reference_direction(model, x, y, 0.05, 1.0)
+    MySAM(model, torch.optim.SGD(model.parameters(), lr=0.1)).step(closure_for(model, x, y))
     torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -197,11 +287,11 @@ def test_quadratic_matches_closed_form(mode, l2, head_l2):
     model = Quadratic(A, c, theta)
     groups = [{"params": [model.head]} if head_l2 is None else {"params": [model.head], "l2": head_l2},
               {"params": [model.tail]}]
-    opt = GradientNormPenalty(model, torch.optim.SGD(groups, lr=lr), r=r, alpha=alpha,
-                              normalize_first_grad=mode == "official", l2=l2, exact=mode == "exact")
+    opt = GNP(model, torch.optim.SGD(groups, lr=lr), r=r, alpha=alpha,
+              normalize_first_grad=mode == "official", l2=l2, exact=mode == "exact")
     opt.step(model)
     torch.testing.assert_close(flat_params(model), theta - lr * direction, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(opt.grad_norm, n, rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.last_step.g1_norm, n, rtol=1e-12, atol=0)
 
 
 def test_first_order_converges_linearly_to_exact():
@@ -211,8 +301,8 @@ def test_first_order_converges_linearly_to_exact():
     def update(**kwargs) -> torch.Tensor:
         model = small_net(seed=1)
         before = flat_params(model)
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                                  normalize_first_grad=False, **kwargs)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                  normalize_first_grad=False, **kwargs)
         opt.step(closure_for(model, x, y))
         return before - flat_params(model)
 
@@ -235,7 +325,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only(device):
     first_pass_only = copy.deepcopy(model)
     x, y = make_batch(0, dtype=torch.float32, device=device)
     first_pass_only(x)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.5, alpha=0.8)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.5, alpha=0.8)
     opt.step(closure_for(model, x, y))
     bn, expected = model[1], first_pass_only[1]
     assert bn.num_batches_tracked.item() == 1
@@ -254,7 +344,7 @@ def test_both_passes_share_dropout_masks(device):
     reference = copy.deepcopy(model)
     sgd = dict(lr=0.1, momentum=0.9)
     # r far below float32 resolution: theta + r * g1/||g1|| == theta, but the two-pass path runs.
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), **sgd), r=1e-30, alpha=1.0)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), **sgd), r=1e-30, alpha=1.0)
     base = torch.optim.SGD(reference.parameters(), **sgd)
     torch.manual_seed(7)
     for step in range(4):
@@ -282,7 +372,7 @@ def test_random_state_after_a_step_is_the_first_pass_state():
         return F.cross_entropy(model(x), y)
 
     torch.manual_seed(3)
-    GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1)).step(closure)
+    GNP(model, torch.optim.SGD(model.parameters(), lr=0.1)).step(closure)
     after_step = torch.rand(1)
     torch.manual_seed(3)
     first_draw, after_one_pass = torch.rand(1), torch.rand(1)
@@ -294,7 +384,7 @@ def test_parameters_are_restored_bit_for_bit_after_the_perturbation():
     model = small_net(dtype=torch.float32)
     before = flat_params(model)
     x, y = make_batch(0, dtype=torch.float32)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.0), r=0.5, alpha=0.8)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.0), r=0.5, alpha=0.8)
     opt.step(closure_for(model, x, y))
     assert torch.equal(flat_params(model), before)
 
@@ -307,7 +397,7 @@ def _trainer(name: str, model_state=None, opt_state=None, scheduler_state=None, 
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     else:
         base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
-    opt = GradientNormPenalty(model, base, **{**dict(r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0), **settings})
+    opt = GNP(model, base, **{**dict(r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0), **settings})
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, lambda step: 1.0 / (1 + step))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -322,7 +412,7 @@ def _train(model, opt, scheduler, steps: range) -> list[tuple[float, float, bool
         x, y = make_batch(step)
         opt.step(closure_for(model, x, y))
         scheduler.step()
-        schedule.append((opt.step_r, opt.step_alpha, opt.two_pass))
+        schedule.append((opt.last_step.schedule['r'], opt.last_step.schedule['alpha'], opt.last_step.two_pass))
     return schedule
 
 
@@ -360,7 +450,7 @@ def test_state_dict_round_trip_resumes_exactly(base):
 
 def test_load_state_dict_rejects_foreign_dicts():
     model = small_net()
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="base_optimizer"):
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
 
@@ -375,8 +465,8 @@ def test_warmup_scales_r_or_alpha_linearly_from_step_zero(warmup):
     """
     r, alpha, lr, warmup_steps = 0.2, 0.8, 0.1, 4
     model = small_net(batchnorm=True)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
-                              warmup=warmup, warmup_steps=warmup_steps)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
+              warmup=warmup, warmup_steps=warmup_steps)
     for k in range(warmup_steps + 2):
         f = min(1.0, k / warmup_steps)
         r_k, alpha_k = (r * f, alpha) if warmup == "r" else (r, alpha * f)
@@ -384,8 +474,8 @@ def test_warmup_scales_r_or_alpha_linearly_from_step_zero(warmup):
         expected = flat_params(model) - lr * reference_direction(model, x, y, r_k, alpha_k)
         opt.step(closure_for(model, x, y))
         torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
-        assert (opt.step_r, opt.step_alpha) == pytest.approx((r_k, alpha_k), rel=1e-15, abs=0)
-        assert opt.two_pass == (warmup == "r" or k > 0)
+        assert (opt.last_step.schedule['r'], opt.last_step.schedule['alpha']) == pytest.approx((r_k, alpha_k), rel=1e-15, abs=0)
+        assert opt.last_step.two_pass == (warmup == "r" or k > 0)
 
 
 def test_zero_warmup_takes_base_optimizer_steps_then_gnp_steps():
@@ -393,13 +483,13 @@ def test_zero_warmup_takes_base_optimizer_steps_then_gnp_steps():
     warmup_steps, sgd = 3, dict(lr=0.1, momentum=0.9, nesterov=True)
     model = small_net(batchnorm=True, dropout=0.3, dtype=torch.float32)
     reference = copy.deepcopy(model)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), **sgd), r=0.1, alpha=0.8,
-                              warmup="zero", warmup_steps=warmup_steps)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), **sgd), r=0.1, alpha=0.8,
+              warmup="zero", warmup_steps=warmup_steps)
     batches = [make_batch(k, dtype=torch.float32) for k in range(warmup_steps + 2)]
     torch.manual_seed(0)
     for k, (x, y) in enumerate(batches):
         opt.step(closure_for(model, x, y))
-        assert (opt.step_r, opt.two_pass) == ((0.0, False) if k < warmup_steps else (0.1, True))
+        assert (opt.last_step.schedule['r'], opt.last_step.two_pass) == ((0.0, False) if k < warmup_steps else (0.1, True))
         if k == warmup_steps - 1:
             after_warmup = flat_params(model)
 
@@ -410,7 +500,7 @@ def test_zero_warmup_takes_base_optimizer_steps_then_gnp_steps():
         F.cross_entropy(reference(x), y).backward()
         base.step()
     assert torch.equal(after_warmup, flat_params(reference))
-    unwarmed = GradientNormPenalty(reference, base, r=0.1, alpha=0.8)
+    unwarmed = GNP(reference, base, r=0.1, alpha=0.8)
     for x, y in batches[warmup_steps:]:
         unwarmed.step(closure_for(reference, x, y))
     assert torch.equal(flat_params(model), flat_params(reference))
@@ -430,7 +520,7 @@ def test_steps_after_the_warmup_equal_unwarmed_gnp_steps(warmup):
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_resume_mid_warmup_with_hybrid_steps_is_exact(base):
     """The schedule of r and the hybrid draws survive a state_dict round trip, bit for bit."""
-    settings = dict(warmup="r", warmup_steps=6, gnp_probability=0.5, seed=11)
+    settings = dict(warmup="r", warmup_steps=6, two_pass_probability=0.5, seed=11)
     uninterrupted = _trainer(base, **settings)
     schedule = _train(*uninterrupted, range(9))
 
@@ -453,10 +543,10 @@ def test_resume_mid_warmup_with_hybrid_steps_is_exact(base):
 # --- hybrid steps -------------------------------------------------------------------------------
 
 def test_hybrid_with_probability_one_is_gnp_bit_for_bit():
-    gnp, hybrid = _trainer("sgd"), _trainer("sgd", gnp_probability=1.0, seed=5)
+    gnp, hybrid = _trainer("sgd"), _trainer("sgd", two_pass_probability=1.0, seed=5)
     assert _train(*gnp, range(4)) == _train(*hybrid, range(4))
     assert torch.equal(flat_params(gnp[0]), flat_params(hybrid[0]))
-    assert hybrid[1].two_pass
+    assert hybrid[1].last_step.two_pass
 
 
 def test_hybrid_steps_are_gnp_or_plain_with_probability_p():
@@ -469,18 +559,18 @@ def test_hybrid_steps_are_gnp_or_plain_with_probability_p():
     A, c = M @ M.T / 5 + torch.eye(5, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
     model = Quadratic(A, c, torch.randn(5, generator=g, dtype=torch.float64))
     r, alpha, lr, p, n = 0.1, 0.8, 0.01, 0.3, 600
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
-                              gnp_probability=p, seed=2)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=lr), r=r, alpha=alpha,
+              two_pass_probability=p, seed=2)
     count = 0
     for _ in range(n):
         theta = flat_params(model)
         g1 = A @ theta + c
         gnp_direction = (1 - alpha) * g1 / g1.norm() + alpha * (g1 + r * A @ g1 / g1.norm())
         opt.step(model)
-        expected = theta - lr * (gnp_direction if opt.two_pass else g1)
+        expected = theta - lr * (gnp_direction if opt.last_step.two_pass else g1)
         torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
-        assert (opt.step_r, opt.step_alpha) == (r, alpha)
-        count += opt.two_pass
+        assert (opt.last_step.schedule['r'], opt.last_step.schedule['alpha']) == (r, alpha)
+        count += opt.last_step.two_pass
     assert abs(count - n * p) < 6 * math.sqrt(n * p * (1 - p)), count
 
 
@@ -488,13 +578,13 @@ def test_hybrid_draws_depend_on_the_seed_and_leave_global_generators_alone():
     def hybrid(seed: int):
         model = small_net()
         x, y = make_batch(0)
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), gnp_probability=0.5, seed=seed)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), two_pass_probability=0.5, seed=seed)
 
         def two_pass_sequence() -> list[bool]:
             sequence = []
             for _ in range(20):
                 opt.step(closure_for(model, x, y))
-                sequence.append(opt.two_pass)
+                sequence.append(opt.last_step.two_pass)
             return sequence
         return two_pass_sequence
 
@@ -518,8 +608,8 @@ def test_clipping_rescales_the_combined_gradient():
     def update(max_grad_norm):
         model = small_net()
         before = flat_params(model)
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                                  r=0.1, alpha=0.8, max_grad_norm=max_grad_norm)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                  r=0.1, alpha=0.8, max_grad_norm=max_grad_norm)
         opt.step(closure_for(model, x, y))
         return before - flat_params(model)
 
@@ -537,10 +627,10 @@ def test_zero_gradient_gives_a_zero_step_not_nan(kwargs):
     model = small_net()
     before = flat_params(model)
     x, _ = make_batch(0)
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
     opt.step(lambda: (model(x) * 0).sum())
     assert torch.equal(flat_params(model), before)
-    assert opt.grad_norm.item() == 0
+    assert opt.last_step.g1_norm.item() == 0
 
 
 def test_step_reports_the_first_pass():
@@ -550,7 +640,7 @@ def test_step_reports_the_first_pass():
     logits = probe(x)
     loss = F.cross_entropy(logits, y)
     g1 = torch.autograd.grad(loss, list(probe.parameters()))
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.8)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.8)
 
     def closure():
         out = model(x)
@@ -558,11 +648,11 @@ def test_step_reports_the_first_pass():
 
     returned = opt.step(closure)
     torch.testing.assert_close(returned, loss.detach(), rtol=1e-14, atol=0)
-    torch.testing.assert_close(opt.last_output, logits.detach(), rtol=1e-14, atol=0)
-    assert not opt.last_output.requires_grad and not returned.requires_grad
-    torch.testing.assert_close(opt.grad_norm, torch.cat([g.reshape(-1) for g in g1]).norm())
+    torch.testing.assert_close(opt.last_step.first_pass_output, logits.detach(), rtol=1e-14, atol=0)
+    assert not opt.last_step.first_pass_output.requires_grad and not returned.requires_grad
+    torch.testing.assert_close(opt.last_step.g1_norm, torch.cat([g.reshape(-1) for g in g1]).norm())
     opt.step(closure_for(model, x, y))
-    assert opt.last_output is None
+    assert opt.last_step.first_pass_output is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -572,7 +662,7 @@ def test_bf16_autocast_step_is_close_to_float32(device):
     def update(bf16: bool) -> torch.Tensor:
         model = small_net(dtype=torch.float32, device=device)
         before = flat_params(model)
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.1, alpha=0.8)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.1, alpha=0.8)
 
         def closure():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
@@ -594,7 +684,7 @@ def test_autocast_around_the_step_sees_the_perturbed_weights():
     def update(outer: bool) -> torch.Tensor:
         model = small_net(dtype=torch.float32)
         before = flat_params(model)
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.5, alpha=1.0)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.5, alpha=1.0)
 
         def closure():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not outer):
@@ -625,7 +715,7 @@ def _scaled_trainer(init_scale: float = 2.0**16, growth_interval: int = 2000, de
     spare = nn.Parameter(torch.ones(3, device=device))
     scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=growth_interval)
     base = torch.optim.SGD([*model.parameters(), spare], lr=0.1, momentum=0.9)
-    opt = GradientNormPenalty(model, base, grad_scaler=scaler, **{**dict(r=0.1, alpha=0.8, l2=1e-3), **settings})
+    opt = GNP(model, base, grad_scaler=scaler, **{**dict(r=0.1, alpha=0.8, l2=1e-3), **settings})
     return model, spare, opt, scaler
 
 
@@ -649,15 +739,15 @@ def test_fp16_with_a_scaler_tracks_float32(alpha):
     left in the gradient, or one unscaled twice, would be off by a factor 2^16."""
     x, y = make_batch(0, n=64, dtype=torch.float32)
 
-    def update(fp16: bool) -> tuple[torch.Tensor, GradientNormPenalty]:
+    def update(fp16: bool) -> tuple[torch.Tensor, GNP]:
         model = small_net(batchnorm=True, dtype=torch.float32)
         before = flat_params(model)
         scaler = torch.amp.GradScaler("cpu") if fp16 else None
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), r=0.1,
-                                  alpha=alpha, l2=1e-3, max_grad_norm=5.0, grad_scaler=scaler)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), r=0.1,
+                  alpha=alpha, l2=1e-3, max_grad_norm=5.0, grad_scaler=scaler)
         for _ in range(3):
             opt.step(_autocast_closure(model, x, y, fp16))
-            assert opt.two_pass and not opt.step_skipped
+            assert opt.last_step.two_pass and not opt.last_step.skipped
         return before - flat_params(model), opt
 
     (low, opt), (full, _) = update(True), update(False)
@@ -671,8 +761,8 @@ def test_scaling_without_autocast_changes_nothing(settings):
     """Loss scales are powers of two, so a float32 step with a scaler equals one without, bit for bit."""
     def run(scaler) -> torch.Tensor:
         model = small_net(batchnorm=True, dtype=torch.float32)
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                  **{"l2": 1e-3, **settings}, grad_scaler=scaler)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                  **{"l2": 1e-3, **settings}, grad_scaler=scaler)
         for step in range(3):
             x, y = make_batch(step, dtype=torch.float32)
             opt.step(closure_for(model, x, y))
@@ -696,7 +786,7 @@ def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, alpha, device):
     state, stats = copy.deepcopy(opt.base_optimizer.state_dict()), [b.clone() for b in model.buffers()]
 
     opt.step(_overflowing_closure(model, spare, x, y, bad_pass=bad_pass))
-    assert opt.step_skipped.item() and opt.two_pass and opt.steps_taken == 2
+    assert opt.last_step.skipped.item() and opt.last_step.two_pass and opt.steps_taken == 2
     assert torch.equal(flat_params(model), params) and torch.equal(spare.detach(), spare_before)
     after = opt.base_optimizer.state_dict()
     for key, buffers in state["state"].items():
@@ -706,7 +796,7 @@ def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, alpha, device):
     assert model[1].num_batches_tracked.item() == stats[2].item() + 1
 
     opt.step(_overflowing_closure(model, spare, x, y, bad_pass=None))
-    assert not opt.step_skipped.item() and not torch.equal(flat_params(model), params)
+    assert not opt.last_step.skipped.item() and not torch.equal(flat_params(model), params)
     assert scaler.get_scale() == 2.0**15
 
 
@@ -741,7 +831,7 @@ def test_scaler_state_round_trips_through_state_dict():
     assert torch.equal(flat_params(resumed[0]), flat_params(uninterrupted[0]))
 
     with pytest.raises(ValueError, match="grad_scaler"):
-        trainer()[2].load_state_dict({"base_optimizer": saved["opt"]["base_optimizer"]})
+        trainer()[2].load_state_dict({"base_optimizer": saved["opt"]["base_optimizer"], "steps_taken": 3})
 
 
 # --- per-step metrics ---------------------------------------------------------------------------
@@ -765,17 +855,17 @@ def test_perturbed_loss_and_output_are_those_at_the_perturbed_point():
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 
-    opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=r, alpha=0.8)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), r=r, alpha=0.8)
     loss = opt.step(closure)
-    torch.testing.assert_close(opt.perturbed_output, perturbed_logits, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(opt.perturbed_loss, F.cross_entropy(perturbed_logits, y), rtol=1e-12, atol=0)
-    assert not opt.perturbed_loss.requires_grad and not opt.perturbed_output.requires_grad
-    assert opt.perturbed_loss.item() > loss.item()  # uphill: the perturbation follows the gradient
+    torch.testing.assert_close(opt.last_step.perturbed_output, perturbed_logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(opt.last_step.perturbed_loss, F.cross_entropy(perturbed_logits, y), rtol=1e-12, atol=0)
+    assert not opt.last_step.perturbed_loss.requires_grad and not opt.last_step.perturbed_output.requires_grad
+    assert opt.last_step.perturbed_loss.item() > loss.item()  # uphill: the perturbation follows the gradient
 
-    plain = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.0)
+    plain = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.0)
     loss = plain.step(closure)
-    assert plain.perturbed_loss is loss and plain.perturbed_output is plain.last_output
-    assert not plain.two_pass and (plain.step_r, plain.step_alpha) == (0.0, 0.8)
+    assert plain.last_step.perturbed_loss is loss and plain.last_step.perturbed_output is plain.last_step.first_pass_output
+    assert not plain.last_step.two_pass and (plain.last_step.schedule['r'], plain.last_step.schedule['alpha']) == (0.0, 0.8)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -788,17 +878,17 @@ def test_final_grad_norm_is_the_norm_the_base_optimizer_received(clip, scaled):
         model = small_net()
         before = flat_params(model)
         scaler = torch.amp.GradScaler("cpu") if scaled else None
-        opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.1, alpha=0.8,
-                                  l2=1e-2, max_grad_norm=max_grad_norm, grad_scaler=scaler)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=1.0), r=0.1, alpha=0.8,
+                  l2=1e-2, max_grad_norm=max_grad_norm, grad_scaler=scaler)
         opt.step(closure_for(model, x, y))
         return (before - flat_params(model)).norm(), opt
 
     free_norm, _ = step(None)
     received, opt = step(0.5 * free_norm.item() if clip else None)
-    torch.testing.assert_close(opt.final_grad_norm, received, rtol=1e-10, atol=0)
+    torch.testing.assert_close(opt.last_step.final_grad_norm, received, rtol=1e-10, atol=0)
     if clip:
         torch.testing.assert_close(received, 0.5 * free_norm, rtol=1e-5, atol=0)
-    assert opt.step_skipped.dtype == torch.bool and not opt.step_skipped.item()
+    assert opt.last_step.skipped.dtype == torch.bool and not opt.last_step.skipped.item()
 
 
 # --- DDP (gloo, 2 processes on CPU) --------------------------------------------------------------
@@ -823,8 +913,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             synced_buckets: list[int] = []
             model.register_comm_hook(synced_buckets, _count_and_allreduce)
             scaler = torch.amp.GradScaler("cpu") if name in DDP_SCALED else None
-            opt = GradientNormPenalty(model, torch.optim.SGD(model.parameters(), lr=DDP_LR), **settings,
-                                      grad_scaler=scaler)
+            opt = GNP(model, torch.optim.SGD(model.parameters(), lr=DDP_LR), **settings,
+                      grad_scaler=scaler)
             skipped = []
             for step in range(DDP_STEPS):
                 x, y = make_batch(step)
@@ -833,7 +923,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 if name in DDP_SCALED and DDP_SCALED[name][1] == (rank, step):
                     closure = _inf_in_second_pass(closure)
                 opt.step(closure)
-                skipped.append(opt.step_skipped.item())
+                skipped.append(opt.last_step.skipped.item())
             results[name] = flat_params(model.module)
             results[name + " synced passes"] = len(synced_buckets)
             results[name + " skipped"] = skipped

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from gnp.models import MODELS, build_model, count_parameters
@@ -195,14 +195,9 @@ def test_bad_options_name_the_problem(name, kwargs, message):
 
 # --- configs and recipes ----------------------------------------------------------------------------
 
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("config", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_model_config_builds_its_model(config):
-    cfg = composed(f"model={config}")
+    cfg = compose_config(f"model={config}")
     options = {k: v for k, v in cfg.model.items() if k != "name"}
     model = meta_model(cfg.model.name, 10, **options)
     assert count_parameters(model) == count_parameters(meta_model(cfg.model.name, 10))  # full size
@@ -213,16 +208,16 @@ def test_every_registered_model_has_a_config():
 
 
 def test_vit_config_is_vit_s_with_the_official_recipe():
-    cfg = composed("model=vit")
+    cfg = compose_config("model=vit")
     assert cfg.model.name == "vit_s"
     assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == 1e-3
     assert cfg.optimizer.weight_decay == 0.3 and cfg.optimizer.weight_decay_mode == "optimizer"
     assert cfg.train.epochs == 300 and cfg.train.batch_size == 256
-    assert OmegaConf.to_container(composed("model=vit_s")) == OmegaConf.to_container(cfg)
+    assert OmegaConf.to_container(compose_config("model=vit_s")) == OmegaConf.to_container(cfg)
 
 
 def test_pyramidnet272_config_carries_its_recipe():
-    cfg = composed("model=pyramidnet272")
+    cfg = compose_config("model=pyramidnet272")
     assert (cfg.model.name, cfg.model.shakedrop) == ("pyramidnet272", 0.5)
     assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.05
     assert cfg.optimizer.weight_decay == 5e-4 and cfg.optimizer.weight_decay_mode == "loss"
@@ -231,14 +226,14 @@ def test_pyramidnet272_config_carries_its_recipe():
 
 
 def test_resnet18_keeps_the_defaults():
-    cfg, defaults = composed("model=resnet18"), composed()
+    cfg, defaults = compose_config("model=resnet18"), compose_config()
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(defaults)
     assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.1 and cfg.train.epochs == 200
 
 
 def test_command_line_overrides_win_over_model_recipes():
-    cfg = composed("model=vit", "optimizer.lr=0.5", "train.epochs=3", "model.drop_path_rate=0.1")
+    cfg = compose_config("model=vit", "optimizer.lr=0.5", "train.epochs=3", "model.drop_path_rate=0.1")
     assert (cfg.optimizer.lr, cfg.train.epochs, cfg.model.drop_path_rate) == (0.5, 3, 0.1)
-    cfg = composed("model=pyramidnet272", "aug=basic", "train.batch_size=64", "optimizer=adamw")
+    cfg = compose_config("model=pyramidnet272", "aug=basic", "train.batch_size=64", "optimizer=adamw")
     assert (cfg.aug.name, cfg.train.batch_size, cfg.optimizer.name) == ("basic", 64, "adamw")
     assert cfg.optimizer.lr == 0.05  # the recipe's own keys still apply on top of the chosen group

@@ -27,7 +27,7 @@ from conftest import ROOT, compose_config
 from gnp import distributed, sweep
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import Slot, last_error_line, make_slots
 
-TINY_DIGITS = ("experiment=digits_demo", "method=sgd", "train.epochs=1", "dataset.limit_train=64",
+TINY_DIGITS = ("experiment=digits_demo", "method=plain", "train.epochs=1", "dataset.limit_train=64",
                "dataset.limit_test=32", "model.width=2", "wandb.mode=disabled")
 TRACEBACK = textwrap.dedent("""\
     Traceback (most recent call last):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import compose_config, signal_at_step
 from gnp.config import ConfigError
-from gnp.method import GradientNormPenalty
+from gnp.methods import GNP, Method, Plain
 from gnp.models import build_model
 from gnp.training import Stopped, Trainer, build_optimizer, train
 
@@ -40,7 +40,7 @@ def _metrics(run_dir):
 def _record_states(monkeypatch):
     """The model's floating-point state before the first step and after every step."""
     states = []
-    original = GradientNormPenalty.step
+    original = Method.step
 
     def step_and_record(self, closure):
         snapshot = lambda: {k: v.detach().double().clone() for k, v in self.model.state_dict().items()  # noqa: E731
@@ -51,7 +51,7 @@ def _record_states(monkeypatch):
         states.append(snapshot())
         return loss
 
-    monkeypatch.setattr(GradientNormPenalty, "step", step_and_record)
+    monkeypatch.setattr(Method, "step", step_and_record)
     return states
 
 
@@ -99,14 +99,14 @@ def test_decay_norm_and_bias_false_leaves_biases_and_norm_weights_out_of_l2(tmp_
     x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8)
     after = {}
     for decay_all in (True, False):
-        cfg = compose_config("method=sgd", "optimizer.lr=1", "optimizer.momentum=0", "optimizer.nesterov=false",
+        cfg = compose_config("method=plain", "optimizer.lr=1", "optimizer.momentum=0", "optimizer.nesterov=false",
                              "method.max_grad_norm=null", "optimizer.weight_decay=0.1",
                              f"optimizer.decay_norm_and_bias={decay_all}")
         torch.manual_seed(0)
         net = build_model("resnet18", 10, width=2)
         net.load_state_dict(model.state_dict())
         base = build_optimizer(cfg.optimizer, net, torch.device("cpu"))
-        opt = GradientNormPenalty(net, base, r=0.0, alpha=0.0, l2=0.1, max_grad_norm=None)
+        opt = Plain(net, base, l2=0.1)
         opt.step(lambda: F.cross_entropy(net(x), y))
         after[decay_all] = dict(net.named_parameters())
     for name, p in model.named_parameters():
@@ -117,14 +117,14 @@ def test_decay_norm_and_bias_false_leaves_biases_and_norm_weights_out_of_l2(tmp_
 
 
 def test_logged_metrics_are_the_official_ones(tmp_path):
-    _run(tmp_path / "sgd", "method=sgd", "train.epochs=2")
+    _run(tmp_path / "sgd", "method=plain", "train.epochs=2")
     _run(tmp_path / "gnp", "method=gnp", "train.epochs=2")
     sgd, gnp = _metrics(tmp_path / "sgd"), _metrics(tmp_path / "gnp")
     # One pass: the "perturbed" pass is the first one. Two passes: the loss at the perturbed point differs.
-    assert all(row["train_loss"] == row["first_pass_loss"] and row["train_error"] == row["first_pass_error"]
+    assert all(row["perturbed_loss"] == row["first_pass_loss"] and row["perturbed_error"] == row["first_pass_error"]
                for row in sgd)
-    assert all(row["train_loss"] != row["first_pass_loss"] for row in gnp)
-    assert all(0 < row["grad_norm"] <= 5.0 for row in sgd + gnp)  # after the clip at 5
+    assert all(row["perturbed_loss"] != row["first_pass_loss"] for row in gnp)
+    assert all(0 < row["final_grad_norm"] <= 5.0 for row in sgd + gnp)  # after the clip at 5
     state = torch.load(tmp_path / "gnp" / "checkpoint.pt", weights_only=False)["model"]
     model = build_model("resnet18", 10, width=2)
     model.load_state_dict(state)
@@ -171,7 +171,7 @@ def test_a_channels_last_step_equals_the_nchw_step(name, options):
     for memory_format in (torch.contiguous_format, torch.channels_last):
         net = copy.deepcopy(reference).to(memory_format=memory_format)
         base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-        opt = GradientNormPenalty(net, base, r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0)
+        opt = GNP(net, base, r=0.1, alpha=0.8, l2=1e-3, max_grad_norm=5.0)
         batch = x.contiguous(memory_format=memory_format)
         for _ in range(2):
             opt.step(lambda: F.cross_entropy(net(batch), y))
@@ -196,21 +196,21 @@ def test_compiled_steps_equal_the_eager_steps_and_compile_once(tmp_path, cifar_r
     # The second epoch compiles nothing: both passes of every step, train and eval reuse the graphs.
     assert graphs_two_epochs == torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     for a, b in zip(eager, compiled, strict=True):
-        for key in ("train_loss", "first_pass_loss", "g1_norm", "grad_norm", "test_loss", "test_error"):
+        for key in ("perturbed_loss", "first_pass_loss", "g1_norm", "final_grad_norm", "test_loss", "test_error"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key  # same dropout draws under compile
 
 
 def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
     common = ("precision=fp16", "train.epochs=2", "train.sync_every=1")
     scaler_states = []  # the uninterrupted run's loss-scale state after each step
-    original = GradientNormPenalty.step
+    original = Method.step
 
     def step_and_record(self, closure):
         loss = original(self, closure)
         scaler_states.append(copy.deepcopy(self.grad_scaler.state_dict()))
         return loss
 
-    monkeypatch.setattr(GradientNormPenalty, "step", step_and_record)
+    monkeypatch.setattr(Method, "step", step_and_record)
     _run(tmp_path / "a", *common)
     monkeypatch.undo()
     signal_at_step(monkeypatch, 6)

@@ -18,7 +18,7 @@ from gnp import tables
 
 # The digits table's cells, written out by hand (conf/table/digits.yaml).
 DIGITS = ("experiment=digits_demo", "dataset=digits", "model=resnet18", "aug=none")
-DIGITS_METHODS = {"sgd": ("method=sgd",), "sam": ("method=sam", "method.r=0.05"),
+DIGITS_METHODS = {"plain": ("method=plain",), "sam": ("method=sam", "method.r=0.05"),
                   "gnp": ("method=gnp", "method.r=0.1", "method.alpha=0.8")}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +50,8 @@ def write_run(directory, overrides, seed, test_error, status="finished", summary
         m = config["method"]
         (directory / "summary.json").write_text(json.dumps({
             "status": status, "error": None, "dataset": config["dataset"]["name"], "model": config["model"]["name"],
-            "method": m["name"], "aug": config["aug"]["name"], "r": m["r"], "alpha": m["alpha"], "seed": seed,
+            "method": m["name"], "aug": config["aug"]["name"], "seed": seed,
+                "method_settings": {k: v for k, v in m.items() if k not in ("_target_", "name")},
             "epochs": config["train"]["epochs"], "test_error": test_error if status == "finished" else None,
             "device": device, "wall_seconds": 30.0}))
 
@@ -61,9 +62,9 @@ def digits_runs(tmp_path):
     Left out: 1 stopped, 1 failed, 1 without summary, 1 diverged, 1 duplicate, 1 with other settings."""
     runs = tmp_path / "runs"
     for seed, error in enumerate((2.0, 4.0)):
-        write_run(runs / f"sgd{seed}", DIGITS + DIGITS_METHODS["sgd"], seed, error)
-    write_run(runs / "named_gnp_but_sgd", DIGITS + DIGITS_METHODS["sgd"], 2, 6.0)  # folder names do not count
-    write_run(runs / "copy_of_sgd0", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)      # the same run twice
+        write_run(runs / f"sgd{seed}", DIGITS + DIGITS_METHODS["plain"], seed, error)
+    write_run(runs / "named_gnp_but_sgd", DIGITS + DIGITS_METHODS["plain"], 2, 6.0)  # folder names do not count
+    write_run(runs / "copy_of_sgd0", DIGITS + DIGITS_METHODS["plain"], 0, 2.0)      # the same run twice
     for seed, error in enumerate((1.0, 3.0)):
         write_run(runs / f"sam{seed}", DIGITS + DIGITS_METHODS["sam"], seed, error)
     write_run(runs / "sam2", DIGITS + DIGITS_METHODS["sam"], 2, 0.5, status="stopped")
@@ -85,7 +86,7 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
     table = tables.load_table("digits")
     results = tables.collect(table, tables.make_plans(table, root=tmp_path / "runs"), tables.read_runs([digits_runs]))
     stats = {c.method: results.stat(c) for c in results.runs}
-    assert stats["sgd"].mean == pytest.approx(4.0) and stats["sgd"].std == pytest.approx(2.0) and stats["sgd"].n == 3
+    assert stats["plain"].mean == pytest.approx(4.0) and stats["plain"].std == pytest.approx(2.0) and stats["plain"].n == 3
     assert stats["sam"].mean == pytest.approx(2.0) and stats["sam"].std == pytest.approx(math.sqrt(2))
     assert stats["gnp"] == tables.Stat(1.5, None, 1)
     assert tables.best_methods(results, "digits", "resnet18", "none") == {"gnp"}
@@ -101,7 +102,7 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
     assert r"4.00 $\pm$ 2.00 (3) & 2.00 $\pm$ 1.41 (2) & \textbf{1.50 (1)} \\" in tex
     assert r"\toprule" in tex and r"\bottomrule" in tex
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "tables" / "digits.csv").open())}
-    for method, (mean, std, n, best) in {"sgd": (4.0, 2.0, 3, "False"), "sam": (2.0, math.sqrt(2), 2, "False"),
+    for method, (mean, std, n, best) in {"plain": (4.0, 2.0, 3, "False"), "sam": (2.0, math.sqrt(2), 2, "False"),
                                          "gnp": (1.5, None, 1, "True")}.items():
         row = rows[method]
         assert float(row["mean"]) == pytest.approx(mean) and int(row["n"]) == n and row["best"] == best
@@ -112,7 +113,7 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
 
 def test_missing_cells_show_dashes_and_the_commands_reproduce_prints(tmp_path, capsys):
     runs = tmp_path / "runs"
-    write_run(runs / "a", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    write_run(runs / "a", DIGITS + DIGITS_METHODS["plain"], 0, 2.0)
     _make(tmp_path, runs, "--table", "digits")
     md = (tmp_path / "tables" / "digits.md").read_text()
     assert "| ours | 2.00 (1) / – / – |" in md and "## Missing runs (8)" in md
@@ -130,7 +131,7 @@ def test_missing_cells_show_dashes_and_the_commands_reproduce_prints(tmp_path, c
 
 def test_published_values_and_differences(tmp_path):
     runs = tmp_path / "runs"
-    vit = ("dataset=cifar10", "model=vit_s", "aug=basic", "method=sgd")
+    vit = ("dataset=cifar10", "model=vit_s", "aug=basic", "method=plain")
     for seed, error in enumerate((12.0, 13.0)):
         write_run(runs / f"vit{seed}", vit, seed, error)
     _make(tmp_path, runs, "--table", "vit")
@@ -142,7 +143,7 @@ def test_published_values_and_differences(tmp_path):
     rows = [r for r in csv.DictReader((tmp_path / "tables" / "vit.csv").open()) if r["model"] == "vit_s"]
     first = rows[0]
     assert (first["dataset"], first["method"], first["gr_warmup_zhao2024"], first["gnp_zhao2022"]) == \
-        ("cifar10", "sgd", "12.07", "n/a")
+        ("cifar10", "plain", "12.07", "n/a")
     assert float(first["gr_warmup_zhao2024_diff"]) == pytest.approx(0.43)
 
 
@@ -154,10 +155,10 @@ def _cell(table, dataset, row, column, method):
 def test_published_cells_point_at_the_papers_values():
     sam_paper, pyramid = tables.load_table("cnn").published[1:]
     assert tables.published(sam_paper, _cell("cnn", "cifar100", "wrn28_10", "cutout", "sam")) == 14.9
-    assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "sgd")) == 3.5
+    assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "plain")) == 3.5
     assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "gnp")) is tables.NOT_COVERED
-    assert tables.published(sam_paper, _cell("cnn", "cifar10", "resnet18", "basic", "sgd")) is tables.NOT_COVERED
-    assert tables.published(pyramid, _cell("cnn", "cifar100", "pyramidnet272", "autoaugment", "sgd")) == 10.6
+    assert tables.published(sam_paper, _cell("cnn", "cifar10", "resnet18", "basic", "plain")) is tables.NOT_COVERED
+    assert tables.published(pyramid, _cell("cnn", "cifar100", "pyramidnet272", "autoaugment", "plain")) == 10.6
     gr = tables.load_table("vit_gr_warmup").published[0]
     assert tables.published(gr, _cell("vit_gr_warmup", "cifar10", "vit_b", "basic", "adam_gr_zero_warmup")) == 9.42
 
@@ -171,7 +172,7 @@ def test_the_gnp_paper_file_has_an_empty_place_for_every_cell(name):
         node = data
         for part in source.path.format(model=cell.row, dataset=cell.dataset, column=cell.column).split("."):
             node = node[part]
-        assert node[cell.method] is None
+        assert node[source.methods[cell.method]] is None
 
 
 class _FakeApiRun:
@@ -179,7 +180,7 @@ class _FakeApiRun:
         config = OmegaConf.to_container(compose_config(*overrides, f"seed={seed}"), resolve=True)
         self.id, self.state, self.config = run_id, state, config
         self.summary = {"dataset": "digits", "model": "resnet18", "method": config["method"]["name"], "aug": "none",
-                        "r": config["method"]["r"], "alpha": config["method"]["alpha"], "seed": seed,
+                        "seed": seed,
                         "test_error": error, "device": "NVIDIA H100 80GB HBM3", "results": {"_type": "table-file"}}
         if state != "finished":
             del self.summary["test_error"]
@@ -218,7 +219,7 @@ def _fake_wandb(runs=None, error=None):
 
 
 def test_runs_from_wandb_and_logging_the_table(tmp_path, monkeypatch):
-    sgd, gnp = DIGITS + DIGITS_METHODS["sgd"], DIGITS + DIGITS_METHODS["gnp"]
+    sgd, gnp = DIGITS + DIGITS_METHODS["plain"], DIGITS + DIGITS_METHODS["gnp"]
     api_runs = [_FakeApiRun("a", sgd, 0, 3.0), _FakeApiRun("b", sgd, 1, 5.0), _FakeApiRun("c", gnp, 0, 1.0, "crashed")]
     fake, logged = _fake_wandb(api_runs)
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -228,7 +229,7 @@ def test_runs_from_wandb_and_logging_the_table(tmp_path, monkeypatch):
     assert "| ours | 4.00 ± 1.41 (2) / – / – |" in md and "1 not finished (1 failed)" in md
     table = logged["tables/digits"]
     sgd = dict(zip(table.columns, table.data[0]))
-    assert (sgd["method"], sgd["mean"], sgd["n"]) == ("sgd", 4.0, 2)
+    assert (sgd["method"], sgd["mean"], sgd["n"]) == ("plain", 4.0, 2)
     assert logged["init"]["project"] == "tables" and logged["init"]["entity"] == "me" and logged["finished"]
     png = tmp_path / "figures" / "digits_digits_resnet18_none_curves.png"
     assert png.read_bytes().startswith(PNG_SIGNATURE)

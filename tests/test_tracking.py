@@ -10,7 +10,7 @@ from gnp import training
 from gnp.tracking import TABLE_COLUMNS, resolve_wandb_mode
 from gnp.training import train
 
-QUICK = ("experiment=digits_demo", "method=sgd", "train.epochs=1", "dataset.limit_train=64",
+QUICK = ("experiment=digits_demo", "method=plain", "train.epochs=1", "dataset.limit_train=64",
          "dataset.limit_test=32", "model.width=2", "wandb.mode=offline", "device=cpu")
 
 
@@ -24,8 +24,9 @@ def test_offline_run_holds_the_results_table(tmp_path):
     summary = train(compose_config(*QUICK), tmp_path)
     (table,) = _offline_run(tmp_path).glob("files/media/table/results_*.table.json")
     content = json.loads(table.read_text())
-    assert content["columns"] == list(TABLE_COLUMNS)
-    assert content["data"] == [[summary[c] for c in TABLE_COLUMNS]]
+    settings = [f"method.{k}" for k in summary["method_settings"]]
+    assert content["columns"] == [*TABLE_COLUMNS, *settings] and settings == ["method.max_grad_norm"]  # plain's one
+    assert content["data"] == [[*(summary[c] for c in TABLE_COLUMNS), *summary["method_settings"].values()]]
     assert wandb.run is None  # finished
 
 

@@ -19,12 +19,13 @@ from gnp.training import Diverged, Stopped, train
 
 # A narrow ResNet-18 on a few generated images: seconds per epoch on a CPU.
 TINY = ("device=cpu", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
-SUMMARY_FIELDS = {"status", "error", "dataset", "model", "method", "aug", "r", "alpha", "seed", "init_seed", "epochs",
-                  "num_parameters", "test_error", "best_test_error", "train_loss", "wall_seconds",
-                  "images_per_second", "data_verified", "git_commit", "torch_version", "device", "warmup",
-                  "gnp_probability", "ema_test_error", "top5_error"}
-METRIC_FIELDS = {"epoch", "lr", "train_loss", "train_error", "first_pass_loss", "first_pass_error", "grad_norm",
-                 "g1_norm", "param_norm", "r", "alpha", "test_loss", "test_error", "seconds", "images_per_second"}
+SUMMARY_FIELDS = {"status", "error", "dataset", "model", "method", "method_settings", "aug", "seed", "init_seed",
+                  "epochs", "num_parameters", "test_error", "best_test_error", "first_pass_loss", "perturbed_loss",
+                  "wall_seconds", "images_per_second", "data_verified", "git_commit", "torch_version", "device",
+                  "ema_test_error", "test_top5_error"}
+METRIC_FIELDS = {"epoch", "lr", "first_pass_loss", "first_pass_error", "perturbed_loss", "perturbed_error", "g1_norm",
+                 "final_grad_norm", "param_norm", "r", "alpha", "test_loss", "test_error", "seconds",
+                 "images_per_second"}
 TIMING = {"seconds", "images_per_second", "wall_seconds"}
 
 
@@ -49,16 +50,16 @@ def test_one_epoch_on_cifar_writes_every_output(tmp_path, cifar_root, dataset, c
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary and SUMMARY_FIELDS <= summary.keys() and summary["status"] == "finished"
-    assert (summary["dataset"], summary["method"], summary["r"], summary["alpha"]) == (dataset, "gnp", 0.1, 0.8)
+    assert (summary["dataset"], summary["method"], summary["method_settings"]["r"], summary["method_settings"]["alpha"]) == (dataset, "gnp", 0.1, 0.8)
     assert summary["data_verified"] is False and summary["device"] == "cpu" and summary["epochs"] == 1
     assert summary["num_parameters"] == sum(p.numel() for p in build_model("resnet18", classes, width=4).parameters())
     rows = _metrics(run)
     top5 = {"test_top5_error"} if classes > 10 else set()
     assert len(rows) == 1 and rows[0].keys() == METRIC_FIELDS | top5 and rows[0]["epoch"] == 1
-    assert rows[0]["lr"] == cfg.optimizer.lr and rows[0]["g1_norm"] > 0 and 0 < rows[0]["grad_norm"] <= 5.0
+    assert rows[0]["lr"] == cfg.optimizer.lr and rows[0]["g1_norm"] > 0 and 0 < rows[0]["final_grad_norm"] <= 5.0
     assert (rows[0]["r"], rows[0]["alpha"]) == (0.1, 0.8)
     assert 0 <= rows[0]["test_error"] <= 100 and summary["test_error"] == rows[0]["test_error"]
-    assert summary["top5_error"] == (rows[0]["test_top5_error"] if top5 else None)
+    assert summary["test_top5_error"] == (rows[0]["test_top5_error"] if top5 else None)
     assert "dataset:\n  name: " + dataset in (run / "config.yaml").read_text()
     assert "epoch    1/1" in (run / "train.log").read_text()  # the console's epoch line, kept in the run
     assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
@@ -87,12 +88,12 @@ def test_logged_test_metrics_equal_a_recomputation_from_the_checkpoint(tmp_path,
     error = 100 * (logits.argmax(1) != data.test_labels).double().mean().item()
     top5 = 100 * (logits.topk(5, 1).indices != data.test_labels[:, None]).all(1).double().mean().item()
     assert summary["test_error"] == pytest.approx(error, abs=1e-9)
-    assert summary["top5_error"] == pytest.approx(top5, abs=1e-9)
+    assert summary["test_top5_error"] == pytest.approx(top5, abs=1e-9)
     assert summary["test_loss"] == pytest.approx(loss, rel=1e-4)
 
 
 def test_digits_reaches_a_low_test_error(tmp_path):
-    cfg = compose_config("experiment=digits_demo", "method=sgd", "train.epochs=3", "wandb.mode=disabled", "device=cpu")
+    cfg = compose_config("experiment=digits_demo", "method=plain", "train.epochs=3", "wandb.mode=disabled", "device=cpu")
     summary = train(cfg, tmp_path)
     assert summary["test_error"] < 15  # chance is 90%
 
@@ -112,9 +113,9 @@ RESUMABLE = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout
 
 
 @pytest.mark.parametrize("method,options", [
-    ("sgd", ()), ("sam", ()), ("gnp", ()),
+    ("plain", ()), ("sam", ()), ("asam", ()), ("gnp", ()),
     ("gnp", ("train.channels_last=true", "train.ema_decay=0.9")),
-    ("gnp", ("method.warmup=r", "method.warmup_epochs=2", "method.gnp_probability=0.5")),  # stopped mid-warmup
+    ("gnp", ("method.warmup=r", "method.warmup_epochs=2", "method.two_pass_probability=0.5")),  # stopped mid-warmup
 ])
 def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch,
                                                                                  method, options):

@@ -5,7 +5,7 @@ b + c - b*c in the backward pass, with b ~ Bernoulli(keep_prob), a ~ U[-1, 1], c
 the block a plain residual block. Evaluation: the deterministic expectation E[b + a - b*a] = keep_prob.
 
 The draws come from torch's default generator of the input's device, inside `forward`. The method
-wrapper (gnp.method) restores that generator's state before its second (perturbed) pass, so both
+wrapper (gnp.methods) restores that generator's state before its second (perturbed) pass, so both
 passes of one SAM/GNP step use the same gate and coefficients, as the official code does; the
 backward pass reuses the draws saved by its own forward pass.
 """

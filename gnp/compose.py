@@ -1,0 +1,37 @@
+"""Composing conf/ with Hydra's compose API: the one place that does it outside `train.py`'s own Hydra app.
+
+The command line's checks, the tables, the benchmark, the demo and the tests all compose through here:
+
+    with composer() as compose:
+        cfg = compose(["method=sam", "model=wrn28_10"])
+    cfg = compose_config("experiment=digits_demo", "method=gnp")    # one config
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@contextmanager
+def composer() -> Iterator[Callable[[Iterable[str]], DictConfig]]:
+    """A function that composes conf/config.yaml with overrides, valid inside this context (one Hydra
+    initialisation for many configs; any other initialisation of this process is cleared first)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            yield lambda overrides: compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """conf/config.yaml composed with these overrides (not validated: `gnp.config.validate` does that)."""
+    with composer() as compose_with:
+        return compose_with(overrides)

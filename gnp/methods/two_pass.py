@@ -1,0 +1,168 @@
+"""The machinery of the SAM family: a first pass at theta, a second at a perturbed point, a combination.
+
+A method of the family says two things (see sam.py, gnp.py, asam.py): the `direction` of its
+perturbation (theta' = theta + r * direction) and how it `combine`s the two gradients. Everything else
+is here once: both passes draw the same random numbers (dropout, stochastic depth, ShakeDrop), BatchNorm
+running statistics keep the first pass's update, the parameters come back bit for bit, the first pass
+stays on its DDP replica unless the perturbation is synced, and the schedules (GR warmup, hybrid steps)
+decide which steps take two passes.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn as nn
+
+from gnp.methods.base import (NORM_FLOOR, Closure, Gradient, Method, SettingError, check_number, global_norm,
+                              is_int, running_statistics)
+
+RngState = tuple[torch.Tensor, dict[int, torch.Tensor]]
+
+
+class TwoPassMethod(Method):
+    """The shared part of SAM-family methods; subclasses define `direction` (and may define `combine`).
+
+    Args (beyond Method's l2, max_grad_norm and grad_scaler):
+        r: perturbation radius (>= 0); 0 is plain training with the base optimizer (one pass).
+        sync_perturbation: under DDP, average the first pass's gradient over replicas before perturbing
+            (True: the single-process full-batch step) or let each replica perturb with its own shard's
+            (False, the authors' code; SAM's "m-sharpness"). The final gradient is averaged once either way.
+        warmup: GR warmup (Zhao, Zhang and Hu, ICML 2024) over the first `warmup_steps` steps, with
+            f = min(1, step / warmup_steps) and steps counted from 0: "r" uses r * f, "zero" takes plain
+            steps (one pass, g = g1) while f < 1; "none" (default) has none. GNP adds "lambda".
+        warmup_steps: length of the GR warmup in steps; > 0 unless warmup is "none".
+        two_pass_probability: hybrid training (the authors' `use_hybrid_training`): each step takes two
+            passes with this probability and is a plain step otherwise; 1 (default) makes every step two-pass.
+        seed: seeds the hybrid draws; the draw of step k depends only on (seed, k), so every DDP replica
+            and a resumed run make the same draws.
+    """
+
+    warmups: tuple[str, ...] = ("none", "r", "zero")
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float, *,
+                 sync_perturbation: bool = False, warmup: str = "none", warmup_steps: int = 0,
+                 two_pass_probability: float = 1.0, seed: int = 0, **settings):
+        check_number("r", r, "a finite number >= 0 (0 trains with the base optimizer alone)", lambda v: v >= 0)
+        if warmup not in self.warmups:
+            raise SettingError("warmup", warmup, f"one of {', '.join(self.warmups)} for {type(self).__name__}")
+        if not is_int(warmup_steps) or warmup_steps < 0:
+            raise SettingError("warmup_steps", warmup_steps, "an integer >= 0")
+        if warmup != "none" and warmup_steps == 0:
+            raise SettingError("warmup_steps", warmup_steps, f"> 0 with warmup={warmup!r} (or warmup='none')")
+        check_number("two_pass_probability", two_pass_probability,
+                     "a number in (0, 1] (1 makes every step a two-pass step)", lambda v: 0 < v <= 1)
+        if not is_int(seed):
+            raise SettingError("seed", seed, "an integer")
+        super().__init__(model, base_optimizer, **settings)
+        self.r = float(r)
+        self.sync_perturbation = bool(sync_perturbation)
+        self.warmup, self.warmup_steps = warmup, warmup_steps
+        self.two_pass_probability = float(two_pass_probability)
+        self.seed = seed
+
+    # --- what a method of the family says ------------------------------------------------------------
+
+    def direction(self, params: list[nn.Parameter], g1: list[torch.Tensor],
+                  g1_norm: torch.Tensor) -> list[torch.Tensor]:
+        """The perturbation's direction: theta' = theta + r * direction. It may reuse g1's tensors."""
+        raise NotImplementedError
+
+    def combine(self, g2: list[torch.Tensor], direction: list[torch.Tensor], g1_norm: torch.Tensor,
+                schedule: dict[str, float]) -> None:
+        """Turn the second pass's gradient, in place, into the final one. Default: g = g2 (SAM)."""
+
+    def needs_second_pass(self, schedule: dict[str, float]) -> bool:
+        """Whether the second pass contributes to this step's gradient (else the direction is the gradient)."""
+        return True
+
+    def schedule(self, step: int) -> tuple[dict[str, float], bool]:
+        """The hyperparameters in force at `step` (counted from 0), and whether it takes two passes."""
+        if self.warmup == "zero" and self.warmup_progress(step) < 1:
+            return {"r": 0.0}, False
+        r = self.r * self.warmup_progress(step) if self.warmup == "r" else self.r
+        # An r warmup starts from r = 0 and still takes two passes there (g2 = g1), as the authors' step
+        # does; only a configured r = 0 means plain training.
+        return {"r": r}, self.r > 0 and self._draws_two_pass(step)
+
+    # --- the shared part -------------------------------------------------------------------------------
+
+    def warmup_progress(self, step: int) -> float:
+        return 1.0 if self.warmup == "none" else min(1.0, step / self.warmup_steps)
+
+    def expected_passes(self, total_steps: int) -> float:
+        schedule, _ = self.schedule(self.warmup_steps)  # the hyperparameters once any warmup is over
+        if not self.r or not self.needs_second_pass(schedule):
+            return 1.0
+        plain_warmup = min(total_steps, self.warmup_steps) if self.warmup == "zero" else 0
+        return 1.0 + self.two_pass_probability * (total_steps - plain_warmup) / max(total_steps, 1)
+
+    def _draws_two_pass(self, step: int) -> bool:
+        """The hybrid draw of `step`: True with probability `two_pass_probability`.
+
+        Drawn on the host from (seed, step) alone: no device synchronisation, torch's generators untouched,
+        the same on every replica and again after a resume.
+        """
+        if self.two_pass_probability == 1:
+            return True
+        return random.Random(f"{self.seed}:{step}").random() < self.two_pass_probability
+
+    def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
+        schedule, two_pass = self.schedule(self.steps_taken)
+        if not two_pass:
+            return self.plain_gradient(closure, params, scale, schedule)
+        local_first_pass = self.ddp and not self.sync_perturbation
+        rng_before = _rng_state(params)
+        first = self.forward_backward(closure, params, sync=not local_first_pass, scale=scale)
+        g1_norm = global_norm(first.grads)
+        direction = self.direction(params, first.grads, g1_norm)
+        if not self.needs_second_pass(schedule):
+            return Gradient(first, first, g1_norm, local_first_pass, schedule)
+
+        rng_after = _rng_state(params)
+        saved_params = _copies(params)
+        running_stats = running_statistics(self.model)
+        saved_stats = _copies(running_stats)
+        torch._foreach_add_(params, direction, alpha=schedule["r"])
+        # An autocast region around `step` caches low-precision copies of the weights and would hand the
+        # second pass (and whatever follows the step) copies of weights no longer current.
+        torch.clear_autocast_cache()
+        for p in params:
+            p.grad = None  # the first pass's gradients live on in `direction` where the method needs them
+        _set_rng_state(rng_before)
+        perturbed = self.forward_backward(closure, params, sync=False, scale=scale)
+        _set_rng_state(rng_after)
+        torch._foreach_copy_(params, saved_params)
+        torch.clear_autocast_cache()
+        if running_stats:
+            torch._foreach_copy_(running_stats, saved_stats)
+        self.combine(perturbed.grads, direction, g1_norm, schedule)
+        return Gradient(first, perturbed, g1_norm, self.ddp, schedule)
+
+
+def unit(g1: list[torch.Tensor], g1_norm: torch.Tensor) -> list[torch.Tensor]:
+    """g1 / ||g1||, in place in g1's tensors (a zero gradient stays zero)."""
+    torch._foreach_div_(g1, g1_norm.clamp_min(NORM_FLOOR))
+    return g1
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    copies = [torch.empty_like(t) for t in tensors]
+    if tensors:
+        torch._foreach_copy_(copies, tensors)
+    return copies
+
+
+def _rng_state(params: list[nn.Parameter]) -> RngState:
+    """The CPU generator's state and that of every CUDA device holding parameters."""
+    cuda_devices = {p.device.index for p in params if p.device.type == "cuda"}
+    cuda = {i: torch.cuda.get_rng_state(i) for i in cuda_devices}
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: RngState) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for index, cuda_state in cuda.items():
+        torch.cuda.set_rng_state(cuda_state, index)
+
