@@ -783,7 +783,7 @@ def run_checked(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
     problems = []
     if summary["status"] != "finished":
         problems.append(f"status {summary['status']}: {summary['error']}")
-    if not all(math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"]) for row in rows):
+    if not all(math.isfinite(row["first_pass_loss"]) and math.isfinite(row["test_loss"]) for row in rows):
         problems.append("a non-finite loss")
     if not all(0 <= row["test_error"] <= 100 for row in rows):
         problems.append("a test error outside [0, 100]")
