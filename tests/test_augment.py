@@ -19,8 +19,6 @@ import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
 from gnp.augment import (
-    CIFAR10_POLICY,
-    OFFICIAL_CIFAR_POLICY,
     OFFICIAL_OPERATIONS,
     OPERATIONS,
     PRESETS,
@@ -29,16 +27,14 @@ from gnp.augment import (
     _magnitude,
     _official_argument,
     _PolicyTable,
-    _reflect,
     apply_official_operations,
     apply_operations,
     auto_augment,
-    batch_cutout,
     build_augmentation,
-    cutout,
-    random_crop_flip,
-    sample_beta,
 )
+from gnp.augment.crop import _reflect, batch_cutout, cutout, random_crop_flip
+from gnp.augment.mixing import sample_beta
+from gnp.augment.policies import CIFAR10_POLICY, OFFICIAL_CIFAR_POLICY
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -29,6 +29,10 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
+from gnp.augment.crop import _in_window, batch_cutout, cutout, random_crop_flip
+from gnp.augment.mixing import _cutmix_box, sample_beta
+from gnp.augment.policies import CIFAR10_POLICY, OFFICIAL_CIFAR_POLICY
+
 STYLES = ("official", "standard")
 # Each preset fills in the options a config leaves out; the config's own keys win.
 _DEFAULT_OPTIONS: dict[str, Any] = {
@@ -160,140 +164,9 @@ class Augmentation:
                 f"cutmix_alpha={self.cutmix_alpha}, fill={self.fill})")
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per image: a random H x W crop of the image reflect-padded by `padding` (offsets uniform in
-    [-padding, padding] per axis), then a horizontal flip with probability 1/2. The official code
-    flips first; with offsets symmetric about 0 that is the same distribution, so both styles use
-    this."""
-    b, c, h, w = images.shape
-    if padding >= min(h, w):
-        raise ValueError(f"padding={padding} must be smaller than the image size {h}x{w} for reflect padding")
-    device = images.device
-    shifts = torch.randint(-padding, padding + 1, (2, b, 1), generator=generator, device=device)
-    rows = _reflect(torch.arange(h, device=device) + shifts[0], h)
-    cols = _reflect(torch.arange(w, device=device) + shifts[1], w)
-    flip = torch.rand(b, 1, generator=generator, device=device) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    return images[
-        torch.arange(b, device=device)[:, None, None, None],
-        torch.arange(c, device=device)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
-
-
-def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Mirror indices in [-size + 1, 2 * size - 2] into [0, size - 1] without repeating the edge."""
-    index = index.abs()
-    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
-
-
-def cutout(images: torch.Tensor, size: int, fill: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    """One size x size hole per image at a uniformly random centre, clipped at the borders, set to
-    the colour `fill`."""
-    b, c, h, w = images.shape
-    device = images.device
-    centre_rows = torch.randint(0, h, (b, 1), generator=generator, device=device)
-    centre_cols = torch.randint(0, w, (b, 1), generator=generator, device=device)
-    rows = _in_window(torch.arange(h, device=device), centre_rows - size // 2, size)
-    cols = _in_window(torch.arange(w, device=device), centre_cols - size // 2, size)
-    hole = rows[:, None, :, None] & cols[:, None, None, :]
-    colour = torch.tensor(fill, dtype=images.dtype).to(device, non_blocking=True).view(1, c, 1, 1)
-    return torch.where(hole, colour, images)
-
-
-def batch_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """The official cutout of a normalised batch: one hole for the whole batch, at the same place in
-    every image, centred uniformly at random, reaching size // 2 pixels each side of its centre
-    (size x size for an even size) and clipped at the borders, set to 0."""
-    h, w = x.shape[-2:]
-    device = x.device
-    centre_row = torch.randint(0, h, (), generator=generator, device=device)
-    centre_col = torch.randint(0, w, (), generator=generator, device=device)
-    half = size // 2
-    rows = _in_window(torch.arange(h, device=device), centre_row - half, 2 * half)
-    cols = _in_window(torch.arange(w, device=device), centre_col - half, 2 * half)
-    return torch.where(rows[:, None] & cols[None, :], 0.0, x)
-
-
-def _in_window(positions: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
-    return (positions >= start) & (positions < start + length)
-
-
 # ---------------------------------------------------------------------------------------------
-# Mixing
-
-def sample_beta(alpha: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """One draw of Beta(alpha, alpha) as a 0-dim tensor on `device`, from `generator` (torch's own
-    Beta sampler takes no generator): the ratio of two Gamma(alpha) draws."""
-    first, second = _sample_gamma(alpha, 2, generator, device)
-    return first / (first + second)
-
-
-def _sample_gamma(shape: float, count: int, generator: torch.Generator, device: torch.device,
-                  candidates: int = 32) -> torch.Tensor:
-    """Marsaglia-Tsang (2000): each draw takes its first accepted candidate (acceptance is above
-    95% per candidate, so 32 never all fail in practice); shape < 1 boosts Gamma(shape + 1) by
-    U^(1/shape)."""
-    boosted = shape + 1.0 if shape < 1.0 else shape
-    d = boosted - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    z = torch.randn(count, candidates, generator=generator, device=device)
-    u = torch.rand(count, candidates, generator=generator, device=device)
-    v = (1.0 + c * z) ** 3
-    accepted = (v > 0) & (torch.log(u) < 0.5 * z**2 + d - d * v + d * torch.log(v))
-    first = accepted.to(torch.uint8).argmax(dim=1, keepdim=True)
-    gamma = d * v.gather(1, first).squeeze(1)
-    if shape < 1.0:
-        gamma = gamma * torch.rand(count, generator=generator, device=device) ** (1.0 / shape)
-    return gamma
-
-
-def _cutmix_box(size: torch.Size, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A [H, W] mask of one box covering about 1 - weight of the image (CutMix, Yun et al. 2019),
-    at a uniformly random centre, clipped at the borders."""
-    h, w = size
-    device = weight.device
-    ratio = torch.sqrt(1.0 - weight)
-    centre = torch.rand(2, generator=generator, device=device)
-    half_h, half_w = (h * ratio / 2).floor(), (w * ratio / 2).floor()
-    rows = _in_window(torch.arange(h, device=device), (centre[0] * h).floor() - half_h, 2 * half_h)
-    cols = _in_window(torch.arange(w, device=device), (centre[1] * w).floor() - half_w, 2 * half_w)
-    return rows[:, None] & cols[None, :]
-
-
-# ---------------------------------------------------------------------------------------------
-# AutoAugment (Cubuk et al. 2019), the CIFAR-10 policy: 25 sub-policies of two (operation,
-# probability, magnitude level 0-9) steps; None = the operation has no magnitude.
-
-CIFAR10_POLICY: tuple[tuple[tuple[str, float, int | None], ...], ...] = (
-    (("Invert", 0.1, None), ("Contrast", 0.2, 6)),
-    (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
-    (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)),
-    (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
-    (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)),
-    (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
-    (("Color", 0.4, 3), ("Brightness", 0.6, 7)),
-    (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
-    (("Equalize", 0.6, None), ("Equalize", 0.5, None)),
-    (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
-    (("Color", 0.7, 7), ("TranslateX", 0.5, 8)),
-    (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
-    (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)),
-    (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
-    (("Solarize", 0.5, 2), ("Invert", 0.0, None)),
-    (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
-    (("Equalize", 0.2, None), ("Equalize", 0.6, None)),
-    (("Color", 0.9, 9), ("Equalize", 0.6, None)),
-    (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)),
-    (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
-    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)),
-    (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
-    (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)),
-    (("Equalize", 0.8, None), ("Invert", 0.1, None)),
-    (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
-)
-
+# AutoAugment (Cubuk et al. 2019): the standard style runs the CIFAR-10 policy (policies.py) with
+# torchvision's operations.
 
 def _magnitude(operation: str, level: int | None, height: int, width: int) -> tuple[float, bool]:
     """The operation's magnitude at `level` (10 bins, the AutoAugment paper's ranges) and whether
@@ -503,124 +376,6 @@ def _affine_nearest(images: torch.Tensor, matrix: torch.Tensor, fill: int) -> to
 #   pixels get grey 128, as does the policy's Cutout.
 # Differences left: float32 evaluation order, which may move a blended, greyscale or sharpened pixel
 # by one level, and AutoContrast's scaling, which may differ by one level from the reference's.
-
-OFFICIAL_CIFAR_POLICY: tuple[tuple[tuple[str, float, int], ...], ...] = (
-    # exp0_0
-    (("Invert", 0.1, 7), ("Contrast", 0.2, 6)),
-    (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
-    (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)),
-    (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
-    (("AutoContrast", 0.5, 8), ("Equalize", 0.9, 2)),
-    # exp0_1
-    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, 3)),
-    (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
-    (("AutoContrast", 0.9, 2), ("Solarize", 0.8, 3)),
-    (("Equalize", 0.8, 8), ("Invert", 0.1, 3)),
-    (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, 1)),
-    # exp0_2
-    (("Solarize", 0.4, 5), ("AutoContrast", 0.0, 2)),
-    (("TranslateY", 0.7, 9), ("TranslateY", 0.7, 9)),
-    (("AutoContrast", 0.9, 0), ("Solarize", 0.4, 3)),
-    (("Equalize", 0.7, 5), ("Invert", 0.1, 3)),
-    (("TranslateY", 0.7, 9), ("TranslateY", 0.7, 9)),
-    # exp0_3
-    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, 1)),
-    (("TranslateY", 0.8, 9), ("TranslateY", 0.9, 9)),
-    (("AutoContrast", 0.8, 0), ("TranslateY", 0.7, 9)),
-    (("TranslateY", 0.2, 7), ("Color", 0.9, 6)),
-    (("Equalize", 0.7, 6), ("Color", 0.4, 9)),
-    # exp1_0
-    (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
-    (("Color", 0.4, 3), ("Brightness", 0.6, 7)),
-    (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
-    (("Equalize", 0.6, 5), ("Equalize", 0.5, 1)),
-    (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
-    # exp1_1
-    (("Brightness", 0.3, 7), ("AutoContrast", 0.5, 8)),
-    (("AutoContrast", 0.9, 4), ("AutoContrast", 0.5, 6)),
-    (("Solarize", 0.3, 5), ("Equalize", 0.6, 5)),
-    (("TranslateY", 0.2, 4), ("Sharpness", 0.3, 3)),
-    (("Brightness", 0.0, 8), ("Color", 0.8, 8)),
-    # exp1_2
-    (("Solarize", 0.2, 6), ("Color", 0.8, 6)),
-    (("Solarize", 0.2, 6), ("AutoContrast", 0.8, 1)),
-    (("Solarize", 0.4, 1), ("Equalize", 0.6, 5)),
-    (("Brightness", 0.0, 0), ("Solarize", 0.5, 2)),
-    (("AutoContrast", 0.9, 5), ("Brightness", 0.5, 3)),
-    # exp1_3
-    (("Contrast", 0.7, 5), ("Brightness", 0.0, 2)),
-    (("Solarize", 0.2, 8), ("Solarize", 0.1, 5)),
-    (("Contrast", 0.5, 1), ("TranslateY", 0.2, 9)),
-    (("AutoContrast", 0.6, 5), ("TranslateY", 0.0, 9)),
-    (("AutoContrast", 0.9, 4), ("Equalize", 0.8, 4)),
-    # exp1_4
-    (("Brightness", 0.0, 7), ("Equalize", 0.4, 7)),
-    (("Solarize", 0.2, 5), ("Equalize", 0.7, 5)),
-    (("Equalize", 0.6, 8), ("Color", 0.6, 2)),
-    (("Color", 0.3, 7), ("Color", 0.2, 4)),
-    (("AutoContrast", 0.5, 2), ("Solarize", 0.7, 2)),
-    # exp1_5
-    (("AutoContrast", 0.2, 0), ("Equalize", 0.1, 0)),
-    (("ShearY", 0.6, 5), ("Equalize", 0.6, 5)),
-    (("Brightness", 0.9, 3), ("AutoContrast", 0.4, 1)),
-    (("Equalize", 0.8, 8), ("Equalize", 0.7, 7)),
-    (("Equalize", 0.7, 7), ("Solarize", 0.5, 0)),
-    # exp1_6
-    (("Equalize", 0.8, 4), ("TranslateY", 0.8, 9)),
-    (("TranslateY", 0.8, 9), ("TranslateY", 0.6, 9)),
-    (("TranslateY", 0.9, 0), ("TranslateY", 0.5, 9)),
-    (("AutoContrast", 0.5, 3), ("Solarize", 0.3, 4)),
-    (("Solarize", 0.5, 3), ("Equalize", 0.4, 4)),
-    # exp2_0
-    (("Color", 0.7, 7), ("TranslateX", 0.5, 8)),
-    (("Equalize", 0.3, 7), ("AutoContrast", 0.4, 8)),
-    (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)),
-    (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
-    (("Solarize", 0.5, 2), ("Invert", 0.0, 3)),
-    # exp2_1
-    (("AutoContrast", 0.1, 5), ("Brightness", 0.0, 0)),
-    (("Cutout", 0.2, 4), ("Equalize", 0.1, 1)),
-    (("Equalize", 0.7, 7), ("AutoContrast", 0.6, 4)),
-    (("Color", 0.1, 8), ("ShearY", 0.2, 3)),
-    (("ShearY", 0.4, 2), ("Rotate", 0.7, 0)),
-    # exp2_2
-    (("ShearY", 0.1, 3), ("AutoContrast", 0.9, 5)),
-    (("TranslateY", 0.3, 6), ("Cutout", 0.3, 3)),
-    (("Equalize", 0.5, 0), ("Solarize", 0.6, 6)),
-    (("AutoContrast", 0.3, 5), ("Rotate", 0.2, 7)),
-    (("Equalize", 0.8, 2), ("Invert", 0.4, 0)),
-    # exp2_3
-    (("Equalize", 0.9, 5), ("Color", 0.7, 0)),
-    (("Equalize", 0.1, 1), ("ShearY", 0.1, 3)),
-    (("AutoContrast", 0.7, 3), ("Equalize", 0.7, 0)),
-    (("Brightness", 0.5, 1), ("Contrast", 0.1, 7)),
-    (("Contrast", 0.1, 4), ("Solarize", 0.6, 5)),
-    # exp2_4
-    (("Solarize", 0.2, 3), ("ShearX", 0.0, 0)),
-    (("TranslateX", 0.3, 0), ("TranslateX", 0.6, 0)),
-    (("Equalize", 0.5, 9), ("TranslateY", 0.6, 7)),
-    (("ShearX", 0.1, 0), ("Sharpness", 0.5, 1)),
-    (("Equalize", 0.8, 6), ("Invert", 0.3, 6)),
-    # exp2_5
-    (("AutoContrast", 0.3, 9), ("Cutout", 0.5, 3)),
-    (("ShearX", 0.4, 4), ("AutoContrast", 0.9, 2)),
-    (("ShearX", 0.0, 3), ("Posterize", 0.0, 3)),
-    (("Solarize", 0.4, 3), ("Color", 0.2, 4)),
-    (("Equalize", 0.1, 4), ("Equalize", 0.7, 6)),
-    # exp2_6
-    (("Equalize", 0.3, 8), ("AutoContrast", 0.4, 3)),
-    (("Solarize", 0.6, 4), ("AutoContrast", 0.7, 6)),
-    (("AutoContrast", 0.2, 9), ("Brightness", 0.4, 8)),
-    (("Equalize", 0.1, 0), ("Equalize", 0.0, 6)),
-    (("Equalize", 0.8, 4), ("Equalize", 0.0, 4)),
-    # exp2_7
-    (("Equalize", 0.5, 5), ("AutoContrast", 0.1, 2)),
-    (("Solarize", 0.5, 5), ("AutoContrast", 0.9, 5)),
-    (("AutoContrast", 0.6, 1), ("AutoContrast", 0.7, 8)),
-    (("Equalize", 0.2, 0), ("AutoContrast", 0.1, 2)),
-    (("Equalize", 0.6, 9), ("Equalize", 0.4, 4)),
-)
-
 
 def _official_argument(operation: str, level: int | None, height: int, width: int) -> tuple[float, bool]:
     """The argument the official code passes to `operation` at `level` (out of 10) and whether it

@@ -1,0 +1,49 @@
+"""Mixing a normalised batch with its reverse: mixup (Zhang et al. 2018) and CutMix (Yun et al.
+2019), their Beta weights drawn from the loader's generator."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gnp.augment.crop import _in_window
+
+
+def sample_beta(alpha: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One draw of Beta(alpha, alpha) as a 0-dim tensor on `device`, from `generator` (torch's own
+    Beta sampler takes no generator): the ratio of two Gamma(alpha) draws."""
+    first, second = _sample_gamma(alpha, 2, generator, device)
+    return first / (first + second)
+
+
+def _sample_gamma(shape: float, count: int, generator: torch.Generator, device: torch.device,
+                  candidates: int = 32) -> torch.Tensor:
+    """Marsaglia-Tsang (2000): each draw takes its first accepted candidate (acceptance is above
+    95% per candidate, so 32 never all fail in practice); shape < 1 boosts Gamma(shape + 1) by
+    U^(1/shape)."""
+    boosted = shape + 1.0 if shape < 1.0 else shape
+    d = boosted - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    z = torch.randn(count, candidates, generator=generator, device=device)
+    u = torch.rand(count, candidates, generator=generator, device=device)
+    v = (1.0 + c * z) ** 3
+    accepted = (v > 0) & (torch.log(u) < 0.5 * z**2 + d - d * v + d * torch.log(v))
+    first = accepted.to(torch.uint8).argmax(dim=1, keepdim=True)
+    gamma = d * v.gather(1, first).squeeze(1)
+    if shape < 1.0:
+        gamma = gamma * torch.rand(count, generator=generator, device=device) ** (1.0 / shape)
+    return gamma
+
+
+def _cutmix_box(size: torch.Size, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A [H, W] mask of one box covering about 1 - weight of the image (CutMix, Yun et al. 2019),
+    at a uniformly random centre, clipped at the borders."""
+    h, w = size
+    device = weight.device
+    ratio = torch.sqrt(1.0 - weight)
+    centre = torch.rand(2, generator=generator, device=device)
+    half_h, half_w = (h * ratio / 2).floor(), (w * ratio / 2).floor()
+    rows = _in_window(torch.arange(h, device=device), (centre[0] * h).floor() - half_h, 2 * half_h)
+    cols = _in_window(torch.arange(w, device=device), (centre[1] * w).floor() - half_w, 2 * half_w)
+    return rows[:, None] & cols[None, :]
+
