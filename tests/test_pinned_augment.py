@@ -5,9 +5,9 @@ each option on its own (cutout_size, mixup_alpha, cutmix_alpha, both mixings, no
 a fixed uint8 batch with a fixed generator: the augmented uint8 batch, its normalised and mixed
 batch and the targets, for five generator seeds (where both mixings are on, each occurs). It also
 holds every AutoAugment operation of each style at every level and sign, each on its own image.
-Digests keep the file small while the draws are many enough (5 x 64 images) to reach nearly all of the
-official policy's 95 sub-policies. The commit that wrote it is inside. Rewrite the file only for an intended change of an augmentation:
-`python tests/test_pinned_augment.py`.
+Digests keep the file small while the draws are many enough (5 x 64 images) to reach nearly all
+of the official policy's 95 sub-policies. The commit that wrote it is inside. Rewrite the file only
+for an intended change of an augmentation: `python tests/test_pinned_augment.py`.
 """
 from __future__ import annotations
 
@@ -20,21 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnp.augment import (
-    OFFICIAL_OPERATIONS,
-    OPERATIONS,
-    PRESETS,
-    STYLES,
-    _magnitude,
-    _official_argument,
-    apply_official_operations,
-    apply_operations,
-    build_augmentation,
-)
+from gnp.augment import PRESETS, STYLES, build_augmentation
+from gnp.augment.autoaugment import AutoAugment
+from gnp.augment.official import OFFICIAL
+from gnp.augment.standard import STANDARD
 
 PINNED = Path(__file__).parent / "pinned" / "augment.json"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 BATCH, CLASSES, SEEDS = 64, 10, range(5)
+AUTOAUGMENT = {"official": OFFICIAL, "standard": STANDARD}
 # name -> (the aug config, image height, width)
 CASES: dict[str, tuple[dict, int, int]] = {
     **{f"{preset}/{style}": ({"name": preset, "style": style}, 32, 32) for preset in PRESETS for style in STYLES},
@@ -78,30 +72,23 @@ def run(name: str) -> dict[str, str]:
     return out
 
 
-def operation_cases(style: str) -> list[tuple[str, int | None, float]]:
+def operation_cases(autoaugment: AutoAugment) -> list[tuple[str, int | None, float]]:
     """(operation, level, sign) for every operation of the style at every level and sign."""
-    operations, argument = (OFFICIAL_OPERATIONS, _official_argument) if style == "official" else (
-        OPERATIONS, _magnitude)
     cases = []
-    for name in operations:
-        levels = (None,) if style == "standard" and name in ("AutoContrast", "Equalize", "Invert") else range(10)
-        for level in levels:
-            signed = argument(name, level, 32, 32)[1]
+    for name in autoaugment.operations:
+        no_level = autoaugment is STANDARD and name in ("AutoContrast", "Equalize", "Invert")
+        for level in (None,) if no_level else range(10):
+            signed = autoaugment.argument(name, level, 32, 32)[1]
             cases += [(name, level, sign) for sign in ((1.0, -1.0) if signed else (1.0,))]
     return cases
 
 
 def run_operations(style: str) -> dict[str, str]:
-    cases = operation_cases(style)
-    batch = images(len(cases))
-    operations = OFFICIAL_OPERATIONS if style == "official" else OPERATIONS
-    operation = torch.tensor([operations.index(name) for name, _, _ in cases])
-    if style == "official":
-        argument = torch.tensor([sign * _official_argument(name, level, 32, 32)[0] for name, level, sign in cases])
-        out = apply_official_operations(batch, operation, argument, torch.Generator().manual_seed(2))
-    else:
-        argument = torch.tensor([sign * _magnitude(name, level, 32, 32)[0] for name, level, sign in cases])
-        out = apply_operations(batch, operation, argument)
+    autoaugment = AUTOAUGMENT[style]
+    cases = operation_cases(autoaugment)
+    operation = torch.tensor([autoaugment.operations.index(name) for name, _, _ in cases])
+    argument = torch.tensor([sign * autoaugment.argument(name, level, 32, 32)[0] for name, level, sign in cases])
+    out = autoaugment.apply(images(len(cases)), operation, argument, torch.Generator().manual_seed(2))
     return {f"{name} {level} {sign:+.0f}": digest(out[i]) for i, (name, level, sign) in enumerate(cases)}
 
 

@@ -5,8 +5,31 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as nnf
 
 from gnp.augment.crop import _in_window
+
+
+def mix_with_reverse(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float,
+                     cutmix_alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix the batch with its reverse: mixup (weight max(l, 1 - l), l ~ Beta(mixup_alpha,
+    mixup_alpha), one per batch) or cutmix (a box of the reversed batch, l ~ Beta(cutmix_alpha,
+    cutmix_alpha)), whichever is on (> 0), or one of the two chosen at random when both are; returns
+    the mixed batch and soft targets [B, num_classes]."""
+    targets = nnf.one_hot(labels, num_classes).to(x.dtype)
+    candidates = []
+    if mixup_alpha:
+        weight = sample_beta(mixup_alpha, generator, x.device)
+        weight = torch.maximum(weight, 1 - weight)  # the official code keeps the larger share
+        candidates.append((weight * x + (1 - weight) * x.flip(0), weight))
+    if cutmix_alpha:
+        box = _cutmix_box(x.shape[-2:], sample_beta(cutmix_alpha, generator, x.device), generator)
+        candidates.append((torch.where(box, x.flip(0), x), 1 - box.to(x.dtype).mean()))
+    if len(candidates) == 2:
+        use_first = torch.rand((), generator=generator, device=x.device) < 0.5
+        candidates = [tuple(torch.where(use_first, a, b) for a, b in zip(*candidates))]
+    mixed, weight = candidates[0]
+    return mixed, weight * targets + (1 - weight) * targets.flip(0)
 
 
 def sample_beta(alpha: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
