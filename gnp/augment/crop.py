@@ -1,5 +1,6 @@
-"""Crop + flip and the holes cut into images: the per-image cutout of the standard style and the
-batch's cutout of the official style."""
+"""Crop + flip, and the holes cut into images: each is one box, clipped at the borders, around a
+uniformly random centre: per image (the standard style's cutout and the official policy's Cutout),
+or one for the whole batch (the official style's cutout and the CutMix box)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,18 +36,21 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def cutout(images: torch.Tensor, size: int, fill: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    """One size x size hole per image at a uniformly random centre, clipped at the borders, set to
-    the colour `fill`."""
+def cutout(images: torch.Tensor, size: int | torch.Tensor, fill: int | Sequence[int],
+           generator: torch.Generator) -> torch.Tensor:
+    """One hole per image around a uniformly random centre c, [c - size // 2, c - size // 2 + size)
+    on each axis, clipped at the borders, set to `fill` (a grey level, or a colour). `size` is the
+    side of every hole, or of each image's ([B], 0 for none)."""
     b, c, h, w = images.shape
     device = images.device
     centre_rows = torch.randint(0, h, (b, 1), generator=generator, device=device)
     centre_cols = torch.randint(0, w, (b, 1), generator=generator, device=device)
-    rows = _in_window(torch.arange(h, device=device), centre_rows - size // 2, size)
-    cols = _in_window(torch.arange(w, device=device), centre_cols - size // 2, size)
-    hole = rows[:, None, :, None] & cols[:, None, None, :]
-    colour = torch.tensor(fill, dtype=images.dtype).to(device, non_blocking=True).view(1, c, 1, 1)
-    return torch.where(hole, colour, images)
+    if torch.is_tensor(size):
+        size = size.view(b, 1)
+    hole = _box((h, w), centre_rows - size // 2, centre_cols - size // 2, size, size)
+    if not isinstance(fill, int):
+        fill = torch.tensor(fill, dtype=images.dtype).to(device, non_blocking=True).view(1, c, 1, 1)
+    return torch.where(hole[:, None], fill, images)
 
 
 def batch_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -54,15 +58,29 @@ def batch_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torc
     every image, centred uniformly at random, reaching size // 2 pixels each side of its centre
     (size x size for an even size) and clipped at the borders, set to 0."""
     h, w = x.shape[-2:]
-    device = x.device
-    centre_row = torch.randint(0, h, (), generator=generator, device=device)
-    centre_col = torch.randint(0, w, (), generator=generator, device=device)
+    centre_row = torch.randint(0, h, (), generator=generator, device=x.device)
+    centre_col = torch.randint(0, w, (), generator=generator, device=x.device)
     half = size // 2
-    rows = _in_window(torch.arange(h, device=device), centre_row - half, 2 * half)
-    cols = _in_window(torch.arange(w, device=device), centre_col - half, 2 * half)
-    return torch.where(rows[:, None] & cols[None, :], 0.0, x)
+    return torch.where(_box((h, w), centre_row - half, centre_col - half, 2 * half, 2 * half), 0.0, x)
 
 
-def _in_window(positions: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
-    return (positions >= start) & (positions < start + length)
+def cutmix_box(size: torch.Size, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A [H, W] mask of one box covering about 1 - weight of the image (CutMix, Yun et al. 2019),
+    at a uniformly random centre, clipped at the borders."""
+    h, w = size
+    ratio = torch.sqrt(1.0 - weight)
+    centre = torch.rand(2, generator=generator, device=weight.device)
+    half_h, half_w = (h * ratio / 2).floor(), (w * ratio / 2).floor()
+    return _box((h, w), (centre[0] * h).floor() - half_h, (centre[1] * w).floor() - half_w, 2 * half_h, 2 * half_w)
 
+
+def _box(size: tuple[int, int], top: torch.Tensor, left: torch.Tensor, height: int | torch.Tensor,
+         width: int | torch.Tensor) -> torch.Tensor:
+    """The mask of rows [top, top + height) x columns [left, left + width) of an image of `size`:
+    [H, W] for 0-dim corners, [B, H, W] for corners [B, 1] (height and width alike, or numbers)."""
+    h, w = size
+    rows = torch.arange(h, device=top.device)
+    cols = torch.arange(w, device=top.device)
+    in_rows = (rows >= top) & (rows < top + height)
+    in_cols = (cols >= left) & (cols < left + width)
+    return in_rows[..., :, None] & in_cols[..., None, :]

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as nnf
 
-from gnp.augment.crop import _in_window
+from gnp.augment.crop import cutmix_box
 
 
 def mix_with_reverse(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float,
@@ -23,7 +23,7 @@ def mix_with_reverse(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mi
         weight = torch.maximum(weight, 1 - weight)  # the official code keeps the larger share
         candidates.append((weight * x + (1 - weight) * x.flip(0), weight))
     if cutmix_alpha:
-        box = _cutmix_box(x.shape[-2:], sample_beta(cutmix_alpha, generator, x.device), generator)
+        box = cutmix_box(x.shape[-2:], sample_beta(cutmix_alpha, generator, x.device), generator)
         candidates.append((torch.where(box, x.flip(0), x), 1 - box.to(x.dtype).mean()))
     if len(candidates) == 2:
         use_first = torch.rand((), generator=generator, device=x.device) < 0.5
@@ -56,17 +56,3 @@ def _sample_gamma(shape: float, count: int, generator: torch.Generator, device: 
     if shape < 1.0:
         gamma = gamma * torch.rand(count, generator=generator, device=device) ** (1.0 / shape)
     return gamma
-
-
-def _cutmix_box(size: torch.Size, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A [H, W] mask of one box covering about 1 - weight of the image (CutMix, Yun et al. 2019),
-    at a uniformly random centre, clipped at the borders."""
-    h, w = size
-    device = weight.device
-    ratio = torch.sqrt(1.0 - weight)
-    centre = torch.rand(2, generator=generator, device=device)
-    half_h, half_w = (h * ratio / 2).floor(), (w * ratio / 2).floor()
-    rows = _in_window(torch.arange(h, device=device), (centre[0] * h).floor() - half_h, 2 * half_h)
-    cols = _in_window(torch.arange(w, device=device), (centre[1] * w).floor() - half_w, 2 * half_w)
-    return rows[:, None] & cols[None, :]
-

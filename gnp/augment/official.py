@@ -33,7 +33,7 @@ from gnp.augment.autoaugment import (
     blend,
     sharpness_degenerate,
 )
-from gnp.augment.crop import _in_window
+from gnp.augment.crop import cutout
 from gnp.augment.policies import OFFICIAL_CIFAR_POLICY
 
 
@@ -87,25 +87,13 @@ OPERATIONS = GEOMETRIC_OPERATIONS + ("Cutout",) + tuple(PIXEL_OPERATIONS)
 
 def _geometric_then_cutout(images: torch.Tensor, operation: torch.Tensor, argument: torch.Tensor,
                            generator: torch.Generator, fill: int) -> torch.Tensor:
-    """The five geometric operations in one resampling, then the policy's Cutout: every image draws a
-    hole's centre from `generator`, used only where it does Cutout."""
+    """The five geometric operations in one resampling, then the policy's Cutout, a hole reaching the
+    argument each side of its centre: every image draws a centre from `generator`, used only where
+    it does Cutout."""
     h, w = images.shape[-2:]
     images = _affine_nearest_half_away(images, _affine_matrices(operation, argument, h, w), fill)
-    return _policy_cutout(images, argument_of("Cutout", OPERATIONS, operation, argument), generator, fill)
-
-
-def _policy_cutout(images: torch.Tensor, half_side: torch.Tensor, generator: torch.Generator,
-                   fill: int) -> torch.Tensor:
-    """Per image, the hole [c - half_side, c + half_side) on each axis around a uniformly random
-    centre c, clipped at the borders, set to `fill` (no hole where half_side is 0)."""
-    b, _, h, w = images.shape
-    device = images.device
-    centre_rows = torch.randint(0, h, (b, 1), generator=generator, device=device)
-    centre_cols = torch.randint(0, w, (b, 1), generator=generator, device=device)
-    half_side = half_side.view(b, 1)
-    rows = _in_window(torch.arange(h, device=device), centre_rows - half_side, 2 * half_side)
-    cols = _in_window(torch.arange(w, device=device), centre_cols - half_side, 2 * half_side)
-    return torch.where(rows[:, None, :, None] & cols[:, None, None, :], fill, images)
+    half_side = argument_of("Cutout", OPERATIONS, operation, argument)  # 0: no hole
+    return cutout(images, 2 * half_side, fill, generator)
 
 
 def _affine_matrices(operation: torch.Tensor, argument: torch.Tensor, height: int, width: int) -> torch.Tensor:
