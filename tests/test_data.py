@@ -1,7 +1,9 @@
 """Loading CIFAR from its real on-disk format, the errors for bad data (damaged archives and batches
 included, with dataset.verify=false), digits, the batch loader, and the fake-CIFAR command."""
 import gzip
+import json
 import pickle
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -258,3 +260,18 @@ def test_the_fake_cifar_command_writes_archives_the_loader_reads(tmp_path, capsy
     splits = load_dataset("cifar100", tmp_path, verify=False)
     assert len(splits.train_labels) == 30 and len(splits.test_labels) == 12 and splits.train_labels.max() < 100
 
+
+def test_the_fake_cifar_command_prints_a_quick_training_command_that_finishes(tmp_path, capsys):
+    from gnp.data import main
+
+    main(["fake-cifar", str(tmp_path / "fake"), "--dataset", "cifar100", "--train", "64", "--test", "32"])
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    words = shlex.split(printed)
+    assert words[:2] == ["python", "train.py"] and "dataset=cifar100" in words and "device=cpu" in words
+    # exactly the printed arguments, with this interpreter and the repository's train.py, in a fresh folder
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *words[2:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [summary] = (tmp_path / "outputs").rglob("summary.json")
+    record = json.loads(summary.read_text())
+    assert record["status"] == "finished" and record["dataset"] == "cifar100"
