@@ -19,11 +19,11 @@ import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
 from gnp.augment import PRESETS, STYLES, Augmentation, build_augmentation
-from gnp.augment.official import OFFICIAL
-from gnp.augment.standard import STANDARD
 from gnp.augment.crop import _reflect, batch_cutout, cutout, random_crop_flip
 from gnp.augment.mixing import sample_beta
+from gnp.augment.official import OFFICIAL
 from gnp.augment.policies import CIFAR10_POLICY, OFFICIAL_CIFAR_POLICY
+from gnp.augment.standard import STANDARD
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -372,7 +372,7 @@ def test_official_translations_of_50_pixels_or_more_leave_plain_grey():
 def test_official_contrast_blends_towards_grey_4_on_32x32_images():
     white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
     out = OFFICIAL.apply(white, torch.tensor([OFFICIAL.operations.index("Contrast")]),
-                                    torch.tensor([0.1]), generator())
+                         torch.tensor([0.1]), generator())
     assert (out == 29).all()  # 4 + 0.1 * (255 - 4) = 29.1
 
 
