@@ -6,12 +6,15 @@ upscaled to 3x32x32: a real, offline task for demos and tests.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import pickle
+import shlex
 import shutil
 import tarfile
 import tempfile
 import urllib.error
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_url
+
+from gnp.runs import first_line
 
 CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 if TYPE_CHECKING:
@@ -85,32 +90,52 @@ def _where_to_put(spec: type[CIFAR10], root: Path) -> str:
     )
 
 
+class _BadFile(Exception):
+    """One file of a CIFAR folder is missing or damaged; the caller names where the folder came from
+    (an extracted archive, or a folder of the user's) and the fix."""
+
+    def __init__(self, filename: str, problem: str, *, missing: bool = False, checksum: bool = False):
+        super().__init__(f"{filename} {problem}")
+        self.filename, self.problem, self.missing, self.checksum = filename, problem, missing, checksum
+
+
 def _load_cifar(spec: type[CIFAR10], root: Path, download: bool, verify: bool) -> Splits:
     folder, archive = root / spec.base_folder, root / spec.filename
-    if not folder.is_dir():
-        if not archive.is_file():
-            if not download:
-                raise DataError(f"{spec.__name__} was not found in {root}. {_where_to_put(spec, root)}")
-            _download(spec, root)
-        if verify and _md5(archive) != spec.tgz_md5:
-            raise DataError(
-                f"{archive} is corrupted (MD5 {_md5(archive)}, expected {spec.tgz_md5}). Delete it and "
-                f"download it again from {spec.url}, or set dataset.verify=false for a copy you trust."
-            )
-        _extract(archive, root, spec.base_folder)
+    if folder.is_dir():
+        try:
+            return _read_folder(spec, folder, verify)
+        except _BadFile as bad:
+            path = folder / bad.filename
+            if bad.missing:
+                raise DataError(
+                    f"{path} is missing, so {spec.__name__} is incomplete. {_where_to_put(spec, root)}") from None
+            alternative = "set dataset.verify=false for a copy you trust" if bad.checksum else "replace the file"
+            raise DataError(f"{path} {bad.problem}. Delete {folder} and extract {spec.filename} again, "
+                            f"or {alternative}.") from None
+    if not archive.is_file():
+        if not download:
+            raise DataError(f"{spec.__name__} was not found in {root}. {_where_to_put(spec, root)}")
+        _download(spec, root)
+    if verify and _md5(archive) != spec.tgz_md5:
+        raise DataError(
+            f"{archive} is corrupted (MD5 {_md5(archive)}, expected {spec.tgz_md5}). Delete it and "
+            f"download it again from {spec.url}, or set dataset.verify=false for a copy you trust."
+        )
+    return _extract(spec, archive, root, verify)
 
-    files = [*spec.train_list, *spec.test_list, [spec.meta["filename"], spec.meta["md5"]]]
-    for filename, md5 in files:
+
+def _read_folder(spec: type[CIFAR10], folder: Path, verify: bool) -> Splits:
+    """Check every file of an extracted folder (present, its MD5 when `verify`) and read the batches,
+    each checked for the expected shapes and labels; raises _BadFile."""
+    for filename, md5 in [*spec.train_list, *spec.test_list, [spec.meta["filename"], spec.meta["md5"]]]:
         path = folder / filename
         if not path.is_file():
-            raise DataError(f"{path} is missing, so {spec.__name__} is incomplete. {_where_to_put(spec, root)}")
-        if verify and _md5(path) != md5:
-            raise DataError(
-                f"{path} is corrupted (MD5 {_md5(path)}, expected {md5}). Delete {folder} and extract "
-                f"{spec.filename} again, or set dataset.verify=false for a copy you trust."
-            )
-    train_x, train_y = _read_batches(folder, [f for f, _ in spec.train_list])
-    test_x, test_y = _read_batches(folder, [f for f, _ in spec.test_list])
+            raise _BadFile(filename, "is missing", missing=True)
+        if verify and (digest := _md5(path)) != md5:
+            raise _BadFile(filename, f"is corrupted (MD5 {digest}, expected {md5})", checksum=True)
+    classes = 10 if spec is CIFAR10 else 100
+    train_x, train_y = _read_batches(folder, [f for f, _ in spec.train_list], classes)
+    test_x, test_y = _read_batches(folder, [f for f, _ in spec.test_list], classes)
     return Splits(train_x, train_y, test_x, test_y, verified=verify)
 
 
@@ -122,35 +147,57 @@ def _download(spec: type[CIFAR10], root: Path) -> None:
         raise DataError(f"Downloading {spec.url} failed ({e}). {_where_to_put(spec, root)}") from e
 
 
-def _extract(archive: Path, root: Path, base_folder: str) -> None:
-    """Extract into a temporary folder, then rename: an interrupted extraction leaves no half folder."""
+def _extract(spec: type[CIFAR10], archive: Path, root: Path, verify: bool) -> Splits:
+    """Extract into a temporary folder and check and read every file there, then rename the folder
+    into place: a failed or interrupted extraction leaves no folder that a later run would read.
+
+    The format's own checks run whatever `verify` says: gzip's CRC and length (read to the end of
+    the stream, which tarfile alone stops short of), the tar headers, and the batches' shapes."""
+    def corrupted(problem: str) -> DataError:
+        return DataError(f"{archive} is corrupted: {problem}. Delete it and download it again from {spec.url}.")
+
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
         try:
-            with tarfile.open(archive, "r:gz") as tar:
+            with gzip.open(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{archive} could not be extracted ({e}): delete it and download it again.") from e
-        extracted = Path(tmp, base_folder)
+                while stream.read(1 << 20):  # the rest of the stream (the tar's padding), to gzip's check
+                    pass
+        except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise corrupted(f"it could not be extracted ({first_line(e)})") from e
+        except OSError as e:
+            raise DataError(f"{archive} could not be extracted into {root} ({first_line(e)}).") from e
+        extracted = Path(tmp, spec.base_folder)
         if not extracted.is_dir():
-            raise DataError(f"{archive} does not contain {base_folder}/: it is not the expected archive.")
-        shutil.move(str(extracted), str(root / base_folder))
+            raise corrupted(f"it does not contain {spec.base_folder}/, so it is not the {spec.__name__} archive")
+        try:
+            splits = _read_folder(spec, extracted, verify)
+        except _BadFile as bad:
+            raise corrupted(f"its {spec.base_folder}/{bad.filename} {bad.problem}") from None
+        extracted.rename(root / spec.base_folder)
+    return splits
 
 
-def _read_batches(folder: Path, filenames: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_batches(folder: Path, filenames: Sequence[str], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images [N, 3, 32, 32] and labels of the pickled batches; raises _BadFile for a batch that
+    does not unpickle to uint8 data [n, 3072] and n labels in [0, classes)."""
     images, labels = [], []
     for filename in filenames:
-        path = folder / filename
         try:
-            with open(path, "rb") as f:
+            with open(folder / filename, "rb") as f:
                 batch = pickle.load(f, encoding="latin1")
-            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            y = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+            data, targets = batch["data"], batch["labels" if "labels" in batch else "fine_labels"]
         except Exception as e:  # unpickling garbage can raise almost anything
-            raise DataError(f"{path} could not be read as a CIFAR batch ({e}); replace it with a good copy.") from e
-        if len(x) != len(y):
-            raise DataError(f"{path} holds {len(x)} images but {len(y)} labels; replace it with a good copy.")
-        images.append(x)
-        labels.append(y)
+            raise _BadFile(filename, f"could not be read as a CIFAR batch ({type(e).__name__}: {first_line(e)})")
+        y = np.asarray(targets)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            shape = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise _BadFile(filename, f"holds images of {shape}, not uint8 [n, 3072]")
+        if y.shape != (len(data),) or y.dtype.kind not in "iu":
+            raise _BadFile(filename, f"holds {len(data)} images but labels of {y.dtype} {list(y.shape)}")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise _BadFile(filename, f"holds labels outside 0-{classes - 1}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(y.astype(np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -288,6 +335,23 @@ def write_synthetic_cifar(root: str | Path, name: str, n_train: int = 100, n_tes
     return path
 
 
+# What the printed training command uses: a narrow ResNet-18 for one epoch on at most this many images
+# finishes in about a minute on a laptop CPU.
+_QUICK_TRAIN, _QUICK_TEST = 2000, 500
+
+
+def _quick_training_command(root: Path, name: str, n_train: int, n_test: int) -> str:
+    """A train.py command line that trains on a fake set in about a minute on a laptop CPU."""
+    words = ["python", "train.py", f"dataset={name}", f"dataset.root={root.resolve()}", "dataset.verify=false",
+             "model.width=8", "train.epochs=1", f"train.batch_size={min(128, n_train)}", "device=cpu",
+             "wandb.mode=disabled"]
+    if n_train > _QUICK_TRAIN:
+        words.append(f"dataset.limit_train={_QUICK_TRAIN}")
+    if n_test > _QUICK_TEST:
+        words.append(f"dataset.limit_test={_QUICK_TEST}")
+    return shlex.join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m gnp.data fake-cifar DIR`: random images in the real CIFAR format, to try the
     CIFAR path without the archives (`dataset.root=DIR dataset.verify=false`)."""
@@ -298,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     fake = commands.add_parser("fake-cifar", help="write random images in the official CIFAR python format")
     fake.add_argument("root", type=Path, help="the data root to write into (use it as dataset.root)")
     fake.add_argument("--dataset", choices=tuple(CIFAR), default="cifar10")
-    fake.add_argument("--train", type=int, default=5000, help="training images (default 5000)")
-    fake.add_argument("--test", type=int, default=1000, help="test images (default 1000)")
+    fake.add_argument("--train", type=int, default=_QUICK_TRAIN, help=f"training images (default {_QUICK_TRAIN})")
+    fake.add_argument("--test", type=int, default=_QUICK_TEST, help=f"test images (default {_QUICK_TEST})")
     fake.add_argument("--archive", action="store_true", help="write the .tar.gz archive instead of the folder")
     fake.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -307,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--train and --test must be at least 1")
     path = write_synthetic_cifar(args.root, args.dataset, args.train, args.test, archive=args.archive, seed=args.seed)
     print(f"wrote {args.train} training and {args.test} test images of random {args.dataset} to {path}\n"
-          f"train on them: python train.py dataset={args.dataset} dataset.root={args.root} dataset.verify=false")
+          f"train on them (about a minute on a laptop CPU):\n"
+          f"  {_quick_training_command(args.root, args.dataset, args.train, args.test)}")
 
 
 if __name__ == "__main__":

@@ -18,27 +18,12 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
-from gnp.augment import (
-    CIFAR10_POLICY,
-    OFFICIAL_CIFAR_POLICY,
-    OFFICIAL_OPERATIONS,
-    OPERATIONS,
-    PRESETS,
-    STYLES,
-    Augmentation,
-    _magnitude,
-    _official_argument,
-    _PolicyTable,
-    _reflect,
-    apply_official_operations,
-    apply_operations,
-    auto_augment,
-    batch_cutout,
-    build_augmentation,
-    cutout,
-    random_crop_flip,
-    sample_beta,
-)
+from gnp.augment import PRESETS, STYLES, Augmentation, build_augmentation
+from gnp.augment.crop import _reflect, batch_cutout, cutout, random_crop_flip
+from gnp.augment.mixing import sample_beta
+from gnp.augment.official import OFFICIAL
+from gnp.augment.policies import CIFAR10_POLICY, OFFICIAL_CIFAR_POLICY
+from gnp.augment.standard import STANDARD
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -178,9 +163,9 @@ def _torchvision_operation(name: str, magnitude: float, images: torch.Tensor) ->
 
 def _operation_cases() -> list[tuple[str, float]]:
     cases = []
-    for name in OPERATIONS:
+    for name in STANDARD.operations:
         for level in ((None,) if name in ("AutoContrast", "Equalize", "Invert") else (2, 9)):
-            magnitude, signed = _magnitude(name, level, 32, 32)
+            magnitude, signed = STANDARD.argument(name, level, 32, 32)
             cases += [(name, magnitude)] + ([(name, -magnitude)] if signed else [])
     return cases
 
@@ -189,8 +174,8 @@ def test_each_operation_in_one_batch_matches_torchvision():
     """Every operation at two levels and both signs, each image of one batch its own case."""
     cases = _operation_cases()
     images = smooth_images(len(cases))
-    operation = torch.tensor([OPERATIONS.index(name) for name, _ in cases])
-    out = apply_operations(images, operation, torch.tensor([m for _, m in cases]))
+    operation = torch.tensor([STANDARD.operations.index(name) for name, _ in cases])
+    out = STANDARD.apply(images, operation, torch.tensor([m for _, m in cases]), generator())
     for i, (name, magnitude) in enumerate(cases):
         expected = _torchvision_operation(name, magnitude, images[i: i + 1])[0]
         difference = (out[i].int() - expected.int()).abs().amax(dim=0)
@@ -206,7 +191,7 @@ def test_each_operation_in_one_batch_matches_torchvision():
 
 def test_skipped_steps_leave_images_unchanged():
     images = smooth_images(8)
-    out = apply_operations(images, torch.full((8,), -1), torch.linspace(-5, 5, 8))
+    out = STANDARD.apply(images, torch.full((8,), -1), torch.linspace(-5, 5, 8), generator())
     assert torch.equal(out, images)
 
 
@@ -241,8 +226,8 @@ def test_standard_style_composes_the_standard_steps_in_order():
     out = augment(images, g)
     x, target = augment.mix(out.float() / 255, labels, 10, g)
     g = generator(3)
-    table = _PolicyTable.build(CIFAR10_POLICY, OPERATIONS, _magnitude, torch.device("cpu"), 32, 32)
-    expected = cutout(random_crop_flip(auto_augment(images, g, table), 4, g), 16, augment.fill, g)
+    table = STANDARD.table(torch.device("cpu"), 32, 32)
+    expected = cutout(random_crop_flip(STANDARD(images, g, table), 4, g), 16, augment.fill, g)
     assert torch.equal(out, expected)
     weight = target[0, labels[0]]
     torch.testing.assert_close(x, weight * out.float() / 255 + (1 - weight) * out.flip(0).float() / 255)
@@ -282,7 +267,7 @@ def test_official_policy_is_the_95_good_policies():
     ],
 )
 def test_official_level_to_argument(operation, level, argument, signed):
-    assert _official_argument(operation, level, 32, 32) == (pytest.approx(argument), signed)
+    assert OFFICIAL.argument(operation, level, 32, 32) == (pytest.approx(argument), signed)
 
 
 def _official_geometric_reference(name: str, argument: float, image: np.ndarray) -> np.ndarray:
@@ -355,8 +340,8 @@ def test_each_official_operation_in_one_batch_matches_its_reference():
     """Every official operation with known arguments and signs, each image of one batch its own case."""
     cases = _OFFICIAL_GEOMETRIC_CASES + _OFFICIAL_PIXEL_CASES
     images = smooth_images(len(cases))
-    operation = torch.tensor([OFFICIAL_OPERATIONS.index(name) for name, _ in cases])
-    out = apply_official_operations(images, operation, torch.tensor([a for _, a in cases]), generator())
+    operation = torch.tensor([OFFICIAL.operations.index(name) for name, _ in cases])
+    out = OFFICIAL.apply(images, operation, torch.tensor([a for _, a in cases]), generator())
     for i, (name, argument) in enumerate(cases):
         if (name, argument) in _OFFICIAL_GEOMETRIC_CASES:
             expected = _official_geometric_reference(name, argument, images[i].numpy())
@@ -377,8 +362,8 @@ def test_each_official_operation_in_one_batch_matches_its_reference():
 def test_official_translations_of_50_pixels_or_more_leave_plain_grey():
     images = smooth_images(4)
     names = ("TranslateX", "TranslateY", "TranslateX", "Rotate")
-    operation = torch.tensor([OFFICIAL_OPERATIONS.index(name) for name in names])
-    out = apply_official_operations(images, operation, torch.tensor([50.0, -50.0, 31.0, 0.0]), generator())
+    operation = torch.tensor([OFFICIAL.operations.index(name) for name in names])
+    out = OFFICIAL.apply(images, operation, torch.tensor([50.0, -50.0, 31.0, 0.0]), generator())
     assert (out[:2] == 128).all()
     assert not (out[2] == 128).all() and (out[2, :, :, 1:] == 128).all()  # one column of 32 survives 31 px
     assert torch.equal(out[3], images[3])  # a zero angle is the identity
@@ -386,16 +371,16 @@ def test_official_translations_of_50_pixels_or_more_leave_plain_grey():
 
 def test_official_contrast_blends_towards_grey_4_on_32x32_images():
     white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
-    out = apply_official_operations(white, torch.tensor([OFFICIAL_OPERATIONS.index("Contrast")]),
-                                    torch.tensor([0.1]), generator())
+    out = OFFICIAL.apply(white, torch.tensor([OFFICIAL.operations.index("Contrast")]),
+                         torch.tensor([0.1]), generator())
     assert (out == 29).all()  # 4 + 0.1 * (255 - 4) = 29.1
 
 
 def test_official_policy_cutout_holes_reach_the_argument_each_side_and_are_grey():
     white = torch.full((600, 3, 32, 32), 255, dtype=torch.uint8)
     half_side = torch.tensor([5.0, 40.0]).repeat(300)
-    operation = torch.full((600,), OFFICIAL_OPERATIONS.index("Cutout"))
-    out = apply_official_operations(white, operation, half_side, generator())
+    operation = torch.full((600,), OFFICIAL.operations.index("Cutout"))
+    out = OFFICIAL.apply(white, operation, half_side, generator())
     hole = out[:, 0] != 255
     assert ((out == 128).all(dim=1) == hole).all()
     assert hole[1::2].all()  # 40 pixels each side of any centre covers a 32x32 image

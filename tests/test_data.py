@@ -1,11 +1,20 @@
-"""Loading CIFAR from its real on-disk format, the errors for bad data, digits, and the batch loader."""
+"""Loading CIFAR from its real on-disk format, the errors for bad data (damaged archives and batches
+included, with dataset.verify=false), digits, the batch loader, and the fake-CIFAR command."""
+import gzip
+import json
 import pickle
+import shlex
+import subprocess
+import sys
+import tarfile
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
+from conftest import ROOT
 from gnp.data import write_synthetic_cifar, BatchLoader, DataError, load_dataset
 
 
@@ -64,6 +73,125 @@ def test_corrupted_archive_is_named(tmp_path):
         load_dataset("cifar10", tmp_path, verify=True)
     with pytest.raises(DataError, match="could not be extracted"):
         load_dataset("cifar10", tmp_path, verify=False)
+
+
+def _flip_a_bit_in_the_compressed_images(archive, member="cifar-10-batches-py/data_batch_1"):
+    """Flip one bit of the compressed archive where deflate still decodes it, to a stream of the same
+    length that differs only inside `member`'s images: the tar and the pickle read as before, and only
+    gzip's CRC can tell (the silent corruption of a real download)."""
+    raw = archive.read_bytes()
+    original = gzip.decompress(raw)
+    with tarfile.open(archive) as tar:
+        info = tar.getmember(member)
+        start, end = info.offset_data, info.offset_data + info.size
+        images = pickle.loads(tar.extractfile(info).read(), encoding="latin1")["data"]
+    middle = len(raw) * (start + end) // 2 // len(original)  # about where the member's middle is compressed
+    for offset in range(middle, middle + 200):
+        for bit in range(8):
+            flipped = bytearray(raw)
+            flipped[offset] ^= 1 << bit
+            try:
+                decoded = zlib.decompressobj(31).decompress(bytes(flipped[:-8]))  # the trailer's CRC unchecked
+            except zlib.error:
+                continue
+            if len(decoded) != len(original) or decoded[:start] != original[:start] or decoded[end:] != original[end:]:
+                continue
+            try:
+                damaged = pickle.loads(decoded[start:end], encoding="latin1")["data"]
+            except Exception:
+                continue
+            if damaged.shape == images.shape and (damaged != images).any():
+                archive.write_bytes(bytes(flipped))
+                return offset
+    raise AssertionError("no bit of the compressed images decodes silently")
+
+
+def _left_behind(root):
+    return sorted(p.name for p in root.iterdir() if p.suffix != ".gz")
+
+
+def _one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_flipped_bit_in_the_compressed_images_is_caught_without_checksums(tmp_path):
+    archive = write_synthetic_cifar(tmp_path, "cifar10", n_train=100, n_test=20, archive=True)
+    offset = _flip_a_bit_in_the_compressed_images(archive)
+    assert offset > len(archive.read_bytes()) // 20  # well inside the compressed data, not a header
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, verify=False)
+    message = _one_line(e)
+    assert message.startswith(f"{archive} is corrupted: it could not be extracted (CRC check failed")
+    assert message.endswith(f"Delete it and download it again from {CIFAR10.url}.")
+    assert _left_behind(tmp_path) == []  # no folder, no temporary folder: the next run tries the archive again
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])  # in the middle of the images, or in the tar's final padding
+def test_a_truncated_archive_is_caught_and_leaves_nothing(tmp_path, keep):
+    archive = write_synthetic_cifar(tmp_path, "cifar10", n_train=100, n_test=20, archive=True)
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, verify=False)
+    assert _one_line(e).startswith(f"{archive} is corrupted: it could not be extracted (")
+    assert _left_behind(tmp_path) == []
+
+
+def _archive_with(tmp_path, damage):
+    """A fake CIFAR-10 archive whose gzip and tar are sound but whose data_batch_2 `damage` rewrote."""
+    folder = write_synthetic_cifar(tmp_path / "build", "cifar10", n_train=100, n_test=20)
+    damage(folder / "data_batch_2")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+def _rewrite_batch(path, **changes):
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    with open(path, "wb") as f:
+        pickle.dump({**batch, **changes}, f, protocol=2)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.write_bytes(path.read_bytes()[:1000]), "could not be read as a CIFAR batch (UnpicklingError"),
+    (lambda path: _rewrite_batch(path, data=np.zeros((20, 3071), np.uint8)),
+     "holds images of uint8 [20, 3071], not uint8 [n, 3072]"),
+    (lambda path: _rewrite_batch(path, labels=[0] * 19), "holds 20 images but labels of int64 [19]"),
+    (lambda path: _rewrite_batch(path, labels=[10] * 20), "holds labels outside 0-9"),
+], ids=["truncated", "image shape", "label count", "label range"])
+def test_a_damaged_batch_is_named_in_an_archive_and_in_a_folder(tmp_path, damage, problem):
+    archive = _archive_with(tmp_path, damage)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, verify=False)
+    assert _one_line(e).startswith(f"{archive} is corrupted: its cifar-10-batches-py/data_batch_2 {problem}")
+    assert _one_line(e).endswith("Delete it and download it again from " + CIFAR10.url + ".")
+    assert _left_behind(tmp_path) == ["build"]  # nothing extracted into the data root
+
+    folder = tmp_path / "build" / "cifar-10-batches-py"
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "build", verify=False)
+    assert _one_line(e).startswith(f"{folder / 'data_batch_2'} {problem}")
+    assert _one_line(e).endswith(f"Delete {folder} and extract cifar-10-python.tar.gz again, or replace the file.")
+
+
+def test_train_py_stops_on_a_corrupted_archive_with_one_line(tmp_path):
+    archive = write_synthetic_cifar(tmp_path / "data", "cifar10", n_train=100, n_test=20, archive=True)
+    _flip_a_bit_in_the_compressed_images(archive)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"dataset.root={tmp_path / 'data'}",
+                           "dataset.verify=false", "device=cpu", "wandb.mode=disabled",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith(f"error: {archive} is corrupted: it could not be extracted (CRC check failed")
+    assert errors[0].endswith(f"Delete it and download it again from {CIFAR10.url}.")
+    assert not (tmp_path / "run").exists()
 
 
 def test_download_without_network_explains_and_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -131,3 +259,19 @@ def test_the_fake_cifar_command_writes_archives_the_loader_reads(tmp_path, capsy
     assert "dataset.root=" in capsys.readouterr().out
     splits = load_dataset("cifar100", tmp_path, verify=False)
     assert len(splits.train_labels) == 30 and len(splits.test_labels) == 12 and splits.train_labels.max() < 100
+
+
+def test_the_fake_cifar_command_prints_a_quick_training_command_that_finishes(tmp_path, capsys):
+    from gnp.data import main
+
+    main(["fake-cifar", str(tmp_path / "fake"), "--dataset", "cifar100", "--train", "64", "--test", "32"])
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    words = shlex.split(printed)
+    assert words[:2] == ["python", "train.py"] and "dataset=cifar100" in words and "device=cpu" in words
+    # exactly the printed arguments, with this interpreter and the repository's train.py, in a fresh folder
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *words[2:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [summary] = (tmp_path / "outputs").rglob("summary.json")
+    record = json.loads(summary.read_text())
+    assert record["status"] == "finished" and record["dataset"] == "cifar100"

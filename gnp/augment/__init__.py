@@ -1,0 +1,145 @@
+"""Training-set augmentation of whole uint8 batches on the device that holds them.
+
+Two styles (`aug.style`) of the same presets:
+- `official` (default), the authors' pipeline (their code's data pipeline is google-research/sam's):
+  AutoAugment with the 95 CIFAR sub-policies of the AutoAugment authors ("good policies") and the
+  operations of tensorflow/tpu's efficientnet `autoaugment.py` (which SAM's code forks), then crop
+  + flip; after normalisation, `mix` applies mixup and a batch-level cutout (one hole position per
+  batch, filled with 0, the mean).
+- `standard`, the common PyTorch conventions: torchvision's 25-sub-policy CIFAR-10 AutoAugment and
+  a per-image cutout filled with the dataset's mean colour before normalisation.
+
+Every image gets its own random draws (crop offset, flip, AutoAugment sub-policy, sign of its
+magnitudes, and in the standard style its cutout hole), all taken from the `generator` the loader
+passes, with no Python loop over images and no host synchronisation: images are gathered through
+per-image index grids, and AutoAugment applies each of its operations to the whole batch, keeping
+the result only where an image drew it (`torch.where`), so tensor shapes never depend on the draws.
+
+    augment = build_augmentation(cfg.aug, mean=cfg.dataset.mean)
+    images_u8 = augment(images_u8, generator)                   # before normalisation
+    x, target = augment.mix(x, labels, num_classes, generator)  # after normalisation
+
+The package: crop.py (crop + flip and the holes), mixing.py (mixup and cutmix), autoaugment.py (the
+AutoAugment machinery both styles share), standard.py and official.py (what each style's AutoAugment
+does its own way), policies.py (the two policies as data).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gnp.augment.autoaugment import AutoAugment, PolicyTable
+from gnp.augment.crop import batch_cutout, cutout, random_crop_flip
+from gnp.augment.mixing import mix_with_reverse
+from gnp.augment.official import OFFICIAL
+from gnp.augment.standard import STANDARD
+
+STYLES = ("official", "standard")
+_AUTOAUGMENT: dict[str, AutoAugment] = {"official": OFFICIAL, "standard": STANDARD}
+# Each preset fills in the options a config leaves out; the config's own keys win.
+_DEFAULT_OPTIONS: dict[str, Any] = {
+    "style": "official",
+    "autoaugment": False,
+    "crop_flip": True,
+    "cutout_size": 0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"crop_flip": False},
+    "basic": {},
+    "cutout": {"cutout_size": 16},
+    "autoaugment": {"autoaugment": True},
+    "autoaugment_mixcut": {"autoaugment": True, "cutout_size": 16, "mixup_alpha": 1.0},
+}
+
+
+def build_augmentation(cfg: Mapping[str, Any], mean: Sequence[float]) -> Augmentation:
+    """The augmentation that `cfg` (`name` from PRESETS plus optional overrides of its options)
+    describes; `mean` (per channel, in [0, 1]) is the cutout fill, which normalises to about 0."""
+    options = dict(cfg)
+    name = options.pop("name", None)
+    if name not in PRESETS:
+        raise ValueError(f"aug.name={name!r} is not a known augmentation; choose one of: {', '.join(PRESETS)}")
+    unknown = sorted(set(options) - set(_DEFAULT_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"aug has no option(s) {', '.join(unknown)}; its options are: {', '.join(_DEFAULT_OPTIONS)}"
+        )
+    mean = [float(m) for m in mean]
+    if len(mean) != 3 or not all(0.0 <= m <= 1.0 for m in mean):
+        raise ValueError(f"mean={mean} must be 3 per-channel values in [0, 1] (dataset.mean)")
+    settings = {**_DEFAULT_OPTIONS, **PRESETS[name], **options}
+    return Augmentation(**settings, fill=tuple(round(255 * m) for m in mean))
+
+
+class Augmentation:
+    """Per-image AutoAugment and random crop + flip of uint8 batches (in that order; the standard
+    style then cuts one hole per image), and the batch stage of the normalised batch (`mix`):
+    mixup / cutmix, then, in the official style, one cutout hole for the whole batch."""
+
+    def __init__(self, autoaugment: bool = False, crop_flip: bool = True, cutout_size: int = 0,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 fill: tuple[int, int, int] = (0, 0, 0), padding: int = 4, style: str = "official"):
+        if style not in STYLES:
+            raise ValueError(
+                f"aug.style={style!r} is not a known augmentation style; choose one of: {', '.join(STYLES)}"
+            )
+        for option, value in (("cutout_size", cutout_size), ("padding", padding)):
+            if int(value) != value or value < 0:
+                raise ValueError(f"aug.{option}={value} must be a non-negative integer (0 = off)")
+        for option, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if value < 0:
+                raise ValueError(f"aug.{option}={value} must be >= 0 (0 = off)")
+        self.style = style
+        self.autoaugment = bool(autoaugment)
+        self.crop_flip = bool(crop_flip)
+        self.cutout_size = int(cutout_size)
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.fill = tuple(int(f) for f in fill)
+        self.padding = int(padding)
+        self._policy_tables: dict[tuple[torch.device, int, int], PolicyTable] = {}
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch [B, 3, H, W]; returns a new uint8 batch of the same shape."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"augmentation expects uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
+        if self.autoaugment:
+            images = _AUTOAUGMENT[self.style](images, generator, self._policy_table(images))
+        if self.crop_flip:
+            images = random_crop_flip(images, self.padding, generator)
+        if self.cutout_size and self.style == "standard":
+            images = cutout(images, self.cutout_size, self.fill, generator)
+        return images
+
+    def mix(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch stage, on the normalised batch: mixup / cutmix, then (official style) cutout.
+
+        Mixing pairs the batch with its reverse (the loader shuffles, so that is a random partner)
+        and returns soft targets [B, num_classes]; with mixup and cutmix both on, each batch uses
+        one, chosen at random. The official cutout then sets one hole, at the same place in every
+        image of the batch, to 0 (the dataset mean after normalisation): after mixup, as the
+        official `mixcut`. Returns (x, labels) unchanged when neither stage is on."""
+        if self.mixup_alpha or self.cutmix_alpha:
+            x, labels = mix_with_reverse(x, labels, num_classes, self.mixup_alpha, self.cutmix_alpha, generator)
+        if self.cutout_size and self.style == "official":
+            x = batch_cutout(x, self.cutout_size, generator)
+        return x, labels
+
+    def _policy_table(self, images: torch.Tensor) -> PolicyTable:
+        # Built once per device and size, so that no batch waits on a host-to-device copy.
+        key = (images.device, images.shape[-2], images.shape[-1])
+        if key not in self._policy_tables:
+            self._policy_tables[key] = _AUTOAUGMENT[self.style].table(*key)
+        return self._policy_tables[key]
+
+    def __repr__(self) -> str:
+        return (f"Augmentation(style={self.style!r}, autoaugment={self.autoaugment}, crop_flip={self.crop_flip}, "
+                f"cutout_size={self.cutout_size}, mixup_alpha={self.mixup_alpha}, "
+                f"cutmix_alpha={self.cutmix_alpha}, fill={self.fill})")
