@@ -96,7 +96,7 @@ def test_cells_that_cannot_run_yet_say_why_and_launch_nothing(tmp_path, monkeypa
     spec = yaml.safe_load((tables.TABLE_DIR / "digits.yaml").read_text())
     spec["methods"]["gnp"].update(runnable=False, reason="needs method.future_switch")
     (tmp_path / "future.yaml").write_text(yaml.safe_dump(spec))
-    monkeypatch.setattr(tables, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(tables.spec, "TABLE_DIR", tmp_path)
     table = tables.load_table("future")
     cells = tables.cells(table)
     assert {c.reason for c in cells if c.method == "gnp"} == {"needs method.future_switch"}

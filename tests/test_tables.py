@@ -153,20 +153,20 @@ def _cell(table, dataset, row, column, method):
 
 def test_published_cells_point_at_the_papers_values():
     sam_paper, pyramid = tables.load_table("cnn").published[1:]
-    assert tables.published(sam_paper, _cell("cnn", "cifar100", "wrn28_10", "cutout", "sam")) == 14.9
-    assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "sgd")) == 3.5
-    assert tables.published(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "gnp")) is tables.NOT_COVERED
-    assert tables.published(sam_paper, _cell("cnn", "cifar10", "resnet18", "basic", "sgd")) is tables.NOT_COVERED
-    assert tables.published(pyramid, _cell("cnn", "cifar100", "pyramidnet272", "autoaugment", "sgd")) == 10.6
+    assert tables.published_value(sam_paper, _cell("cnn", "cifar100", "wrn28_10", "cutout", "sam")) == 14.9
+    assert tables.published_value(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "sgd")) == 3.5
+    assert tables.published_value(sam_paper, _cell("cnn", "cifar10", "wrn28_10", "basic", "gnp")) is tables.NOT_COVERED
+    assert tables.published_value(sam_paper, _cell("cnn", "cifar10", "resnet18", "basic", "sgd")) is tables.NOT_COVERED
+    assert tables.published_value(pyramid, _cell("cnn", "cifar100", "pyramidnet272", "autoaugment", "sgd")) == 10.6
     gr = tables.load_table("vit_gr_warmup").published[0]
-    assert tables.published(gr, _cell("vit_gr_warmup", "cifar10", "vit_b", "basic", "adam_gr_zero_warmup")) == 9.42
+    assert tables.published_value(gr, _cell("vit_gr_warmup", "cifar10", "vit_b", "basic", "adam_gr_zero_warmup")) == 9.42
 
 
 @pytest.mark.parametrize("name", ["cnn", "vit"])
 def test_the_gnp_paper_file_has_an_empty_place_for_every_cell(name):
     """Unknown values are null (n/a), never invented, and every cell has a place to enter one."""
     source = tables.load_table(name).published[0]
-    data = tables._published_file(source.file)
+    data = tables.published._published_file(source.file)
     for cell in tables.cells(tables.load_table(name)):
         node = data
         for part in source.path.format(model=cell.row, dataset=cell.dataset, column=cell.column).split("."):
