@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = tables.load_table(args.table)
         plans = tables.make_plans(table, **tables.selection(args))
+        throughputs = tables.read_throughput()
     except tables.TableError as e:
         tables.fail(str(e))
 
-    todo, conflicts = report(table, plans, tables.read_throughput())
+    todo, conflicts = report(table, plans, throughputs)
     if not args.launch:
         if todo:
             command = tables.reproduce_command(args.table, **tables.selection(args))

@@ -10,11 +10,13 @@ from pathlib import Path
 
 from gnp.data import DIGITS_TEST_SIZE
 from gnp.models import MODELS
+from gnp.runs import first_line
 from gnp.tables.plans import Plan
 from gnp.tables.runs import Run, is_number
-from gnp.tables.spec import ROOT
+from gnp.tables.spec import ROOT, TableError
 
 BENCHMARK_DIR = ROOT / "results" / "benchmarks"
+BENCHMARK_FORMAT = "gnp-benchmark/1"
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "digits": 1_797 - DIGITS_TEST_SIZE}
 
 
@@ -29,41 +31,30 @@ class Throughput:
 
 
 def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
-    """Measured training speed in results/benchmarks/*.json. All the tables' knowledge of those
-    files' formats is here, so that a new format changes only this function. Only measurements of a
-    model at its builder's default options count: a shrunk model says nothing about the full one."""
+    """Measured training speed in results/benchmarks/*.json (format gnp-benchmark/1, written by
+    scripts/benchmark.py). Only measurements of a model at its builder's default options count: a
+    shrunk model says nothing about the full one."""
     out = []
     for path in sorted(Path(folder).glob("*.json")):
-        data = json.loads(path.read_text())
-        if data.get("format") == "gnp-benchmark/1":  # scripts/benchmark.py
-            env = data["environment"]
-            device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
-            for m in data["models"]:  # steady-state step times, median over interleaved rounds
-                for method in ("sgd", "sam", "gnp"):
-                    if method in m["variants"] and not m["options"]:
-                        out.append(Throughput(m["model"], method, m["variants"][method]["images_per_second"], device,
-                                              f"{path.name}: median step time at batch {m['batch_size']} "
-                                              f"({m['main_label']})"))
-            for run in data.get("checks", {}).get("runs", []):  # one short first epoch of the real loop
-                if run["ok"] and not run["options"]:
-                    out.append(Throughput(run["model"], run["method"], run["images_per_second"], device,
-                                          f"{path.name}: a short first epoch at batch {run['batch_size']} with "
-                                          "start-up", upper_bound=True))
-            continue
-        # The formats of the scripts it replaced (files measured on earlier commits).
-        device = data.get("device_name", "?") if data.get("device") != "cpu" else \
-            f"cpu ({data.get('cpu_threads', '?')} threads)"
-        if "main" in data and "model" in data:  # the former benchmark_step.py: steady-state step times
-            batch = data["main"]["batch_size"]
-            for method, m in data["main"]["methods"].items():
-                if method in ("sgd", "sam", "gnp"):
-                    out.append(Throughput(data["model"], method, batch * 1000 / m["step_ms"], device,
-                                          f"{path.name}: step time at batch {batch}"))
-        for model, m in (data.get("models") or {}).items():  # the former cuda_check.py: one short first epoch
-            s = m["summary"]
-            out.append(Throughput(model, s["method"], m["last_epoch"]["images_per_second"], device,
-                                  f"{path.name}: a short first epoch at batch {s['batch_size']} with start-up",
-                                  upper_bound=True))
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TableError(f"cannot read {path} ({first_line(e)}); restore it from git or move it away") from None
+        if not isinstance(data, dict) or data.get("format") != BENCHMARK_FORMAT:
+            raise TableError(f"{path} is not a {BENCHMARK_FORMAT} file (scripts/benchmark.py writes them); "
+                             f"move it out of {folder}")
+        env = data["environment"]
+        device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
+        for m in data["models"]:  # steady-state step times
+            for method in ("sgd", "sam", "gnp"):
+                if method in m["variants"] and not m["options"]:
+                    out.append(Throughput(m["model"], method, m["variants"][method]["images_per_second"], device,
+                                          f"{path.name}: step time at batch {m['batch_size']} ({m['main_label']})"))
+        for run in data.get("checks", {}).get("runs", []):  # one short first epoch of the real loop
+            if run["ok"] and not run["options"]:
+                out.append(Throughput(run["model"], run["method"], run["images_per_second"], device,
+                                      f"{path.name}: a short first epoch at batch {run['batch_size']} with "
+                                      "start-up", upper_bound=True))
     return out
 
 
