@@ -18,9 +18,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from gnp import io  # noqa: E402
 from gnp.tables import Stat  # noqa: E402
+from gnp.tables.runs import EPOCH, FIRST_PASS_LOSS, G1_NORM, TEST_ERROR  # noqa: E402
 
-CURVE_PANELS = (("train_loss", "training loss"), ("test_error", "test error (%)"),
-                ("g1_norm", "‖∇L(θ)‖, mean over the epoch"))
+CURVE_PANELS = ((FIRST_PASS_LOSS, "training loss at θ (first pass)"), (TEST_ERROR, "test error (%)"),
+                (G1_NORM, "‖∇L(θ)‖, mean over the epoch"))
 
 
 def heatmap(stem: Path, title: str, row_name: str, column_name: str, row_values: list, column_values: list,
@@ -50,7 +51,7 @@ def heatmap(stem: Path, title: str, row_name: str, column_name: str, row_values:
 def curves(stem: Path, title: str, series: dict[str, list[list[dict]]]) -> list[Path]:
     """`series`: method label -> one list of metrics.jsonl rows per seed."""
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.3 * len(CURVE_PANELS), 3.6))
-    all_epochs = {row["epoch"] for runs in series.values() for rows in runs for row in rows}
+    all_epochs = {row[EPOCH] for runs in series.values() for rows in runs for row in rows}
     for label, seeds in series.items():
         color = None
         for ax, (key, name) in zip(axes, CURVE_PANELS):
@@ -79,19 +80,13 @@ def curves(stem: Path, title: str, series: dict[str, list[list[dict]]]) -> list[
     return _save(fig, stem)
 
 
-def _value(row: dict, key: str) -> float | None:
-    if key == "g1_norm":  # older runs logged ||g1|| as grad_norm
-        return row.get("g1_norm", row.get("grad_norm"))
-    return row.get(key)
-
-
 def _mean_and_range(seeds: list[list[dict]], key: str):
     by_epoch: dict[int, list[float]] = {}
     for rows in seeds:
         for row in rows:
-            value = _value(row, key)
+            value = row.get(key)
             if value is not None:
-                by_epoch.setdefault(row["epoch"], []).append(value)
+                by_epoch.setdefault(row[EPOCH], []).append(value)
     epochs = sorted(by_epoch)
     values = [by_epoch[e] for e in epochs]
     return (np.array(epochs), np.array([np.mean(v) for v in values]), np.array([min(v) for v in values]),

@@ -42,16 +42,16 @@ def write_run(directory, overrides, seed, test_error, status="finished", summary
     config["seed"] = seed
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    rows = [{"epoch": e, "train_loss": 2.0 / e + seed, "test_error": test_error + 10 / e, "g1_norm": 1.0 + e,
-             "grad_norm": 9.0} for e in range(1, epochs + 1)]
+    rows = [{"epoch": e, "first_pass_loss": 2.0 / e + seed, "first_pass_error": 50.0 / e, "perturbed_loss": 2.1 / e,
+             "perturbed_error": 51.0 / e, "test_error": test_error + 10 / e, "test_loss": 1.0 / e, "g1_norm": 1.0 + e,
+             "final_grad_norm": 9.0} for e in range(1, epochs + 1)]
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (directory / "checkpoint.pt").write_bytes(b"")
-    if summary:
-        m = config["method"]
+    if summary:  # the settings are config.yaml's; the summary's copies are not read
+        finished = status == "finished"
         (directory / "summary.json").write_text(json.dumps({
-            "status": status, "error": None, "dataset": config["dataset"]["name"], "model": config["model"]["name"],
-            "method": m["name"], "aug": config["aug"]["name"], "r": m["r"], "alpha": m["alpha"], "seed": seed,
-            "epochs": config["train"]["epochs"], "test_error": test_error if status == "finished" else None,
+            "status": status, "error": None, "test_error": test_error if finished else None, "test_top5_error": None,
+            "first_pass_loss": rows[-1]["first_pass_loss"], "perturbed_loss": rows[-1]["perturbed_loss"],
             "device": device, "wall_seconds": 30.0}))
 
 
@@ -108,6 +108,23 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
         assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std)
         shown = f"{mean:.2f}" + (rf" $\pm$ {std:.2f}" if std else "") + f" ({n})"
         assert shown in tex  # the LaTeX table carries the CSV's numbers
+
+
+def test_settings_come_from_config_yaml_and_a_finished_run_says_so(tmp_path):
+    """A summary without a status is not a finished run, and a run without config.yaml has unknown
+    settings: neither counts, whatever its summary says."""
+    runs = tmp_path / "runs"
+    write_run(runs / "no_status", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    summary = json.loads((runs / "no_status" / "summary.json").read_text())
+    del summary["status"]
+    (runs / "no_status" / "summary.json").write_text(json.dumps(summary))
+    write_run(runs / "no_config", DIGITS + DIGITS_METHODS["sgd"], 1, 3.0)
+    (runs / "no_config" / "config.yaml").unlink()
+    write_run(runs / "counted", DIGITS + DIGITS_METHODS["sgd"], 2, 4.0)
+    table = tables.load_table("digits")
+    results = tables.collect(table, tables.make_plans(table, root=runs), tables.read_runs([runs]))
+    assert results.ignored == {"no status": 1, "no config.yaml": 1}
+    assert [r.source for rs in results.runs.values() for r in rs] == [str(runs / "counted")]
 
 
 def test_missing_cells_show_dashes_and_the_commands_reproduce_prints(tmp_path, capsys):
@@ -185,7 +202,7 @@ class _FakeApiRun:
             del self.summary["test_error"]
 
     def scan_history(self):
-        return [{"epoch": 1, "train_loss": 1.0, "test_error": 5.0, "grad_norm": 2.0}, {"_step": 3, "results": 1}]
+        return [{"epoch": 1, "first_pass_loss": 1.0, "test_error": 5.0, "g1_norm": 2.0}, {"_step": 3, "results": 1}]
 
 
 def _fake_wandb(runs=None, error=None):

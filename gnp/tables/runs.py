@@ -15,20 +15,18 @@ from gnp.runs import first_line
 from gnp.tables.plans import Plan, flatten
 from gnp.tables.spec import TableError
 
-# summary.json fields and the config keys they record (runs without config.yaml, W&B summaries).
-SUMMARY_SETTINGS = {
-    "dataset": "dataset.name", "model": "model.name", "aug": "aug.name", "method": "method.name",
-    "r": "method.r", "alpha": "method.alpha", "seed": "seed", "init_seed": "init_seed", "epochs": "train.epochs",
-    "optimizer": "optimizer.name", "lr": "optimizer.lr", "batch_size": "train.batch_size",
-    "warmup": "method.warmup", "warmup_epochs": "method.warmup_epochs", "gnp_probability": "method.gnp_probability",
-}
+# The names the tables and figures read from a run's files (gnp.training writes them).
+EPOCH = "epoch"                       # metrics.jsonl: one row per epoch
+TEST_ERROR = "test_error"             # summary.json: at the end of training; metrics.jsonl: per epoch (%)
+FIRST_PASS_LOSS = "first_pass_loss"   # metrics.jsonl: the training loss at theta, mean over the epoch's batches
+G1_NORM = "g1_norm"                   # metrics.jsonl: ||grad L(theta)||, mean over the epoch's steps
 
 
 @dataclass
 class Run:
     source: str                       # a run directory, or wandb:ENTITY/PROJECT/ID
     status: str                       # finished, diverged, stopped, failed, running, no summary, ...
-    settings: dict                    # the flattened config, with the summary's fields on top
+    settings: dict                    # the flattened config the run recorded (config.yaml, or W&B's config)
     summary: dict
     read_metrics: Callable[[], list[dict]] = field(repr=False, default=list)
 
@@ -60,9 +58,13 @@ def read_run(directory: Path) -> Run | None:
         return None
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     config = flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
-    status = _status(summary) if summary_path.exists() else "no summary"
-    return Run(str(directory), status, _settings(config, summary), summary,
-               lambda: _read_jsonl(directory / "metrics.jsonl"))
+    if not summary_path.exists():
+        status = "no summary"
+    elif not config:
+        status = "no config.yaml"  # its settings are unknown: it cannot count for any cell
+    else:
+        status = _status(summary)
+    return Run(str(directory), status, config, summary, lambda: _read_jsonl(directory / "metrics.jsonl"))
 
 
 def read_wandb_runs(path: str) -> list[Run]:
@@ -79,24 +81,18 @@ def read_wandb_runs(path: str) -> list[Run]:
         summary = {k: v for k, v in dict(api_run.summary).items() if not isinstance(v, dict)}
         state = {"finished": "finished", "crashed": "failed", "failed": "failed", "killed": "stopped"}
         status = _status(summary) if "status" in summary else state.get(api_run.state, api_run.state)
-        if status == "finished" and "test_error" not in summary:
+        if status == "finished" and TEST_ERROR not in summary:
             status = "no summary"
-        runs.append(Run(f"wandb:{path}/{api_run.id}", status, _settings(flatten(dict(api_run.config)), summary),
-                        summary, lambda r=api_run: [row for row in r.scan_history() if "epoch" in row]))
+        runs.append(Run(f"wandb:{path}/{api_run.id}", status, flatten(dict(api_run.config)), summary,
+                        lambda r=api_run: [row for row in r.scan_history() if EPOCH in row]))
     return runs
 
 
 def _status(summary: dict) -> str:
-    status = summary.get("status") or "finished"  # older runs have no status and count as finished
-    if status == "finished" and not is_number(summary.get("test_error")):
+    status = summary.get("status") or "no status"
+    if status == "finished" and not is_number(summary.get(TEST_ERROR)):
         return "no test error"
     return status
-
-
-def _settings(config: dict, summary: dict) -> dict:
-    settings = dict(config)
-    settings.update({key: summary[field] for field, key in SUMMARY_SETTINGS.items() if field in summary})
-    return settings
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from gnp.tables.plans import Cell, Plan
-from gnp.tables.runs import Run, matches
+from gnp.tables.runs import TEST_ERROR, Run, matches
 from gnp.tables.spec import Table
 
 
@@ -35,7 +35,7 @@ class Results:
     other_seeds: int                  # finished runs of a cell, of a seed the table (or --seeds) does not list
 
     def stat(self, cell: Cell) -> Stat:
-        return stat([run.summary["test_error"] for run in self.runs[cell]])
+        return stat([run.summary[TEST_ERROR] for run in self.runs[cell]])
 
     def devices(self, cells: Iterable[Cell]) -> list[str]:
         return sorted({str(run.summary.get("device")) for cell in cells for run in self.runs[cell]})
