@@ -42,15 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     except tables.TableError as e:
         tables.fail(str(e))
 
-    todo, conflicts = report(table, plans, throughputs)
+    todo, left_undone = report(table, plans, throughputs)
     if not args.launch:
         if todo:
             command = tables.reproduce_command(args.table, **tables.selection(args))
             print(f"\nRun them: {command} --launch [--launcher {'|'.join(LAUNCHERS)}]")
         return 0
     code = launch(todo, args.launcher)
-    if conflicts and code == 0:
-        print(f"\n{conflicts} runs were not launched: their folders hold other runs (see above)", file=sys.stderr)
+    if left_undone and code == 0:
+        print(f"\n{left_undone} runs were not launched: their folders hold other runs or damaged files (see above)",
+              file=sys.stderr)
         return 1
     return code
 
@@ -60,7 +61,7 @@ Todo = list[tuple[tables.Plan, list[int]]]  # the cells to launch, each with its
 
 def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> tuple[Todo, int]:
     """Print every command with the state of its run; return the (plan, seeds) to launch and the
-    number of runs whose folder holds another run."""
+    number of runs left undone because their folder holds another run or a damaged file."""
     states, todo = Counter(), []
     hours: dict[tuple[str, bool], float] = defaultdict(float)  # (device, upper bound) -> hours
     unknown: list[str] = []
@@ -99,7 +100,10 @@ def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> tuple[
     if states["conflict"]:
         print(f"{states['conflict']} runs conflict: their folders hold runs with other settings. Move those "
               f"folders, or give these runs another --root")
-    return todo, states["conflict"]
+    if states["unreadable"]:
+        print(f"{states['unreadable']} runs are unreadable: a file of theirs is damaged (named above). Restore or "
+              f"remove it, then run this again")
+    return todo, states["conflict"] + states["unreadable"]
 
 
 def launch(todo: Todo, launcher: str) -> int:

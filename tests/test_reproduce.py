@@ -127,15 +127,22 @@ def test_every_command_with_the_state_of_its_run(tmp_path, capsys):
     write_run(_dir(root, "sam", 2), DIGITS + DIGITS_METHODS["sam"], 2, 2.0, status="failed")
     write_run(_dir(root, "gnp", 0), DIGITS + DIGITS_METHODS["gnp"], 0, 2.0, status="diverged")
     write_run(_dir(root, "gnp", 1), DIGITS + ("method=gnp", "method.r=0.2", "method.alpha=0.8"), 1, 2.0)
+    write_run(_dir(root, "gnp", 2), DIGITS + DIGITS_METHODS["gnp"], 2, 2.0)
+    (_dir(root, "gnp", 2) / "summary.json").write_text('{"status": "fini')  # cut short by a copy
     assert reproduce.main(["digits", "--root", str(root)]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
+    out = capsys.readouterr().out
+    assert "1 runs are unreadable: a file of theirs is damaged (named above)" in out
+    lines = [line for line in out.splitlines() if line.startswith("  [")]
     states = {line.split("hydra.run.dir=")[1].split()[0].split("/digits/resnet18/none/")[1]: line[3:15].strip()
               for line in lines}
     assert states == {"sgd/seed0": "finished", "sgd/seed1": "partial", "sgd/seed2": "missing",
                       "sam/seed0": "missing", "sam/seed1": "partial", "sam/seed2": "failed",
-                      "gnp/seed0": "diverged", "gnp/seed1": "conflict", "gnp/seed2": "missing"}
+                      "gnp/seed0": "diverged", "gnp/seed1": "conflict", "gnp/seed2": "unreadable"}
     conflict = next(line for line in lines if "gnp/seed1" in line)
     assert "holds another run (method.r: 0.2 -> 0.1)" in conflict
+    damaged = next(line for line in lines if "gnp/seed2" in line)
+    assert damaged.endswith(f"# {_dir(root, 'gnp', 2)}/summary.json: not valid JSON, cut short? (Unterminated string "
+                            f"starting at: line 1 column 12 (char 11))")
     assert lines[0].endswith(f"method=sgd seed=0 hydra.run.dir={_dir(root, 'sgd', 0)}")
 
 
@@ -147,7 +154,7 @@ def test_a_launch_that_leaves_conflicting_runs_undone_fails(tmp_path, capsys):
     assert reproduce.main(["digits", "--root", str(root), "--seeds", "1", "--launch"]) == 1
     out, err = capsys.readouterr()
     assert "1 runs conflict: their folders hold runs with other settings" in out and "== launch" not in out
-    assert err.strip() == "1 runs were not launched: their folders hold other runs (see above)"
+    assert err.strip() == "1 runs were not launched: their folders hold other runs or damaged files (see above)"
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
         ({"stopped": 1, "failed": 1, "no summary": 1, "diverged": 1}, 1, 1)
 
     _make(tmp_path, digits_runs, "--table", "digits")
-    assert "ignored 3 not finished (1 failed, 1 no summary, 1 stopped); ignored 1 diverged" in capsys.readouterr().out
+    assert "left out: 3 not finished (1 failed, 1 no summary, 1 stopped), 1 diverged" in capsys.readouterr().out
     md = (tmp_path / "tables" / "digits.md").read_text()
     assert "| ResNet-18 (width 16) | ours | 4.00 ± 2.00 (3) / 2.00 ± 1.41 (2) / **1.50 (1)** |" in md
     assert "Hardware: cpu." in md
@@ -110,21 +110,46 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
         assert shown in tex  # the LaTeX table carries the CSV's numbers
 
 
-def test_settings_come_from_config_yaml_and_a_finished_run_says_so(tmp_path):
-    """A summary without a status is not a finished run, and a run without config.yaml has unknown
-    settings: neither counts, whatever its summary says."""
+def _damage(run, file, how):
+    path = run / file
+    if how == "delete":
+        path.unlink()
+    elif how == "cut":  # a copy that stopped mid-line
+        path.write_bytes(path.read_bytes()[:-7])
+    elif how == "no status":
+        summary = json.loads(path.read_text())
+        del summary["status"]
+        path.write_text(json.dumps(summary))
+    else:
+        path.write_text(how)
+
+
+DAMAGE = [  # (file, damage, what the warning says)
+    ("summary.json", "", "summary.json: empty"),
+    ("summary.json", "cut", "summary.json: not valid JSON, cut short?"),
+    ("summary.json", "[1, 2]", "summary.json: holds a list, not an object"),
+    ("summary.json", "no status", "summary.json: has no status"),
+    ("config.yaml", "model: {name: [resnet18", "config.yaml: does not parse"),
+    ("config.yaml", "- a list", "config.yaml: holds no mapping of settings"),
+    ("config.yaml", "delete", "config.yaml: missing, so the run's settings are unknown"),
+    ("metrics.jsonl", "cut", "metrics.jsonl: line 2 is cut short or not JSON"),
+    ("metrics.jsonl", '{"epoch": 1}\n[]\n', "metrics.jsonl: line 2 is not an object"),
+]
+
+
+@pytest.mark.parametrize("file,how,message", DAMAGE, ids=[f"{f} {h or 'empty'}" for f, h, _ in DAMAGE])
+def test_a_run_with_a_damaged_file_is_left_out_counted_and_named(tmp_path, capsys, file, how, message):
     runs = tmp_path / "runs"
-    write_run(runs / "no_status", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
-    summary = json.loads((runs / "no_status" / "summary.json").read_text())
-    del summary["status"]
-    (runs / "no_status" / "summary.json").write_text(json.dumps(summary))
-    write_run(runs / "no_config", DIGITS + DIGITS_METHODS["sgd"], 1, 3.0)
-    (runs / "no_config" / "config.yaml").unlink()
-    write_run(runs / "counted", DIGITS + DIGITS_METHODS["sgd"], 2, 4.0)
-    table = tables.load_table("digits")
-    results = tables.collect(table, tables.make_plans(table, root=runs), tables.read_runs([runs]))
-    assert results.ignored == {"no status": 1, "no config.yaml": 1}
-    assert [r.source for rs in results.runs.values() for r in rs] == [str(runs / "counted")]
+    write_run(runs / "good", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    write_run(runs / "damaged", DIGITS + DIGITS_METHODS["sgd"], 1, 3.0)
+    _damage(runs / "damaged", file, how)
+    _make(tmp_path, runs, "--table", "digits")
+    out, err = capsys.readouterr()
+    [warning] = err.splitlines()  # one line, naming the file
+    assert warning.startswith(f"warning: {runs}/damaged/{message}") and warning.endswith("; the run is left out")
+    assert "1 finished runs used; left out: 1 unreadable (" in out and "Traceback" not in out + err
+    md = (tmp_path / "tables" / "digits.md").read_text()
+    assert "| ours | 2.00 (1) / – / – |" in md and f"1 unreadable ({runs}/damaged/{message}" in md
 
 
 def test_missing_cells_show_dashes_and_the_commands_reproduce_prints(tmp_path, capsys):
@@ -277,11 +302,11 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
 def test_a_smoke_tests_tables_say_so_and_leave_the_real_ones(tmp_path, digits_runs):
     _make(tmp_path, digits_runs, "--table", "digits")
     real = (tmp_path / "tables" / "digits.md").read_text()
-    _make(tmp_path, digits_runs, "--table", "digits", "--epochs", "1")
+    _make(tmp_path, digits_runs, "--table", "digits", "--epochs", "1", "--force")  # no run of its cells
     assert (tmp_path / "tables" / "digits.md").read_text() == real
     smoke = (tmp_path / "tables" / "digits-smoke-e1.md").read_text()
     assert smoke.splitlines()[0].endswith("[smoke test e1]")
-    _make(tmp_path, digits_runs, "--table", "digits", "--epochs", "1", "--override", "model.width=4")
+    _make(tmp_path, digits_runs, "--table", "digits", "--epochs", "1", "--override", "model.width=4", "--force")
     title = (tmp_path / "tables" / "digits-smoke-e1.md").read_text().splitlines()[0]
     assert title.endswith("[smoke test e1; model.width=4]")  # the row label still says the table's width
 
@@ -305,3 +330,62 @@ def test_figures_are_valid_images(tmp_path, digits_runs, capsys):
     # alpha rows x r columns; GNP's digits run (alpha 0.8, r 0.1) is a point of this grid too
     assert "| 0.5 | 5.00 ± 1.41 (2) | – | – |" in md and "| 0.8 | – | – | 1.50 (1) |" in md
     assert "| 1 | – | – | 2.00 (1) |" in md
+
+
+def test_a_table_is_never_replaced_by_one_with_fewer_finished_cells_or_runs(tmp_path, digits_runs, capsys):
+    _make(tmp_path, digits_runs, "--table", "digits")
+    written = {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()}
+    figures = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}
+    capsys.readouterr()
+    fewer = tmp_path / "fewer"  # the same cells, fewer seeds: results would be lost
+    write_run(fewer / "a", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    write_run(fewer / "b", DIGITS + DIGITS_METHODS["sam"], 0, 1.0)
+    write_run(fewer / "c", DIGITS + DIGITS_METHODS["gnp"], 0, 1.5)
+    assert make_tables.main([str(fewer), "--table", "digits", "--out", str(tmp_path / "tables"),
+                             "--figures", str(tmp_path / "figures")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"warning: digits: not written: {tmp_path}/tables/digits.csv holds 3 finished cells (6 runs), these "
+                   f"runs give 3 (3 runs); --force replaces it\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()} == written
+    assert {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()} == figures
+    _make(tmp_path, fewer, "--table", "digits", "--force")
+    assert "| ours | 2.00 (1) / **1.00 (1)** / 1.50 (1) |" in (tmp_path / "tables" / "digits.md").read_text()
+    _make(tmp_path, digits_runs, "--table", "digits")  # more runs replace fewer
+    assert (tmp_path / "tables" / "digits.md").read_bytes() == written["digits.md"]
+
+
+def test_an_empty_match_writes_nothing_and_names_the_options_that_would_match(tmp_path, capsys):
+    table = tables.load_table("digits")
+    smoke = tables.make_plans(table, seeds=(0,), shrink=tables.Shrink(64, 1), extra=("model.width=4",))
+    runs = tmp_path / "runs"
+    for plan in smoke:  # what `reproduce.py digits --launch --seeds 0 --limit-train 64 --epochs 1 ...` leaves
+        write_run(runs / plan.cell.method, plan.overrides, 0, 50.0, epochs=1)
+    out_dir = tmp_path / "results"
+    assert make_tables.main([str(runs), "--table", "digits", "--table", "vit", "--out", str(out_dir)]) == 1
+    out, err = capsys.readouterr()
+    digits, vit = err.splitlines()
+    assert digits == ("warning: digits: no finished run counts for this table, nothing written (0 finished runs used; "
+                      "3 finished runs belong to no cell of this table); 3 of the finished runs found would count "
+                      "with: --limit-train 64 --epochs 1 --override model.width=4")
+    assert vit.startswith("warning: vit: no finished run counts for this table, nothing written (0 finished runs")
+    assert "would count" not in vit and not out_dir.exists() and out == ""
+
+    assert make_tables.main([str(runs), "--table", "digits", "--out", str(out_dir), "--figures", str(tmp_path / "f"),
+                             "--limit-train", "64", "--epochs", "1", "--override", "model.width=4"]) == 0
+    assert "| ours | **50.00 (1)** / **50.00 (1)** / **50.00 (1)** |" in (out_dir / "digits-smoke-n64-e1.md").read_text()
+    capsys.readouterr()
+    # Full-size runs read with a smoke test's options: the hint says to drop them (and which seeds)
+    write_run(tmp_path / "full" / "sgd", DIGITS + DIGITS_METHODS["sgd"], 7, 2.0)
+    assert make_tables.main([str(tmp_path / "full"), "--table", "digits", "--out", str(out_dir),
+                             "--epochs", "1"]) == 1
+    assert capsys.readouterr().err.endswith("1 of the finished runs found would count with: --seeds 0,1,2,7 "
+                                            "(without --epochs)\n")
+
+
+def test_a_folder_without_runs_says_so_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    assert make_tables.main([str(tmp_path / "runs"), "--out", str(tmp_path / "tables")]) == 1
+    out, err = capsys.readouterr()
+    assert err == (f"warning: found no runs in {tmp_path}/runs (a run is a folder with summary.json, checkpoint.pt or "
+                   f"metrics.jsonl); nothing written\n") and out == ""
+    assert not (tmp_path / "tables").exists()

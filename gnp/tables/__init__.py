@@ -20,12 +20,12 @@ One room per concern, in the order the data flows:
     cli        the options and errors scripts/reproduce.py and scripts/make_tables.py share
 """
 from gnp.tables.cli import (ArgumentParser, add_selection_arguments, fail, reproduce_command,  # noqa: F401
-                            selection)
+                            selection, selection_flags)
 from gnp.tables.estimates import BENCHMARK_DIR, Estimate, Throughput, estimate, read_throughput  # noqa: F401
 from gnp.tables.plans import Cell, Plan, Shrink, cells, display_path, flatten, make_plans  # noqa: F401
 from gnp.tables.published import NOT_COVERED, PUBLISHED_DIR, published_value  # noqa: F401
-from gnp.tables.render import csv_rows, render_csv, render_latex, render_markdown  # noqa: F401
-from gnp.tables.runs import LAUNCH, Run, read_run, read_runs, read_wandb_runs, run_state  # noqa: F401
+from gnp.tables.render import csv_rows, finished_counts, render_csv, render_latex, render_markdown  # noqa: F401
+from gnp.tables.runs import LAUNCH, Run, matching_options, read_run, read_runs, read_wandb_runs, run_state  # noqa: F401
 from gnp.tables.spec import CONF, ROOT, TABLE_DIR, Table, TableError, load_table, table_names  # noqa: F401
 from gnp.tables.stats import (Results, Stat, best_methods, cell_groups, collect, describe_counts,  # noqa: F401
                               heatmap_grids, stat)

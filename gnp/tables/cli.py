@@ -42,9 +42,13 @@ def selection(args: argparse.Namespace) -> dict:
 
 def reproduce_command(table: str, root: str, shrink: Shrink, extra: Iterable[str], seeds=None) -> str:
     """The scripts/reproduce.py command line of a selection (without --launch)."""
-    flags = [table]
-    if root != "runs":
-        flags += ["--root", root]
+    flags = [table] + (["--root", root] if root != "runs" else [])
+    return "python scripts/reproduce.py " + shlex.join(flags + selection_flags(shrink, extra, seeds))
+
+
+def selection_flags(shrink: Shrink, extra: Iterable[str], seeds=None) -> list[str]:
+    """The options that choose a selection of runs (--seeds, --limit-train, --epochs, --override)."""
+    flags = []
     if seeds is not None:
         flags += ["--seeds", ",".join(map(str, seeds))]
     if shrink.limit_train is not None:
@@ -53,7 +57,7 @@ def reproduce_command(table: str, root: str, shrink: Shrink, extra: Iterable[str
         flags += ["--epochs", str(shrink.epochs)]
     for override in extra:
         flags += ["--override", override]
-    return "python scripts/reproduce.py " + shlex.join(flags)
+    return flags
 
 
 def _seeds(text: str) -> tuple[int, ...]:

@@ -107,8 +107,9 @@ class Plan:
 
 
 def make_plans(table: Table, root: str | Path = "runs", seeds: Iterable[int] | None = None, shrink: Shrink = Shrink(),
-               extra: Iterable[str] = ()) -> list[Plan]:
-    """Every cell of `table` with its composed config and run directories under `root`/<table>."""
+               extra: Iterable[str] = (), only: Iterable[Cell] | None = None) -> list[Plan]:
+    """Every cell of `table` (or those of `only`) with its composed config and run directories under
+    `root`/<table>."""
     root = Path(root).resolve()
     if not SAFE_PATH.match(str(root)):
         raise TableError(f"--root {root} contains spaces or other characters Hydra overrides cannot hold; "
@@ -118,7 +119,7 @@ def make_plans(table: Table, root: str | Path = "runs", seeds: Iterable[int] | N
     plans = []
     with _composer() as compose:
         defaults = compose(())
-        for cell in cells(table):
+        for cell in cells(table) if only is None else only:
             overrides, config = (*cell.overrides, *extra), None
             if cell.reason is None:
                 _check_experiments(cell)
@@ -135,6 +136,14 @@ def make_plans(table: Table, root: str | Path = "runs", seeds: Iterable[int] | N
 
 
 _composed: dict[tuple[str, ...], dict] = {}  # composing costs 0.1-0.4 s: each cell once per process
+
+
+def composed(overrides: tuple[str, ...]) -> dict:
+    """The flattened config of these overrides (composed once per process)."""
+    if overrides not in _composed:
+        with _composer() as compose:
+            compose(overrides)
+    return _composed[overrides]
 
 
 @contextmanager

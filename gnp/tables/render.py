@@ -213,3 +213,10 @@ def render_csv(results: Results) -> str:
     writer.writerows(rows)
     return buffer.getvalue()
 
+
+def finished_counts(csv_text: str) -> tuple[int, int]:
+    """(cells with a finished run, finished runs) of a table's CSV; for comparing a table with the
+    file it would replace."""
+    rows = list(csv.DictReader(_io.StringIO(csv_text)))
+    ns = [int(row["n"]) for row in rows]
+    return sum(n > 0 for n in ns), sum(ns)

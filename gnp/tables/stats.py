@@ -29,7 +29,8 @@ class Results:
     table: Table
     plans: list[Plan]
     runs: dict[Cell, list[Run]]       # finished runs of each cell, one per seed
-    ignored: Counter                  # unfinished runs by status, and diverged ones
+    ignored: Counter                  # unfinished runs by status, diverged and unreadable ones
+    unreadable: list[str]             # each unreadable run's damaged file and what is wrong with it
     duplicates: int                   # finished runs of a seed already counted (e.g. a folder and W&B)
     other: int                        # finished runs that are in no cell of this table
     other_seeds: int                  # finished runs of a cell, of a seed the table (or --seeds) does not list
@@ -43,11 +44,13 @@ class Results:
 
 def collect(table: Table, plans: list[Plan], runs: Iterable[Run]) -> Results:
     by_cell: dict[Cell, list[Run]] = {plan.cell: [] for plan in plans}
-    ignored, duplicates, other, other_seeds = Counter(), 0, 0, 0
+    ignored, unreadable, duplicates, other, other_seeds = Counter(), [], 0, 0, 0
     runnable = [plan for plan in plans if plan.expected is not None]
     for run in runs:
         if run.status != "finished":
             ignored[run.status] += 1
+            if run.problem:
+                unreadable.append(run.problem)
             continue
         plan = next((p for p in runnable if not matches(run, p)), None)
         if plan is None:
@@ -58,18 +61,22 @@ def collect(table: Table, plans: list[Plan], runs: Iterable[Run]) -> Results:
             duplicates += 1
         else:
             by_cell[plan.cell].append(run)
-    return Results(table, plans, by_cell, ignored, duplicates, other, other_seeds)
+    return Results(table, plans, by_cell, ignored, unreadable, duplicates, other, other_seeds)
 
 
 def describe_counts(results: Results) -> str:
+    """How many runs the table uses, and every run it leaves out, by reason (damaged files named)."""
     used = sum(len(r) for r in results.runs.values())
-    text = f"{used} finished runs used"
-    unfinished = {s: n for s, n in results.ignored.items() if s != "diverged"}
+    left_out = []
+    unfinished = {s: n for s, n in results.ignored.items() if s not in ("diverged", "unreadable")}
     if unfinished:
         parts = ", ".join(f"{n} {s}" for s, n in sorted(unfinished.items()))
-        text += f"; ignored {sum(unfinished.values())} not finished ({parts})"
+        left_out.append(f"{sum(unfinished.values())} not finished ({parts})")
     if results.ignored["diverged"]:
-        text += f"; ignored {results.ignored['diverged']} diverged"
+        left_out.append(f"{results.ignored['diverged']} diverged")
+    if results.unreadable:
+        left_out.append(f"{len(results.unreadable)} unreadable ({'; '.join(results.unreadable)})")
+    text = f"{used} finished runs used" + (f"; left out: {', '.join(left_out)}" if left_out else "")
     if results.duplicates:
         text += f"; {results.duplicates} duplicate runs of a seed already counted"
     if results.other:
