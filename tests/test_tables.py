@@ -201,7 +201,8 @@ def test_published_cells_point_at_the_papers_values():
     assert tables.published_value(sam_paper, _cell("cnn", "cifar10", "resnet18", "basic", "sgd")) is tables.NOT_COVERED
     assert tables.published_value(pyramid, _cell("cnn", "cifar100", "pyramidnet272", "autoaugment", "sgd")) == 10.6
     gr = tables.load_table("vit_gr_warmup").published[0]
-    assert tables.published_value(gr, _cell("vit_gr_warmup", "cifar10", "vit_b", "basic", "adam_gr_zero_warmup")) == 9.42
+    zero_warmup = _cell("vit_gr_warmup", "cifar10", "vit_b", "basic", "adam_gr_zero_warmup")
+    assert tables.published_value(gr, zero_warmup) == 9.42
 
 
 @pytest.mark.parametrize("name", ["cnn", "vit"])
@@ -372,7 +373,8 @@ def test_an_empty_match_writes_nothing_and_names_the_options_that_would_match(tm
 
     assert make_tables.main([str(runs), "--table", "digits", "--out", str(out_dir), "--figures", str(tmp_path / "f"),
                              "--limit-train", "64", "--epochs", "1", "--override", "model.width=4"]) == 0
-    assert "| ours | **50.00 (1)** / **50.00 (1)** / **50.00 (1)** |" in (out_dir / "digits-smoke-n64-e1.md").read_text()
+    md = (out_dir / "digits-smoke-n64-e1.md").read_text()
+    assert "| ours | **50.00 (1)** / **50.00 (1)** / **50.00 (1)** |" in md
     capsys.readouterr()
     # Full-size runs read with a smoke test's options: the hint says to drop them (and which seeds)
     write_run(tmp_path / "full" / "sgd", DIGITS + DIGITS_METHODS["sgd"], 7, 2.0)
