@@ -11,10 +11,12 @@ measured in results/benchmarks/ (a model without a measurement is "unknown").
 """
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 
 from gnp import tables
@@ -107,18 +109,25 @@ def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> tuple[
 
 
 def launch(todo: Todo, launcher: str) -> int:
-    """One Hydra multirun per cell over its seeds left; each job lands in its own run directory."""
+    """One Hydra multirun per cell over its seeds left; each job lands in its own run directory. A
+    signal at any moment stops the whole launch (see Foreground)."""
     failed = []
-    for i, (plan, seeds) in enumerate(todo, 1):
-        args = plan.multirun_args(seeds, launcher)
-        print(f"\n== launch {i}/{len(todo)}: python {shlex.join(args)}", flush=True)
-        code = run_in_foreground([sys.executable, *args])
-        if code > 128:  # stopped by a signal (the runs checkpointed): the remaining cells wait too
-            print(f"\nlaunch {i}/{len(todo)} stopped by {signal.Signals(code - 128).name}; the same command "
-                  f"resumes it and launches the rest", file=sys.stderr)
-            return code
-        if code != 0:
-            failed.append(f"{plan.cell.dataset}/{plan.cell.row}/{plan.cell.column}/{plan.cell.method}")
+    with Foreground() as foreground:
+        for i, (plan, seeds) in enumerate(todo, 1):
+            if foreground.signum is not None:  # came after the previous launch ended
+                print(f"\nstopped by {foreground.name} before launch {i}/{len(todo)}; the same command launches "
+                      f"the rest", file=sys.stderr)
+                return 128 + foreground.signum
+            args = plan.multirun_args(seeds, launcher)
+            print(f"\n== launch {i}/{len(todo)}: python {shlex.join(args)}", flush=True)
+            code = foreground.run([sys.executable, *args])
+            if foreground.signum is not None:  # whatever the launch made of it, nothing more starts
+                how = " at once, without a checkpoint at its step" if foreground.at_once else ""
+                print(f"\nlaunch {i}/{len(todo)} stopped by {foreground.name}{how}; the same command resumes it "
+                      f"and launches the rest", file=sys.stderr)
+                return 128 + foreground.signum
+            if code != 0:
+                failed.append(f"{plan.cell.dataset}/{plan.cell.row}/{plan.cell.column}/{plan.cell.method}")
     if failed:
         print(f"\n{len(failed)} of {len(todo)} launches failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -126,16 +135,61 @@ def launch(todo: Todo, launcher: str) -> int:
     return 0
 
 
-def run_in_foreground(command: list[str]) -> int:
-    """Run `command` to its end. It has a session of its own, and Ctrl-C or SIGTERM reach it once,
-    from here, so that it can finish its step and checkpoint; this script waits for it."""
-    child = subprocess.Popen(command, cwd=tables.ROOT, start_new_session=True)
-    previous = {s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in STOP_SIGNALS}
-    try:
-        return child.wait()
-    finally:
-        for s, handler in previous.items():
+class Foreground:
+    """Runs launches one at a time, each in a session of its own, while catching Ctrl-C and SIGTERM
+    here. The first signal reaches the running launch once, from here, so that its runs finish their
+    step and checkpoint (a launch still starting up just ends), and no launch starts after it. A
+    second signal stops the running launch at once: SIGINT, which the training loop and the
+    parallel launcher take as "stop now", then SIGKILL to its whole session if it is still there
+    STOP_AT_ONCE_S later. The handler only records; the waiting loop acts, so that no signal is lost
+    or passed on twice whenever it lands (while a launch starts, during training, between launches)."""
+
+    POLL_S = 0.05
+    STOP_AT_ONCE_S = 10.0
+
+    def __init__(self):
+        self.signum: int | None = None   # the first signal
+        self.signals = 0
+        self.at_once = False
+        self._previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __enter__(self) -> Foreground:
+        self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        self.signals += 1
+        if self.signum is None:
+            self.signum = signum
+
+    def run(self, command: list[str]) -> int:
+        """Run `command` to its end (or to its stop) and return its exit status."""
+        child = subprocess.Popen(command, cwd=tables.ROOT, start_new_session=True)
+        passed_on, kill_at = False, None
+        while (code := child.poll()) is None:
+            if self.signum is not None and not passed_on:
+                child.send_signal(self.signum)
+                passed_on = True
+            if self.signals > 1 and not self.at_once:
+                self.at_once = True
+                child.send_signal(signal.SIGINT)
+                kill_at = time.monotonic() + self.STOP_AT_ONCE_S
+            if kill_at is not None and time.monotonic() > kill_at:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)  # its session: the launcher and every job it started
+                except ProcessLookupError:  # it ended just now
+                    pass
+                kill_at = None
+            time.sleep(self.POLL_S)
+        return code
 
 
 def _fraction_left(plan: tables.Plan, run) -> float:

@@ -3,9 +3,12 @@ shrunk model, the recipes are the published ones, the state of each run director
 a second --launch skips finished runs and resumes interrupted ones, and time estimates follow the
 measured throughput."""
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -199,6 +202,108 @@ def test_ctrl_c_during_a_launch_stops_its_run_with_a_checkpoint_and_launches_not
     log = (run / "train.log").read_text()
     assert log.count("received SIGINT") == 1 and "checkpoint" in log  # once: a second one stops without saving
     assert (run / "checkpoint.pt").exists()
+
+
+class _Launch:
+    """scripts/reproduce.py --launch in a process of its own, its output read line by line."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen([sys.executable, "scripts/reproduce.py", *args, "--launch"], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, line) for line in list(self.lines)):
+            assert self.process.poll() is None and time.monotonic() < deadline, "".join(self.lines)
+            time.sleep(0.01)
+
+    def end(self) -> tuple[int, str, str]:
+        err = self.process.stderr.read()
+        code = self.process.wait(timeout=240)
+        self.reader.join(timeout=60)
+        return code, "".join(self.lines), err
+
+
+def _tiny_launch(root, *extra):
+    return ["digits", "--root", str(root), "--seeds", "0", "--override", "model.width=4",
+            "--override", "wandb.mode=disabled", "--override", "device=cpu", *extra]
+
+
+@pytest.mark.slow
+def test_a_signal_while_a_launch_starts_stops_it_and_launches_nothing_more(tmp_path):
+    launch = _Launch(*_tiny_launch(tmp_path, "--limit-train", "64", "--epochs", "1"))
+    launch.wait_for(r"^== launch 1/3")
+    time.sleep(0.5)  # the child is importing torch and composing its config: no handler of its own yet
+    launch.process.send_signal(signal.SIGTERM)
+    code, out, err = launch.end()
+    assert code == 143 and "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == "launch 1/3 stopped by SIGTERM; the same command resumes it and launches " \
+                                           "the rest"
+    assert out.count("== launch") == 1
+    smoke = tmp_path / "digits-smoke-n64-e1"
+    assert not any((_dir(tmp_path, m, 0, smoke.name) / "summary.json").exists() for m in ("sam", "gnp"))
+
+
+@pytest.mark.slow
+def test_a_signal_in_a_runs_last_step_lets_it_finish_and_launches_nothing_more(tmp_path):
+    # One step per epoch: once epoch 1 is logged, the signal lands in the last epoch's only step (or
+    # its evaluation), where the run finishes by design; the next cell must not start.
+    launch = _Launch(*_tiny_launch(tmp_path, "--limit-train", "64", "--epochs", "2"))
+    launch.wait_for(r"^epoch +1/2 ")
+    launch.process.send_signal(signal.SIGTERM)
+    code, out, err = launch.end()
+    assert code == 143 and "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == "launch 1/3 stopped by SIGTERM; the same command resumes it and launches " \
+                                           "the rest"
+    assert out.count("== launch") == 1
+    run = _dir(tmp_path, "sgd", 0, "digits-smoke-n64-e2")
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert not _dir(tmp_path, "sam", 0, "digits-smoke-n64-e2").exists()
+
+
+def test_a_second_signal_stops_the_launch_at_once(tmp_path, monkeypatch):
+    """A launch that ignores the first signal (and Ctrl-C) is killed, with every process of its
+    session, soon after the second; the first signal is what the script exits with."""
+    ready, grandchild = tmp_path / "ready", tmp_path / "grandchild.pid"
+    child = ("import signal, subprocess, sys, time\n"
+             "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)\n"
+             f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+             f"open({str(grandchild)!r}, 'w').write(str(p.pid))\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "time.sleep(600)\n")
+
+    def signal_twice():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(reproduce.Foreground, "STOP_AT_ONCE_S", 0.5)
+    sender = threading.Thread(target=signal_twice, daemon=True)
+    with reproduce.Foreground() as foreground:
+        sender.start()
+        code = foreground.run([sys.executable, "-c", child])
+    sender.join(timeout=60)
+    assert code == -signal.SIGKILL and foreground.signum == signal.SIGTERM and foreground.at_once
+    pid = int(grandchild.read_text())
+    for _ in range(500):  # the grandchild of the same session is killed too
+        if not _alive(pid):
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError(f"process {pid} of the launch's session is still alive")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent's reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _plan(method, model="resnet18", **config):
