@@ -95,10 +95,11 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
     _make(tmp_path, digits_runs, "--table", "digits")
     assert "left out: 3 not finished (1 failed, 1 no summary, 1 stopped), 1 diverged" in capsys.readouterr().out
     md = (tmp_path / "tables" / "digits.md").read_text()
-    assert "| ResNet-18 (width 16) | ours | 4.00 ± 2.00 (3) / 2.00 ± 1.41 (2) / **1.50 (1)** |" in md
-    assert "Hardware: cpu." in md
+    # GNP's mean is the lowest, of one seed: no test says whether the others differ
+    assert "| ResNet-18 (width 16) | ours | 4.00 ± 2.00 (3) n<2 / 2.00 ± 1.41 (2) n<2 / **1.50 (1)** |" in md
+    assert "Hardware: cpu." in md and "Welch's t-test, unequal variances, two-sided p < 0.05" in md
     tex = (tmp_path / "tables" / "digits.tex").read_text()
-    assert r"4.00 $\pm$ 2.00 (3) & 2.00 $\pm$ 1.41 (2) & \textbf{1.50 (1)} \\" in tex
+    assert r"4.00 $\pm$ 2.00 (3) n$<$2 & 2.00 $\pm$ 1.41 (2) n$<$2 & \textbf{1.50 (1)} \\" in tex
     assert r"\toprule" in tex and r"\bottomrule" in tex
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "tables" / "digits.csv").open())}
     for method, (mean, std, n, best) in {"sgd": (4.0, 2.0, 3, "False"), "sam": (2.0, math.sqrt(2), 2, "False"),
@@ -108,6 +109,64 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
         assert (row["std"] == "") if std is None else float(row["std"]) == pytest.approx(std)
         shown = f"{mean:.2f}" + (rf" $\pm$ {std:.2f}" if std else "") + f" ({n})"
         assert shown in tex  # the LaTeX table carries the CSV's numbers
+        assert row["p_vs_best"] == "" and row["differs_from_best"] == ("" if best == "True" else "n<2")
+    # SGD's 95% interval: 4 ± t(0.975, 2) · 2/√3, with t(0.975, 2) = 0.95 / √(2 · 0.975 · 0.025) for 2 degrees
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) * 2 / math.sqrt(3)
+    assert (float(rows["sgd"]["ci95_low"]), float(rows["sgd"]["ci95_high"])) == pytest.approx((4 - half, 4 + half))
+    assert rows["gnp"]["ci95_low"] == ""  # one seed: no interval
+
+
+@pytest.mark.parametrize("a,b,p", [
+    # n = 2 each with equal variances: Welch's df is 2, where the t distribution's tail is closed-form:
+    # p = 1 - |t| / √(2 + t²); here t = -4 / √2
+    ([1.0, 3.0], [5.0, 7.0], 1 - math.sqrt(8 / 10)),
+    # b without spread: df = 1 (Cauchy), p = 1 - 2 arctan(|t|) / π; t = (2 - 5) / √(2 / 2) = -3
+    ([1.0, 3.0], [5.0, 5.0, 5.0], 1 - 2 * math.atan(3) / math.pi),
+    ([2.0, 2.0], [2.0, 2.0, 2.0], 1.0),   # no spread and the same mean: no difference
+    ([1.0, 1.0], [2.0, 2.0], 0.0),        # no spread and another mean: certainly different
+    ([1.0], [2.0, 3.0], None),            # one seed: no test
+])
+def test_welchs_test_against_closed_forms(a, b, p):
+    assert tables.welch_p(a, b) == (None if p is None else pytest.approx(p, rel=1e-9, abs=1e-12))
+
+
+def test_the_t_interval_against_closed_forms():
+    # df = 1: t(0.975) = tan(0.475 π); df = 2: t(0.975) = 0.95 / √(2 · 0.975 · 0.025)
+    low, high = tables.t_interval([1.0, 3.0])
+    assert (low, high) == pytest.approx((2 - math.tan(0.475 * math.pi), 2 + math.tan(0.475 * math.pi)))
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) / math.sqrt(3)
+    assert tables.t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - half, 2 + half))
+    assert tables.t_interval([4.0, 4.0]) == (4.0, 4.0) and tables.t_interval([4.0]) is None
+
+
+def test_each_method_is_marked_against_the_best_of_its_cell(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, error in enumerate((2.0, 4.0, 6.0)):
+        write_run(runs / f"sgd{seed}", DIGITS + DIGITS_METHODS["sgd"], seed, error)
+    for seed, error in enumerate((1.0, 1.2)):
+        write_run(runs / f"sam{seed}", DIGITS + DIGITS_METHODS["sam"], seed, error)
+    for seed, error in enumerate((10.0, 10.1, 10.2)):  # far above SAM's, with little spread
+        write_run(runs / f"gnp{seed}", DIGITS + DIGITS_METHODS["gnp"], seed, error)
+    _make(tmp_path, runs, "--table", "digits")
+    # Welch by hand against SAM (variance of the mean 0.02 / 2): t = Δmean / √(s²/n + 0.01) and
+    # df = (s²/n + 0.01)² / ((s²/n)² / (n - 1) + 0.01² / 1); the p-value from the t distribution's tail
+    # (scipy only for that function). SGD: s²/n = 4/3; GNP: s²/n = 0.01/3.
+    from scipy.stats import t as t_distribution
+
+    def welch(difference, variance_of_mean, n):
+        se2 = variance_of_mean + 0.01
+        return 2 * t_distribution.sf(difference / math.sqrt(se2), se2 ** 2 / (variance_of_mean ** 2 / (n - 1) + 1e-4))
+
+    p_sgd, p_gnp = welch(4 - 1.1, 4 / 3, 3), welch(10.1 - 1.1, 0.01 / 3, 3)
+    assert p_sgd > 0.05 and p_gnp < 0.05
+    md = (tmp_path / "tables" / "digits.md").read_text()
+    assert "| ours | 4.00 ± 2.00 (3) / **1.10 ± 0.14 (2)** / 10.10 ± 0.10 (3) † |" in md
+    tex = (tmp_path / "tables" / "digits.tex").read_text()
+    assert r"& \textbf{1.10 $\pm$ 0.14 (2)} & 10.10 $\pm$ 0.10 (3) $^\dagger$ \\" in tex
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "tables" / "digits.csv").open())}
+    assert float(rows["sgd"]["p_vs_best"]) == pytest.approx(p_sgd) and rows["sgd"]["differs_from_best"] == "False"
+    assert float(rows["gnp"]["p_vs_best"]) == pytest.approx(p_gnp) and rows["gnp"]["differs_from_best"] == "True"
+    assert rows["sam"]["p_vs_best"] == rows["sam"]["differs_from_best"] == ""
 
 
 def _damage(run, file, how):
@@ -175,17 +234,27 @@ def test_published_values_and_differences(tmp_path):
     vit = ("dataset=cifar10", "model=vit_s", "aug=basic", "method=sgd")
     for seed, error in enumerate((12.0, 13.0)):
         write_run(runs / f"vit{seed}", vit, seed, error)
+    tiny = ("dataset=cifar10", "model=vit_ti", "aug=basic", "method=sgd")
+    for seed, error in enumerate((10.0, 10.1, 10.2)):
+        write_run(runs / f"vit_ti{seed}", tiny, seed, error)
     _make(tmp_path, runs, "--table", "vit")
     md = (tmp_path / "tables" / "vit.md").read_text()
     assert "| ViT-S/4 | ours | 12.50 ± 0.71 (2) / – / – | – / – / – |" in md  # one method: nothing bold
-    # 12.50 - 12.07; the follow-up paper has no SAM/GNP column and no CIFAR-100 value
-    assert "|  | Zhao et al. 2024 | 12.07 (+0.43) / · / · | n/a / · / · |" in md
+    # 12.50 - 12.07, inside 12.5 ± tan(0.475 π) · 0.71 / √2; the follow-up paper has no SAM/GNP column
+    # and no CIFAR-100 value
+    assert "|  | Zhao et al. 2024 | 12.07 (+0.43) ∈ / · / · | n/a / · / · |" in md
     assert "|  | Zhao et al. 2022 (GNP) | n/a / n/a / n/a | n/a / n/a / n/a |" in md
-    rows = [r for r in csv.DictReader((tmp_path / "tables" / "vit.csv").open()) if r["model"] == "vit_s"]
-    first = rows[0]
-    assert (first["dataset"], first["method"], first["gr_warmup_zhao2024"], first["gnp_zhao2022"]) == \
-        ("cifar10", "sgd", "12.07", "n/a")
+    # ViT-Ti: 14.82 is outside 10.1 ± 4.30 · 0.1 / √3
+    assert "|  | Zhao et al. 2024 | 14.82 (-4.72) ∉ / · / · | n/a / · / · |" in md
+    assert "∈ / ∉ when it lies inside / outside our 95% t interval of the mean" in md
+    assert r"12.07 (+0.43) $\in$" in (tmp_path / "tables" / "vit.tex").read_text()
+    rows = {r["model"]: r for r in csv.DictReader((tmp_path / "tables" / "vit.csv").open())
+            if (r["dataset"], r["method"]) == ("cifar10", "sgd")}
+    first = rows["vit_s"]
+    assert (first["gr_warmup_zhao2024"], first["gnp_zhao2022"], first["gr_warmup_zhao2024_in_ci95"]) == \
+        ("12.07", "n/a", "True")
     assert float(first["gr_warmup_zhao2024_diff"]) == pytest.approx(0.43)
+    assert rows["vit_ti"]["gr_warmup_zhao2024_in_ci95"] == "False" and rows["vit_ti"]["gnp_zhao2022_in_ci95"] == ""
 
 
 def _cell(table, dataset, row, column, method):
@@ -350,7 +419,7 @@ def test_a_table_is_never_replaced_by_one_with_fewer_finished_cells_or_runs(tmp_
     assert {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()} == written
     assert {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()} == figures
     _make(tmp_path, fewer, "--table", "digits", "--force")
-    assert "| ours | 2.00 (1) / **1.00 (1)** / 1.50 (1) |" in (tmp_path / "tables" / "digits.md").read_text()
+    assert "| ours | 2.00 (1) n<2 / **1.00 (1)** / 1.50 (1) n<2 |" in (tmp_path / "tables" / "digits.md").read_text()
     _make(tmp_path, digits_runs, "--table", "digits")  # more runs replace fewer
     assert (tmp_path / "tables" / "digits.md").read_bytes() == written["digits.md"]
 
@@ -374,7 +443,7 @@ def test_an_empty_match_writes_nothing_and_names_the_options_that_would_match(tm
     assert make_tables.main([str(runs), "--table", "digits", "--out", str(out_dir), "--figures", str(tmp_path / "f"),
                              "--limit-train", "64", "--epochs", "1", "--override", "model.width=4"]) == 0
     md = (out_dir / "digits-smoke-n64-e1.md").read_text()
-    assert "| ours | **50.00 (1)** / **50.00 (1)** / **50.00 (1)** |" in md
+    assert "| ours | **50.00 (1)** / **50.00 (1)** n<2 / **50.00 (1)** n<2 |" in md
     capsys.readouterr()
     # Full-size runs read with a smoke test's options: the hint says to drop them (and which seeds)
     write_run(tmp_path / "full" / "sgd", DIGITS + DIGITS_METHODS["sgd"], 7, 2.0)

@@ -13,7 +13,8 @@ One room per concern, in the order the data flows:
     spec       conf/table/*.yaml parsed into a Table
     plans      the cells, their composed configs, run directories and commands (make_plans)
     runs       run directories and W&B runs read back, and matched to plans by their settings
-    stats      finished runs grouped by cell and method (collect), statistics over seeds
+    quantities what a table reports of a run: its test error, or a quantity of its analysis.json
+    stats      finished runs grouped by cell and method (collect), statistics and significance over seeds
     published  the published numbers of a cell
     estimates  measured throughput and the time of a run
     render     Markdown, LaTeX and CSV in the paper's layout
@@ -24,8 +25,10 @@ from gnp.tables.cli import (ArgumentParser, add_selection_arguments, fail, repro
 from gnp.tables.estimates import BENCHMARK_DIR, Estimate, Throughput, estimate, read_throughput  # noqa: F401
 from gnp.tables.plans import Cell, Plan, Shrink, cells, display_path, flatten, make_plans  # noqa: F401
 from gnp.tables.published import NOT_COVERED, PUBLISHED_DIR, published_value  # noqa: F401
-from gnp.tables.render import csv_rows, finished_counts, render_csv, render_latex, render_markdown  # noqa: F401
+from gnp.tables.quantities import ANALYSIS_QUANTITIES, TEST_ERROR_QUANTITY, Quantity  # noqa: F401
+from gnp.tables.render import (csv_rows, finished_counts, render_analysis_markdown, render_csv,  # noqa: F401
+                               render_latex, render_markdown)
 from gnp.tables.runs import LAUNCH, Run, matching_options, read_run, read_runs, read_wandb_runs, run_state  # noqa: F401
 from gnp.tables.spec import CONF, ROOT, TABLE_DIR, Table, TableError, load_table, table_names  # noqa: F401
-from gnp.tables.stats import (Results, Stat, best_methods, cell_groups, collect, describe_counts,  # noqa: F401
-                              heatmap_grids, stat)
+from gnp.tables.stats import (Results, Stat, Versus, best_methods, cell_groups, collect,  # noqa: F401
+                              describe_counts, heatmap_grids, stat, t_interval, welch_p)

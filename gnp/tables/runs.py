@@ -21,6 +21,8 @@ EPOCH = "epoch"                       # metrics.jsonl: one row per epoch
 TEST_ERROR = "test_error"             # summary.json: at the end of training; metrics.jsonl: per epoch (%)
 FIRST_PASS_LOSS = "first_pass_loss"   # metrics.jsonl: the training loss at theta, mean over the epoch's batches
 G1_NORM = "g1_norm"                   # metrics.jsonl: ||grad L(theta)||, mean over the epoch's steps
+ANALYSIS_FILE = "analysis.json"       # python -m gnp.analysis: {"format": ..., "quantities": {name: value}}
+ANALYSIS_FORMAT = "gnp-analysis/1"
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Run:
     summary: dict
     read_metrics: Callable[[], list[dict]] = field(repr=False, default=list)
     problem: str | None = None        # status unreadable: the damaged file and what is wrong with it
+    analysis: dict | None = None      # analysis.json's quantities; None: no (readable) analysis.json
+    analysis_problem: str | None = None  # a damaged analysis.json: the file and what is wrong with it
 
     @property
     def seed(self) -> Any:
@@ -72,7 +76,13 @@ def read_run(directory: Path) -> Run | None:
     except Damaged as e:
         return Run(str(directory), "unreadable", {}, {}, problem=str(e))
     status = _status(summary) if summary_path.exists() else "no summary"
-    return Run(str(directory), status, config, summary, lambda: metrics)
+    run = Run(str(directory), status, config, summary, lambda: metrics)
+    if (directory / ANALYSIS_FILE).exists():  # a damaged one costs the run its analysis quantities only
+        try:
+            run.analysis = _read_analysis(directory / ANALYSIS_FILE)
+        except Damaged as e:
+            run.analysis_problem = str(e)
+    return run
 
 
 def _read_text(path: Path) -> str:
@@ -95,6 +105,18 @@ def _read_summary(path: Path) -> dict:
     if not isinstance(summary.get("status"), str):
         raise Damaged(f"{display_path(path)}: has no status")
     return summary
+
+
+def _read_analysis(path: Path) -> dict:
+    try:
+        analysis = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise Damaged(f"{display_path(path)}: not valid JSON, cut short? ({first_line(e)})") from None
+    if not isinstance(analysis, dict) or analysis.get("format") != ANALYSIS_FORMAT:
+        raise Damaged(f"{display_path(path)}: not a {ANALYSIS_FORMAT} file")
+    if not isinstance(analysis.get("quantities"), dict):
+        raise Damaged(f"{display_path(path)}: has no quantities")
+    return analysis["quantities"]
 
 
 def _read_config(path: Path, required: bool) -> dict:
