@@ -3,17 +3,21 @@
     python scripts/make_tables.py runs --table cnn --out results/tables
     python scripts/make_tables.py runs                      # every table of conf/table/
     python scripts/make_tables.py --wandb ENTITY/PROJECT --table vit --wandb-log
+    python scripts/make_tables.py runs/digits --table digits --analysis    # + flatness (analysis.json)
     make tables [RUNS=folder]
 
 Reads every run folder under the folders (and W&B runs with --wandb), keeps finished runs (a damaged
 file leaves its run out, with one warning line), groups them by cell and method by the settings they
 recorded, and writes <out>/<table>.md, .tex and .csv (mean ± sample std over seeds, n, the best
 method in bold, published values and our difference) and figures into --figures (PNG and PDF).
-Missing cells show a dash and the commands that fill them. A table no finished run counts for, or
-one with fewer finished cells or runs than the file it would replace, is not written (--force).
+Missing cells show a dash and the commands that fill them; each method is marked against its cell's
+best (Welch's t-test) and each published value against our 95% interval. A table no finished run
+counts for, or one with fewer finished cells or runs than the file it would replace, is not written
+(--force). --analysis adds <table>-analysis.* with the quantities of the runs' analysis.json.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shlex
 import sys
@@ -37,10 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of this W&B project")
     parser.add_argument("--wandb-log", nargs="?", const="gnp", metavar="[ENTITY/]PROJECT",
                         help="log each table to W&B as a wandb.Table (default project: gnp)")
+    parser.add_argument("--analysis", action="store_true",
+                        help="also the analysis table <table>-analysis.* and a scatter figure of test error against "
+                             "each quantity of the runs' analysis.json (python -m gnp.analysis)")
+    parser.add_argument("--quantity", action="append", type=_quantities, metavar="NAME[,NAME]",
+                        help="the analysis quantities (repeatable; implies --analysis; default: those the runs have): "
+                             + ", ".join(tables.ANALYSIS_QUANTITIES))
     tables.add_selection_arguments(parser)
     args = parser.parse_args(argv)
     if not args.run_dirs and not args.wandb:
         tables.fail("no runs to read: name a folder (e.g. runs) or --wandb ENTITY/PROJECT")
+    args.quantity = list(dict.fromkeys(q for qs in args.quantity or () for q in qs))
+    args.analysis = args.analysis or bool(args.quantity)
 
     try:
         runs = tables.read_runs(args.run_dirs)
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             if run.problem:
                 warn(f"{run.problem}; the run is left out")
+            if run.analysis_problem and args.analysis:
+                warn(f"{run.analysis_problem}; the run's analysis quantities are left out")
         made = [m for m in (make_table(name, runs, args) for name in args.table or tables.table_names()) if m]
     except tables.TableError as e:
         tables.fail(str(e))
@@ -63,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_table(name: str, runs: list[tables.Run], args) -> tuple[str, list[str], list[list]] | None:
-    """Write one table and its figures; None when it is not written (the warning says why)."""
-    from gnp import figures  # matplotlib only when tables are made
-
+    """Write one table and its figures (and its analysis table with --analysis); the table's CSV
+    rows, or None when it is not written (the warning says why)."""
     table, selection = tables.load_table(name), tables.selection(args)
     shrink = selection["shrink"]
     # A smoke test's tables, and tables of cells with extra overrides, say so in their title (row labels
@@ -76,20 +89,41 @@ def make_table(name: str, runs: list[tables.Run], args) -> tuple[str, list[str],
     plans = tables.make_plans(table, **selection)
     results = tables.collect(table, plans, runs)
     counts = tables.describe_counts(results)
-    out, stem = Path(args.out), name + shrink.suffix
+    stem = name + shrink.suffix
     if not any(results.runs.values()) and not args.force:
         warn(f"{stem}: no finished run counts for this table, nothing written ({counts})"
              + matching_hint(table, plans, runs, selection))
         return None
     reproduce = tables.reproduce_command(name, **selection)
-    texts = {"md": tables.render_markdown(results, counts, reproduce), "tex": tables.render_latex(results),
-             "csv": tables.render_csv(results)}
-    if not args.force and (refusal := would_lose(out / f"{stem}.csv", texts["csv"])):
+    written = write_table(stem, args, tables.render_markdown(results, counts, reproduce),
+                          tables.render_latex(results), tables.render_csv(results))
+    if written:
+        figures = table_figures(results, stem, Path(args.figures))
+        print(f"{stem}: {counts}\n  wrote {written}" + (f" and {len(figures)} figure files in {args.figures}/"
+                                                         if figures else ""))
+    if args.analysis:
+        make_analysis(results, stem, counts, args)
+    return (name, *tables.csv_rows(results)) if written else None
+
+
+def write_table(stem: str, args, md: str, tex: str, csv_text: str) -> str | None:
+    """Write <out>/<stem>.md, .tex and .csv unless that would lose results (then warn); what was
+    written, or None."""
+    out = Path(args.out)
+    if not args.force and (refusal := would_lose(out / f"{stem}.csv", csv_text)):
         warn(f"{stem}: not written: {refusal}; --force replaces it")
         return None
-    for suffix, text in texts.items():
+    for suffix, text in (("md", md), ("tex", tex), ("csv", csv_text)):
         io.write_text(out / f"{stem}.{suffix}", text)
-    written = []
+    return f"{out / stem}.md, .tex, .csv"
+
+
+def table_figures(results: tables.Results, stem: str, folder: Path) -> list[Path]:
+    """Per cell: the curves of its methods; for a sweep (a table with a heatmap): the heatmap of test
+    error and the gradient norm per epoch, one line per value of the sweep's first setting."""
+    from gnp import figures  # matplotlib only when tables are made
+
+    table, written = results.table, []
     for (dataset, row, column), plans in tables.cell_groups(results).items():
         cells = [p.cell for p in plans.values()]
         if not any(results.runs[c] for c in cells):
@@ -97,16 +131,67 @@ def make_table(name: str, runs: list[tables.Run], args) -> tuple[str, list[str],
         title = figure_title(results, dataset, row, column, cells)
         series = {table.methods[c.method].label: [run.metrics() for run in results.runs[c]]
                   for c in cells if results.runs[c]}
-        written += figures.curves(Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_curves", title, series)
+        written += figures.curves(folder / f"{stem}_{dataset}_{row}_{column}_curves", title, series)
     for (dataset, row, column), plans, row_values, column_values, at in tables.heatmap_grids(results):
         stats = {key: results.stat(plan.cell) for key, plan in at.items()}
-        if any(s.n for s in stats.values()):
-            title = figure_title(results, dataset, row, column, [p.cell for p in plans.values()])
-            path = Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_heatmap"
-            written += figures.heatmap(path, title, *table.heatmap, row_values, column_values, stats)
-    print(f"{stem}: {counts}\n  wrote {out / stem}.md, .tex, .csv" + (f" and {len(written)} figure files in "
-                                                                        f"{args.figures}/" if written else ""))
-    return (name, *tables.csv_rows(results))
+        if not any(s.n for s in stats.values()):
+            continue
+        title = figure_title(results, dataset, row, column, [p.cell for p in plans.values()])
+        base = folder / f"{stem}_{dataset}_{row}_{column}"
+        written += figures.heatmap(base.with_name(base.name + "_heatmap"), title, *table.heatmap, row_values,
+                                   column_values, stats)
+        norms: dict = {}
+        for (row_value, column_value), plan in at.items():
+            if results.runs[plan.cell]:
+                norms.setdefault(column_value, {})[row_value] = [run.metrics() for run in results.runs[plan.cell]]
+        written += figures.gradient_norms(base.with_name(base.name + "_g1_norm"), title, *table.heatmap, norms)
+    return written
+
+
+def make_analysis(results: tables.Results, stem: str, counts: str, args) -> None:
+    """<stem>-analysis.{md,tex,csv}: the same cells for each analysis quantity, and per cell a scatter
+    of test error against each quantity, one point per run."""
+    from gnp import figures
+
+    runs = [run for cell_runs in results.runs.values() for run in cell_runs]
+    names = args.quantity or [n for n in tables.ANALYSIS_QUANTITIES if any((r.analysis or {}).get(n) is not None
+                                                                           for r in runs)]
+    if not names:
+        warn(f"{stem}: none of its {len(runs)} finished runs has an analysis.json; no analysis table written "
+             f"(python -m gnp.analysis RUN_DIR ... computes them)")
+        return
+    per_quantity = [results.of(tables.ANALYSIS_QUANTITIES[n]) for n in names]
+    if not any(r.stat(c).n for r in per_quantity for c in r.runs) and not args.force:
+        warn(f"{stem}: no finished run has {', '.join(names)} in its analysis.json; no analysis table written")
+        return
+    written = write_table(f"{stem}-analysis", args, tables.render_analysis_markdown(per_quantity, counts),
+                          "\n".join(tables.render_latex(r) for r in per_quantity), tables.render_csv(per_quantity))
+    if not written:
+        return
+    paths = []
+    for (dataset, row, column), plans in tables.cell_groups(results).items():
+        cells = [p.cell for p in plans.values()]
+        panels = []
+        for r in per_quantity:
+            points = {results.table.methods[c.method].label: [
+                (r.quantity.value(run), results.quantity.value(run)) for run in results.runs[c]
+                if r.quantity.value(run) is not None] for c in cells}
+            panels.append((r.quantity.label, {m: xy for m, xy in points.items() if xy}))
+        if any(points for _, points in panels):
+            title = figure_title(results, dataset, row, column, cells)
+            paths += figures.scatter(Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_flatness", title,
+                                     [(label, points) for label, points in panels if points])
+    print(f"{stem}-analysis: {', '.join(names)}\n  wrote {written}"
+          + (f" and {len(paths)} figure files in {args.figures}/" if paths else ""))
+
+
+def _quantities(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in tables.ANALYSIS_QUANTITIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown quantity {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(tables.ANALYSIS_QUANTITIES)}")
+    return names
 
 
 def warn(message: str) -> None:

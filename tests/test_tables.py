@@ -358,7 +358,7 @@ def test_no_network_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["runs", "--table", "cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits'"),
-    (["runs", "--tabel", "cnn"], "unrecognized arguments: --tabel cnn; options: --epochs, --figures"),
+    (["runs", "--tabel", "cnn"], "unrecognized arguments: --tabel cnn; options: --analysis, --epochs, --figures"),
     ([], "no runs to read: name a folder (e.g. runs) or --wandb ENTITY/PROJECT"),
     (["/nonexistent/runs"], "/nonexistent/runs: no such folder"),
 ])
@@ -390,7 +390,7 @@ def test_figures_are_valid_images(tmp_path, digits_runs, capsys):
     assert "; 1 finished runs of seeds this table does not list (--seeds adds them)" in capsys.readouterr().out
     figures = tmp_path / "figures"
     for stem in ("digits_digits_resnet18_none_curves", "digits_alpha_r_digits_resnet18_none_heatmap",
-                 "digits_alpha_r_digits_resnet18_none_curves"):
+                 "digits_alpha_r_digits_resnet18_none_curves", "digits_alpha_r_digits_resnet18_none_g1_norm"):
         png = (figures / f"{stem}.png").read_bytes()
         assert png.startswith(PNG_SIGNATURE) and len(png) > 5_000
         height, width, channels = matplotlib.image.imread(figures / f"{stem}.png").shape
@@ -460,3 +460,120 @@ def test_a_folder_without_runs_says_so_and_writes_nothing(tmp_path, capsys):
     assert err == (f"warning: found no runs in {tmp_path}/runs (a run is a folder with summary.json, checkpoint.pt or "
                    f"metrics.jsonl); nothing written\n") and out == ""
     assert not (tmp_path / "tables").exists()
+
+
+def _rows(epochs, **per_key):
+    """metrics.jsonl rows: each key's value at epoch e is f(e)."""
+    return [{"epoch": e, **{k: f(e) for k, f in per_key.items()}} for e in range(1, epochs + 1)]
+
+
+def test_the_curves_show_the_ending_and_each_method_apart():
+    from gnp import figures
+
+    flat = lambda e: 80.0 / e  # noqa: E731  (both methods end within a percent of each other)
+    series = {"SGD": [_rows(8, test_error=lambda e: flat(e) + 1.0, g1_norm=float)],
+              "GNP": [_rows(8, test_error=flat, g1_norm=float), _rows(8, test_error=lambda e: flat(e) + 0.5,
+                                                                        g1_norm=float)]}
+    fig = figures.curves_figure("t", series)
+    error_panel = fig.axes[1]
+    [inset] = error_panel.child_axes
+    sgd, gnp = inset.get_lines()
+    assert list(sgd.get_xdata()) == [7, 8] and list(gnp.get_ydata()) == pytest.approx([flat(7) + 0.25, flat(8) + 0.25])
+    low, high = inset.get_ylim()
+    assert high - low < 5  # the last epochs' ~1% differences fill the inset (the panel spans ~80%)
+    looks = {(line.get_marker(), line.get_linestyle()) for line in error_panel.get_lines()}
+    assert len(looks) == 2 and all(line.get_markerfacecolor() == "none" for line in error_panel.get_lines())
+    assert [ax.get_xlabel() for ax in fig.axes[:3]] == ["epoch"] * 3
+    assert not figures.curves_figure("t", {"SGD": [_rows(2, test_error=flat)]}).axes[1].child_axes  # too few epochs
+
+
+def test_the_gradient_norm_figure_has_one_line_per_alpha_and_a_panel_per_r():
+    from gnp import figures
+
+    series = {0.1: {0.5: [_rows(3, g1_norm=lambda e: e), _rows(3, g1_norm=lambda e: 3.0 * e)],
+                    1.0: [_rows(3, g1_norm=lambda e: 10.0)]},
+              0.02: {0.8: [_rows(3, g1_norm=lambda e: 5.0)]}}
+    fig = figures.gradient_norms_figure("t", "method.alpha", "method.r", series)
+    small_r, large_r = fig.axes
+    assert (small_r.get_title(), large_r.get_title()) == ("method.r 0.02", "method.r 0.1")
+    half, one = large_r.get_lines()
+    assert list(half.get_ydata()) == [2.0, 4.0, 6.0] and list(one.get_ydata()) == [10.0] * 3  # means over seeds
+    assert [text.get_text() for text in large_r.get_legend().get_texts()] == ["method.alpha 0.5 (n=2)",
+                                                                              "method.alpha 1 (n=1)"]
+    assert small_r.get_ylabel() == "‖∇L(θ)‖, mean over the epoch" and large_r.get_xlabel() == "epoch"
+    assert half.get_marker() != one.get_marker() != small_r.get_lines()[0].get_marker()
+
+
+def write_analysis(run, **quantities):
+    (run / "analysis.json").write_text(json.dumps({"format": "gnp-analysis/1", "quantities": quantities}))
+
+
+def test_the_analysis_table_and_its_scatter_figure(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, (error, trace, sharpness) in enumerate(((2.0, 10.0, 0.1), (4.0, 20.0, 0.3), (6.0, 30.0, 0.2))):
+        write_run(runs / f"sgd{seed}", DIGITS + DIGITS_METHODS["sgd"], seed, error)
+        write_analysis(runs / f"sgd{seed}", hessian_trace=trace, sam_sharpness=sharpness, hessian_top_eigenvalue=None)
+    for seed, (error, trace) in enumerate(((1.0, 1.0), (1.2, 1.2))):
+        write_run(runs / f"gnp{seed}", DIGITS + DIGITS_METHODS["gnp"], seed, error)
+        write_analysis(runs / f"gnp{seed}", hessian_trace=trace)
+    write_run(runs / "gnp2", DIGITS + DIGITS_METHODS["gnp"], 2, 1.4)  # no analysis.json: missing for each quantity
+    write_run(runs / "sam0", DIGITS + DIGITS_METHODS["sam"], 0, 3.0)
+    (runs / "sam0" / "analysis.json").write_text('{"format": "gnp-analysis/1", "quanti')  # damaged
+    _make(tmp_path, runs, "--table", "digits", "--analysis")
+    out, err = capsys.readouterr()
+    [warning] = err.splitlines()
+    assert warning.startswith(f"warning: {runs}/sam0/analysis.json: not valid JSON, cut short? (Unterminated string")
+    assert warning.endswith("; the run's analysis quantities are left out")
+    assert "digits-analysis: hessian_trace, sam_sharpness\n" in out
+    md = (tmp_path / "tables" / "digits-analysis.md").read_text()
+    # mean ± sample std over seeds, .3g; GNP's two traces against SGD's three: Welch p < 0.05
+    assert "## Hessian trace (`hessian_trace`)" in md and "## SAM sharpness (`sam_sharpness`)" in md
+    assert "| ours | 20 ± 10 (3) n<2 / – / **1.1 ± 0.141 (2)** |" not in md
+    assert "| ours | 20 ± 10 (3) / – / **1.1 ± 0.141 (2)** |" in md
+    assert "| ours | 0.2 ± 0.1 (3) / – / – |" in md  # one method has it: nothing to compare
+    assert "largest Hessian eigenvalue" not in md  # null in every file: not a quantity of these runs
+    assert f"python -m gnp.analysis {runs}/sam0 {runs}/gnp2" in md
+    rows = list(csv.DictReader((tmp_path / "tables" / "digits-analysis.csv").open()))
+    trace = {r["method"]: r for r in rows if r["quantity"] == "hessian_trace"}
+    assert (float(trace["sgd"]["mean"]), int(trace["sgd"]["n"]), int(trace["gnp"]["n"])) == (20.0, 3, 2)
+    assert float(trace["sgd"]["p_vs_best"]) == pytest.approx(tables.welch_p([1.0, 1.2], [10.0, 20.0, 30.0]))
+    assert {r["quantity"] for r in rows} == {"hessian_trace", "sam_sharpness"}
+    tex = (tmp_path / "tables" / "digits-analysis.tex").read_text()
+    assert tex.count(r"\begin{table}") == 2 and "Hessian trace" in tex
+    png = tmp_path / "figures" / "digits_digits_resnet18_none_flatness.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    assert "test error (%)" in (tmp_path / "tables" / "digits.md").read_text()  # the main table as before
+
+    from gnp import figures
+
+    table = tables.load_table("digits")
+    results = tables.collect(table, tables.make_plans(table), tables.read_runs([runs]))
+    sgd = next(c for c in results.runs if c.method == "sgd")
+    points = [(results.of(tables.ANALYSIS_QUANTITIES["hessian_trace"]).quantity.value(r), r.summary["test_error"])
+              for r in results.runs[sgd]]
+    assert sorted(points) == [(10.0, 2.0), (20.0, 4.0), (30.0, 6.0)]
+    fig = figures.scatter_figure("t", [("Hessian trace", {"SGD": points})])
+    assert sorted(zip(*fig.axes[0].get_lines()[0].get_data())) == sorted(points)
+    assert fig.axes[0].get_ylabel() == "test error (%)" and fig.axes[0].get_xlabel() == "Hessian trace"
+
+
+def test_chosen_analysis_quantities_and_runs_without_any(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs / "sgd0", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    write_analysis(runs / "sgd0", hessian_trace=5.0, train_loss=0.25, sam_sharpness=0.5)
+    _make(tmp_path, runs, "--table", "digits", "--quantity", "train_loss,hessian_trace", "--quantity", "train_loss")
+    md = (tmp_path / "tables" / "digits-analysis.md").read_text()
+    assert md.index("(`train_loss`)") < md.index("(`hessian_trace`)") and "sam_sharpness" not in md
+    capsys.readouterr()
+    other = tmp_path / "other"
+    write_run(other / "sgd0", DIGITS + DIGITS_METHODS["sgd"], 0, 2.0)
+    assert make_tables.main([str(other), "--table", "digits", "--analysis", "--out", str(tmp_path / "t2"),
+                             "--figures", str(tmp_path / "f2")]) == 0
+    assert capsys.readouterr().err == ("warning: digits: none of its 1 finished runs has an analysis.json; no analysis "
+                                       "table written (python -m gnp.analysis RUN_DIR ... computes them)\n")
+    assert not (tmp_path / "t2" / "digits-analysis.md").exists()
+    with pytest.raises(SystemExit) as exit:
+        make_tables.main([str(runs), "--quantity", "hessian_traec"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert "unknown quantity hessian_traec; choose from train_loss, train_error, train_grad_norm" in err

@@ -100,7 +100,7 @@ def render_analysis_markdown(results: list[Results], counts: str) -> str:
     """The analysis table: the grid of the same cells and methods for each quantity (each of
     `results` reports one), and the runs that lack each."""
     t = results[0].table
-    lines = [f"# {t.title}: flatness of the trained models", ""]
+    lines = [f"# Flatness of the trained models, for the runs of: {t.title}", ""]
     if t.note:
         lines += [t.note, ""]
     lines += ["Each quantity from the runs' analysis.json (`python -m gnp.analysis RUN_DIR`), on a fixed subset of "
