@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import statistics
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gnp.data import DIGITS_TEST_SIZE
@@ -91,6 +92,43 @@ def estimate(plan: Plan, throughputs: list[Throughput], finished: list[Run]) -> 
     return Estimate(c["train.epochs"] * _images_per_epoch(c) * cost / best.images_per_second, best.device,
                     f"extrapolated to {c['train.epochs']} epochs from {best.how}, {model} {best.method}{scaled}; "
                     f"training steps only{bound}", best.upper_bound)
+
+
+@dataclass
+class Cost:
+    """The time of a selection's runs left, summed over its cells: hours per (device, upper bound),
+    and the cells and runs whose time is unknown, by reason. scripts/reproduce.py prints it, and
+    README's cost table is generated from it."""
+    hours: dict[tuple[str, bool], float] = field(default_factory=dict)
+    unknown_cells: Counter = field(default_factory=Counter)
+    unknown_runs: Counter = field(default_factory=Counter)
+
+    def add(self, guess: Estimate, runs_left: float, runs: int) -> None:
+        """One cell's estimate, for `runs_left` runs' worth of training (`runs` runs)."""
+        if guess.seconds is None:
+            why = guess.how.removeprefix("unknown: ")
+            self.unknown_cells[why] += 1
+            self.unknown_runs[why] += runs
+        else:
+            key = (guess.device, guess.upper_bound)
+            self.hours[key] = self.hours.get(key, 0.0) + guess.seconds * runs_left / 3600
+
+    def lines(self) -> list[str]:
+        out = []
+        for (device, upper_bound), h in sorted(self.hours.items()):
+            left = duration(h * 3600) if device.startswith("cpu") else f"{h:.1f} GPU-hours"
+            out.append(f"Time for the runs left: {'at most ' * upper_bound}{left} on {device}"
+                       + (" (extrapolated from start-up epochs: upper bounds)" if upper_bound else ""))
+        if self.unknown_cells:
+            out.append(f"Time unknown for {sum(self.unknown_cells.values())} cells: "
+                       + "; ".join(sorted(self.unknown_cells)))
+        return out
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _relative_cost(throughputs: list[Throughput], measured: Throughput, method: str) -> float | None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import io as _io
 
+from gnp.tables.estimates import Cost
 from gnp.tables.published import NOT_COVERED, published_value
 from gnp.tables.quantities import Quantity
-from gnp.tables.spec import Source, Table
+from gnp.tables.spec import Source, Table, TableError
 from gnp.tables.stats import (CONFIDENCE, SIGNIFICANCE, Results, Stat, Versus, best_methods, cell_groups,
                               heatmap_grids)
 
@@ -300,3 +301,33 @@ def finished_counts(csv_text: str) -> tuple[int, int]:
     rows = list(csv.DictReader(_io.StringIO(csv_text)))
     ns = [int(row["n"]) for row in rows]
     return sum(n > 0 for n in ns), sum(ns)
+
+
+def cost_markdown(costs: list[tuple[str, int, Cost]]) -> str:
+    """README's cost table: per table (name, runs, the Cost of all its runs), the GPU-hours
+    extrapolated from measured step times and the upper bounds from start-up epochs, on what, and
+    what is unknown."""
+    lines = ["| table | runs | hours (measured step times, extrapolated) | at most (from a start-up epoch) | "
+             "unknown |", "|---|---|---|---|---|"]
+    for name, runs, cost in costs:
+        def hours(upper: bool) -> str:
+            spent = [(device, h) for (device, bound), h in sorted(cost.hours.items()) if bound == upper]
+            return "; ".join(f"{h:,.1f} {'h' if device.startswith('cpu') else 'GPU-hours'} on {device}"
+                             for device, h in spent) or "–"
+        unknown = "; ".join(f"{n} runs: {why}" for why, n in sorted(cost.unknown_runs.items())) or "–"
+        lines.append(f"| `{name}` | {runs} | {hours(False)} | {hours(True)} | {unknown} |")
+    return "\n".join(lines)
+
+
+def replace_marked(text: str, begin: str, end: str, block: str) -> str:
+    """`text` with what lies between the lines `begin` and `end` replaced by `block`."""
+    start, stop = text.find(begin + "\n"), text.find("\n" + end)
+    if start < 0 or stop < start:
+        raise TableError(f"README.md has no {begin!r} and {end!r} lines around the block to generate")
+    return text[: start + len(begin) + 1] + block + text[stop:]
+
+
+def marked(text: str, begin: str, end: str) -> str:
+    """What lies between the lines `begin` and `end` of `text` ("" without them)."""
+    start, stop = text.find(begin + "\n"), text.find("\n" + end)
+    return text[start + len(begin) + 1: stop] if 0 <= start < stop else ""
