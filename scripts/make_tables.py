@@ -137,14 +137,14 @@ def table_figures(results: tables.Results, stem: str, folder: Path) -> list[Path
         if not any(s.n for s in stats.values()):
             continue
         title = figure_title(results, dataset, row, column, [p.cell for p in plans.values()])
-        base = folder / f"{stem}_{dataset}_{row}_{column}"
-        written += figures.heatmap(base.with_name(base.name + "_heatmap"), title, *table.heatmap, row_values,
-                                   column_values, stats)
+        base = f"{stem}_{dataset}_{row}_{column}"
+        written += figures.heatmap(folder / f"{base}_heatmap", title, *table.heatmap, row_values, column_values,
+                                   stats)
         norms: dict = {}
         for (row_value, column_value), plan in at.items():
             if results.runs[plan.cell]:
                 norms.setdefault(column_value, {})[row_value] = [run.metrics() for run in results.runs[plan.cell]]
-        written += figures.gradient_norms(base.with_name(base.name + "_g1_norm"), title, *table.heatmap, norms)
+        written += figures.gradient_norms(folder / f"{base}_g1_norm", title, *table.heatmap, norms)
     return written
 
 

@@ -3,6 +3,7 @@
     python scripts/reproduce.py cnn                       # commands, which runs are done, time left
     python scripts/reproduce.py cnn --launch --launcher slurm
     python scripts/reproduce.py digits --launch --limit-train 64 --epochs 1    # smoke test of the grid
+    python scripts/reproduce.py --readme                  # README's cost table of every table
 
 The tables are conf/table/*.yaml. Each run has a fixed directory, runs/<table>/<dataset>/<model>/
 <aug>/<method>/seed<seed>, so running the same command again resumes interrupted runs and skips

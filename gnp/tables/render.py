@@ -50,11 +50,13 @@ def interval_mark(value: float | None, interval: tuple[float, float] | None, our
     return f" {INSIDE}" if interval[0] <= value <= interval[1] else f" {OUTSIDE}"
 
 
-def legend(results: Results) -> str:
-    """What the numbers and marks of a table mean (the same words in every format)."""
+def legend(results: Results, what: str | None = None) -> str:
+    """What the numbers and marks of a table mean (the same words in every format); `what`: what
+    the numbers are (default: the quantity's label)."""
     t, q = results.table, results.quantity
     methods = " / ".join(m.label for m in t.methods.values())
-    text = (f"{q.label[0].upper() + q.label[1:]}, mean ± sample std over seeds (n seeds); each cell: {methods}. "
+    what = what or q.label[0].upper() + q.label[1:]
+    text = (f"{what}, mean ± sample std over seeds (n seeds); each cell: {methods}. "
             f"Bold: the lowest mean of the cell. {DIFFERS}: the lowest mean is lower than this method's by more "
             f"than seed noise (Welch's t-test, unequal variances, two-sided p < {SIGNIFICANCE:g}); no mark: "
             f"within seed noise; {NOT_TESTED}: fewer than 2 seeds on one side, no test. {DASH}: no value yet.")
@@ -104,9 +106,9 @@ def render_analysis_markdown(results: list[Results], counts: str) -> str:
     lines = [f"# Flatness of the trained models, for the runs of: {t.title}", ""]
     if t.note:
         lines += [t.note, ""]
-    lines += ["Each quantity from the runs' analysis.json (`python -m gnp.analysis RUN_DIR`), on a fixed subset of "
-              "the training set with the model in evaluation mode. " + legend(results[0]).split(". ", 1)[1]
-              .replace("Bold:", "**Bold**:"), ""]
+    what = ("Each quantity of the runs' analysis.json (`python -m gnp.analysis RUN_DIR`: on a fixed subset of the "
+            "training set, with the model in evaluation mode)")
+    lines += [legend(results[0], what).replace("Bold:", "**Bold**:"), ""]
     for r in results:
         lines += [f"## {r.quantity.label} (`{r.quantity.name}`)", "", *_markdown_grid(r), ""]
         lacking = [run.source for runs in r.runs.values() for run in runs if r.quantity.value(run) is None]

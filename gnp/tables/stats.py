@@ -55,7 +55,7 @@ def t_interval(values: list[float]) -> tuple[float, float] | None:
 
     mean, half = statistics.fmean(values), 0.0
     if statistics.stdev(values) > 0:
-        half = t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        half = float(t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
     return mean - half, mean + half
 
 
