@@ -235,11 +235,17 @@ def build_method(cfg: DictConfig, model: nn.Module, base_optimizer: torch.optim.
             if epochs else f"must be > 0 with method.warmup={cfg.method.warmup}")) from None
 
 
-def check_method(cfg: DictConfig) -> None:
-    """The method's constructor checks its settings, on a probe model, before any run exists."""
+def check_method(cfg: DictConfig) -> Method:
+    """The method's constructor checks its settings, on a probe model, before any run exists; returns
+    the probe's method (what it says of itself holds for the real one)."""
     probe = nn.Linear(1, 1)
-    build_method(cfg, probe, torch.optim.SGD(probe.parameters(), lr=1.0), max(train_steps_per_epoch(cfg), 1),
-                 torch.amp.GradScaler("cpu") if cfg.precision == "fp16" else None)
+    return build_method(cfg, probe, torch.optim.SGD(probe.parameters(), lr=1.0), max(train_steps_per_epoch(cfg), 1),
+                        torch.amp.GradScaler("cpu") if cfg.precision == "fp16" else None)
+
+
+def method_passes(cfg: DictConfig) -> float:
+    """Mean forward/backward passes per step of the config's method over its whole run (cost estimates)."""
+    return check_method(cfg).expected_passes(cfg.train.epochs * train_steps_per_epoch(cfg))
 
 
 def check_device(device: str, check_environment: bool = True) -> None:

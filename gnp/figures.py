@@ -2,11 +2,20 @@
 
 - `heatmap`: test error over a grid of two settings (alpha x r), annotated with mean and n;
 - `curves`: training loss, test error and ||grad L(theta)|| per epoch for each method, the mean
-  over seeds with a band from the lowest to the highest seed.
+  over seeds with a band from the lowest to the highest seed, and an inset of the last epochs'
+  test error (where the methods differ by a percent or less);
+- `gradient_norms`: ||grad L(theta)|| per epoch, one line per value of a sweep's first setting
+  (alpha) and one panel per value of its second (r), as in the paper's gradient-norm figure;
+- `scatter`: test error against each flatness quantity of analysis.json, one point per run.
+
+Every method or setting has its own marker and line style besides its colour, so that overlapping
+lines and grey-scale prints stay apart. Each figure is built by a `*_figure` function (for tests)
+and saved by the function of the same name.
 """
 from __future__ import annotations
 
 import io as _io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -18,9 +27,21 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from gnp import io  # noqa: E402
 from gnp.tables import Stat  # noqa: E402
+from gnp.tables.runs import EPOCH, FIRST_PASS_LOSS, G1_NORM, TEST_ERROR  # noqa: E402
 
-CURVE_PANELS = (("train_loss", "training loss"), ("test_error", "test error (%)"),
-                ("g1_norm", "‖∇L(θ)‖, mean over the epoch"))
+CURVE_PANELS = ((FIRST_PASS_LOSS, "training loss at θ (first pass)"), (TEST_ERROR, "test error (%)"),
+                (G1_NORM, "‖∇L(θ)‖, mean over the epoch"))
+G1_LABEL = CURVE_PANELS[2][1]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINE_STYLES = ("-", "--", "-.", ":")
+INSET_MIN_EPOCHS = 3                  # fewer epochs: the whole curve is the ending
+
+
+def style(i: int) -> dict:
+    """The i-th series' look: colour, open marker and line style all differ from its neighbours'."""
+    color = plt.get_cmap("tab10")(i % 10)
+    return {"color": color, "marker": MARKERS[i % len(MARKERS)], "linestyle": LINE_STYLES[i % len(LINE_STYLES)],
+            "markerfacecolor": "none", "markeredgecolor": color}
 
 
 def heatmap(stem: Path, title: str, row_name: str, column_name: str, row_values: list, column_values: list,
@@ -49,49 +70,114 @@ def heatmap(stem: Path, title: str, row_name: str, column_name: str, row_values:
 
 def curves(stem: Path, title: str, series: dict[str, list[list[dict]]]) -> list[Path]:
     """`series`: method label -> one list of metrics.jsonl rows per seed."""
+    return _save(curves_figure(title, series), stem)
+
+
+def curves_figure(title: str, series: dict[str, list[list[dict]]]):
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.3 * len(CURVE_PANELS), 3.6))
-    all_epochs = {row["epoch"] for runs in series.values() for rows in runs for row in rows}
-    for label, seeds in series.items():
-        color = None
-        for ax, (key, name) in zip(axes, CURVE_PANELS):
-            epochs, mean, low, high = _mean_and_range(seeds, key)
-            if not len(epochs):
-                continue
-            (line,) = ax.plot(epochs, mean, marker="." if len(epochs) < 20 else None, color=color,
-                              label=f"{label} (n={len(seeds)})")
-            color = line.get_color()
-            if len(seeds) > 1 and len(epochs) > 1:
-                ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
-            elif len(seeds) > 1:  # a single epoch: the range as a bar
-                ax.vlines(epochs, low, high, color=color, alpha=0.5)
+    all_epochs = sorted({row[EPOCH] for runs in series.values() for rows in runs for row in rows})
+    last = all_epochs[-max(2, math.ceil(len(all_epochs) / 4)):] if len(all_epochs) >= INSET_MIN_EPOCHS else []
+    panels = {key: ax for ax, (key, _) in zip(axes, CURVE_PANELS)}
+    inset = panels[TEST_ERROR].inset_axes([0.42, 0.42, 0.55, 0.53]) if last else None
+    for i, (label, seeds) in enumerate(series.items()):
+        for key, ax in panels.items():
+            _mean_line(ax, seeds, key, style(i), f"{label} (n={len(seeds)})")
+        if inset is not None:
+            _mean_line(inset, [[row for row in rows if row[EPOCH] >= last[0]] for rows in seeds], TEST_ERROR,
+                       style(i), None)
     for ax, (_, name) in zip(axes, CURVE_PANELS):
         ax.set_xlabel("epoch")
-        if 0 < len(all_epochs) <= 10:  # few epochs: one tick each
-            ax.set_xticks(sorted(all_epochs))
-            ax.set_xlim(min(all_epochs) - 0.5, max(all_epochs) + 0.5)
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_ticks(ax, all_epochs)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if inset is not None:
+        inset.set_xticks(last)
+        inset.set_title(f"last {len(last)} epochs", fontsize=7)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
+    next((ax for ax in axes if ax.get_lines()), axes[0]).legend(fontsize=8)
     fig.suptitle(title + "\nlines: mean over seeds; bands: lowest to highest seed", fontsize=9)
     fig.tight_layout()
-    return _save(fig, stem)
+    return fig
 
 
-def _value(row: dict, key: str) -> float | None:
-    if key == "g1_norm":  # older runs logged ||g1|| as grad_norm
-        return row.get("g1_norm", row.get("grad_norm"))
-    return row.get(key)
+def gradient_norms(stem: Path, title: str, row_name: str, column_name: str,
+                   series: dict[float, dict[float, list[list[dict]]]]) -> list[Path]:
+    """`series`: column value (r) -> row value (alpha) -> one list of metrics.jsonl rows per seed."""
+    return _save(gradient_norms_figure(title, row_name, column_name, series), stem)
+
+
+def gradient_norms_figure(title: str, row_name: str, column_name: str,
+                          series: dict[float, dict[float, list[list[dict]]]]):
+    columns = sorted(series)
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.3 * len(columns), 3.6), sharey=True, squeeze=False)
+    row_values = sorted({v for lines in series.values() for v in lines})
+    epochs = sorted({row[EPOCH] for lines in series.values() for runs in lines.values() for rows in runs
+                     for row in rows})
+    for ax, column in zip(axes[0], columns):
+        for value, seeds in sorted(series[column].items()):
+            _mean_line(ax, seeds, G1_NORM, style(row_values.index(value)), f"{row_name} {value:g} (n={len(seeds)})")
+        ax.set_title(f"{column_name} {column:g}", fontsize=9)
+        ax.set_xlabel("epoch")
+        _epoch_ticks(ax, epochs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(G1_LABEL)
+    fig.suptitle(f"‖∇L(θ)‖ over training, one line per {row_name}, one panel per {column_name}\n{title}\n"
+                 "lines: mean over seeds; bands: lowest to highest seed", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def scatter(stem: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]]) -> list[Path]:
+    """`panels`: (quantity label, method label -> one (quantity, test error) point per run)."""
+    return _save(scatter_figure(title, panels), stem)
+
+
+def scatter_figure(title: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]]):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), sharey=True, squeeze=False)
+    methods = list(dict.fromkeys(m for _, points in panels for m in points))
+    for ax, (label, points) in zip(axes[0], panels):
+        for method, xy in points.items():
+            s = style(methods.index(method))
+            ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle="none", marker=s["marker"], color=s["color"],
+                    markerfacecolor="none", markersize=7, label=f"{method} ({len(xy)} runs)")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test error (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Test error against each analysis quantity, one point per run\n{title}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _mean_line(ax, seeds: list[list[dict]], key: str, look: dict, label: str | None) -> None:
+    """The mean over seeds of `key` per epoch, with the range of the seeds as a band (or a bar)."""
+    epochs, mean, low, high = _mean_and_range(seeds, key)
+    if not len(epochs):
+        return
+    ax.plot(epochs, mean, label=label, **look)
+    if len(seeds) > 1 and len(epochs) > 1:
+        ax.fill_between(epochs, low, high, color=look["color"], alpha=0.15, linewidth=0)
+    elif len(seeds) > 1:  # a single epoch: the range as a bar
+        ax.vlines(epochs, low, high, color=look["color"], alpha=0.5)
+
+
+def _epoch_ticks(ax, epochs: list[int]) -> None:
+    if 0 < len(epochs) <= 10:  # few epochs: one tick each
+        ax.set_xticks(epochs)
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _mean_and_range(seeds: list[list[dict]], key: str):
     by_epoch: dict[int, list[float]] = {}
     for rows in seeds:
         for row in rows:
-            value = _value(row, key)
+            value = row.get(key)
             if value is not None:
-                by_epoch.setdefault(row["epoch"], []).append(value)
+                by_epoch.setdefault(row[EPOCH], []).append(value)
     epochs = sorted(by_epoch)
     values = [by_epoch[e] for e in epochs]
     return (np.array(epochs), np.array([np.mean(v) for v in values]), np.array([min(v) for v in values]),

@@ -59,7 +59,7 @@ from omegaconf import DictConfig
 from gnp import io
 from gnp.compose import compose_config as compose
 from gnp.augment import PRESETS, STYLES, build_augmentation
-from gnp.config import validate
+from gnp.config import method_passes, validate
 from gnp.data import BatchLoader, load_dataset, write_synthetic_cifar
 from gnp.distributed import Context, pick_device
 from gnp.models import MODELS, check_model_options, count_parameters
@@ -814,7 +814,8 @@ def run_checks(args: argparse.Namespace, device: torch.device, data: DataPaths, 
         run = run_checked(cfg, work / f"check_{len(runs)}", device)
         rows = run.pop("metrics")
         runs.append({"label": label, "model": model, "options": options, "method": "gnp",
-                     "batch_size": cfg.train.batch_size, "overrides": list(overrides),
+                     "passes_per_step": method_passes(cfg), "batch_size": cfg.train.batch_size,
+                     "overrides": list(overrides),
                      "images_per_second": rows[-1]["images_per_second"] if rows else None, **run})
         release(device)
     return runs
@@ -1040,49 +1041,39 @@ def _mib(n: float) -> str:
 def readme_tables(folder: Path = BENCHMARK_DIR) -> str:
     """The Markdown tables of README.md's "Speed" section, from every JSON file in `folder`."""
     files = [(path.name, json.loads(path.read_text())) for path in sorted(Path(folder).glob("*.json"))]
-    new = [(name, data) for name, data in files if data.get("format") == FORMAT]
-    old = [(name, data) for name, data in files if data.get("format") != FORMAT]
     step_rows, path_rows, loop_rows, loader_rows, check_lines = [], [], [], [], []
-    for name, data in new:
+    for name, data in files:
         where = _where(name, data)
         if "checks" in data:
             checks = _count_checks(data)
             failed = data.get("checks_failed", [])
             check_lines.append(f"- {where}: {checks} checks, " + (f"{len(failed)} failed: {'; '.join(failed)}"
                                                                    if failed else "all passed"))
-        for m in data["models"]:
+        loops = {loop["label"]: loop for loop in data.get("loop", [])}
+        for m in data["models"]:  # files of earlier commits lack the variants and stages added since
             r, v = m["ratios"], m["variants"]
+            hybrid = _x(r["hybrid/sgd"]) + f" ({100 * v['hybrid']['two_pass_fraction']:.0f}% two-pass)" \
+                if "hybrid" in v else "–"
             step_rows.append([where, f"{_model_label(m['model'], m['options'])}, {m['batch_size']}", m["main_label"],
-                              f"{_median(m, 'sgd'):.3g}", _x(r["sam/sgd"]), _x(r["gnp/sgd"]),
-                              _x(r["hybrid/sgd"]) + f" ({100 * v['hybrid']['two_pass_fraction']:.0f}% two-pass)",
-                              _x(r["gnp/two_pass"]), _memory(m.get("memory"))])
-            speedups = {p["path"]: _x(p["speedup"]) for p in m["fast_paths"]}
-            path_rows.append([where, _model_label(m["model"], m["options"]),
-                              *(speedups.get(p, "–") for p in ("compile", "channels_last", "bf16", "fp16", "fused"))])
+                              f"{_median(m, 'sgd'):.3g}", _x(r["sam/sgd"]), _x(r["gnp/sgd"]), hybrid,
+                              _x(r["gnp/two_pass"]) if "gnp/two_pass" in r else "–", _memory(m.get("memory"))])
+            if m["fast_paths"]:
+                speedups = {p["path"]: _x(p["speedup"]) for p in m["fast_paths"]}
+                path_rows.append([where, _model_label(m["model"], m["options"]),
+                                  *(speedups.get(p, "–") for p in ("compile", "channels_last", "bf16", "fp16",
+                                                                   "fused"))])
             evaluation = m.get("evaluation", {}).get("images_per_second")
-            loop = next((lp for lp in data.get("loop", []) if lp["label"] == m["label"]), None)
-            loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, "sgd"),
-                              _loop_cell(loop, "gnp"), _count(evaluation) if evaluation else "–"])
+            loop = loops.pop(m["label"], None)
+            if loop or evaluation:
+                loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, "sgd"),
+                                  _loop_cell(loop, "gnp"), _count(evaluation) if evaluation else "–"])
+        for loop in loops.values():  # a loop without a step measurement of its model
+            loop_rows.append([where, _model_label(loop["model"], loop["options"]), _loop_cell(loop, "sgd"),
+                              _loop_cell(loop, "gnp"), "–"])
         if "loader" in data:
             first = data["models"][0]["label"] if data["models"] else None
             for style, presets in data["loader"]["styles"].items():
                 loader_rows.append([where, style, *(_loader_cell(presets.get(k), first) for k in PRESETS)])
-    for name, data in old:  # the formats of the scripts this one replaced
-        where = f"{data.get('device_name', '?')}, an earlier commit (`{name}`)"
-        if "main" in data:
-            ms = {k: v["step_ms"] for k, v in data["main"]["methods"].items()}
-            memory = {k: data["main"]["methods"][k].get("peak_memory_mib") for k in ("sgd", "gnp")}
-            step_rows.append([where, f"{_model_label(data['model'], {})}, {data['main']['batch_size']}",
-                              f"{'bf16' if data.get('bf16_autocast') else 'fp32'}, before the fast paths",
-                              f"{ms['sgd']:.3g}",
-                              _x(ms["sam"] / ms["sgd"]), _x(ms["gnp"] / ms["sgd"]), "–", "–",
-                              f"{memory['sgd']:,.0f} → {memory['gnp']:,.0f} MiB" if memory["sgd"] else "–"])
-        if "training" in data:
-            epochs = {m: r["last_epoch"]["images_per_second"] for m, r in data["training"].items()}
-            loop_rows.append([where, "ResNet-18", *(f"{_count(epochs[m])} (–)" for m in ("sgd", "gnp")), "–"])
-        if "loader_images_per_second" in data:
-            rates = data["loader_images_per_second"]
-            loader_rows.append([where, "official", *(_count(rates[k]) if k in rates else "–" for k in PRESETS)])
     return "\n".join([
         "Steps (SGD: median ms/step; ratios: medians over rounds of the ratio within a round; hybrid: its mean "
         "step time, with the share of two-pass steps it drew; two-pass: the hand-written two-pass step):",
@@ -1102,8 +1093,9 @@ def readme_tables(folder: Path = BENCHMARK_DIR) -> str:
         "The input pipeline alone (images/s; in brackets × the first model's GNP step):",
         "",
         *_markdown(["measured on", "style", *PRESETS], loader_rows),
-        *(["", "End-to-end checks (training runs of every model family, no host synchronisation in a step or a "
-               "loader batch):", "", *check_lines] if check_lines else []),
+        *(["", "End-to-end checks (training runs of every model family and, except in the files of an earlier "
+               "commit, no host synchronisation in a step or a loader batch):", "", *check_lines]
+          if check_lines else []),
     ])
 
 
@@ -1117,7 +1109,7 @@ def _where(name: str, data: dict) -> str:
     env = data["environment"]
     threads = env["cpu_threads"]
     device = f"{threads} CPU thread{'s' if threads > 1 else ''}" if env["device"] == "cpu" else env["device_name"]
-    commit = (data.get("git_commit") or "?")[:7]
+    commit = data["git_commit"][:7] if data.get("git_commit") else "an earlier commit"  # see the file's measured_on
     return f"{device}, {commit} (`{name}`)"
 
 
@@ -1139,8 +1131,8 @@ def _count(images_per_second: float) -> str:
 def _memory(memory: dict | None) -> str:
     if not memory:
         return "–"
-    return (f"{memory['sgd_bytes'] / 2**20:,.0f} → {memory['gnp_bytes'] / 2**20:,.0f} MiB "
-            f"(≤ {memory['limit_bytes'] / 2**20:,.0f})")
+    limit = f" (≤ {memory['limit_bytes'] / 2**20:,.0f})" if "limit_bytes" in memory else ""
+    return f"{memory['sgd_bytes'] / 2**20:,.0f} → {memory['gnp_bytes'] / 2**20:,.0f} MiB{limit}"
 
 
 def _loader_cell(preset: dict | None, model_label: str | None) -> str:

@@ -177,16 +177,20 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     full = copy.deepcopy(data)
     full["models"][0]["options"] = {}
     check = {"label": "pyramidnet272 bf16", "model": "pyramidnet272", "options": {}, "method": "gnp",
-             "batch_size": 128, "images_per_second": 100.0, "ok": True}  # as run_checks records a run
+             "passes_per_step": 2.0, "batch_size": 128, "images_per_second": 100.0, "ok": True}  # as run_checks has it
     full["checks"] = {"runs": [check, {**check, "model": "vit_s", "ok": False}]}
     (out.parent / "full.json").write_text(json.dumps(full))
     [epoch] = [t for t in tables.read_throughput(out.parent) if t.upper_bound]  # a failed run is no measurement
     assert (epoch.model, epoch.method, epoch.images_per_second) == ("pyramidnet272", "gnp", 100.0)
     measured = {t.method: t for t in tables.read_throughput(out.parent) if not t.upper_bound}
-    assert set(measured) == {"sgd", "sam", "gnp"}
+    assert set(measured) == {"sgd", "sam", "gnp", "hybrid"}
+    assert {m: t.passes for m, t in measured.items()} == {
+        m: 1 + model["variants"][m]["two_pass_fraction"] for m in measured} and measured["gnp"].passes == 2
     for method, t in measured.items():
         assert t.model == "resnet18" and not t.upper_bound
-        assert t.images_per_second == pytest.approx(8000 / model["variants"][method]["ms_per_step"]["median"])
+        variant = model["variants"][method]  # a hybrid step is costed by its mean over its mix of step kinds
+        ms = variant["mean_ms_per_step"] if method == "hybrid" else variant["ms_per_step"]["median"]
+        assert t.images_per_second == pytest.approx(8000 / ms)
         assert t.device == f"cpu ({data['environment']['cpu_threads']} threads)" and t.how == measured["sgd"].how
     (out.parent / "full.json").unlink()
 

@@ -3,9 +3,12 @@ shrunk model, the recipes are the published ones, the state of each run director
 a second --launch skips finished runs and resumes interrupted ones, and time estimates follow the
 measured throughput."""
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,7 +100,7 @@ def test_cells_that_cannot_run_yet_say_why_and_launch_nothing(tmp_path, monkeypa
     spec = yaml.safe_load((tables.TABLE_DIR / "digits.yaml").read_text())
     spec["methods"]["gnp"].update(runnable=False, reason="needs method.future_switch")
     (tmp_path / "future.yaml").write_text(yaml.safe_dump(spec))
-    monkeypatch.setattr(tables, "TABLE_DIR", tmp_path)
+    monkeypatch.setattr(tables.spec, "TABLE_DIR", tmp_path)
     table = tables.load_table("future")
     cells = tables.cells(table)
     assert {c.reason for c in cells if c.method == "gnp"} == {"needs method.future_switch"}
@@ -129,15 +132,22 @@ def test_every_command_with_the_state_of_its_run(tmp_path, capsys):
     write_run(_dir(root, "sam", 2), DIGITS + DIGITS_METHODS["sam"], 2, 2.0, status="failed")
     write_run(_dir(root, "gnp", 0), DIGITS + DIGITS_METHODS["gnp"], 0, 2.0, status="diverged")
     write_run(_dir(root, "gnp", 1), DIGITS + ("method=gnp", "method.r=0.2", "method.alpha=0.8"), 1, 2.0)
+    write_run(_dir(root, "gnp", 2), DIGITS + DIGITS_METHODS["gnp"], 2, 2.0)
+    (_dir(root, "gnp", 2) / "summary.json").write_text('{"status": "fini')  # cut short by a copy
     assert reproduce.main(["digits", "--root", str(root)]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
+    out = capsys.readouterr().out
+    assert "1 runs are unreadable: a file of theirs is damaged (named above)" in out
+    lines = [line for line in out.splitlines() if line.startswith("  [")]
     states = {line.split("hydra.run.dir=")[1].split()[0].split("/digits/resnet18/none/")[1]: line[3:15].strip()
               for line in lines}
     assert states == {"plain/seed0": "finished", "plain/seed1": "partial", "plain/seed2": "missing",
                       "sam/seed0": "missing", "sam/seed1": "partial", "sam/seed2": "failed",
-                      "gnp/seed0": "diverged", "gnp/seed1": "conflict", "gnp/seed2": "missing"}
+                      "gnp/seed0": "diverged", "gnp/seed1": "conflict", "gnp/seed2": "unreadable"}
     conflict = next(line for line in lines if "gnp/seed1" in line)
     assert "holds another run (method.r: 0.2 -> 0.1)" in conflict
+    damaged = next(line for line in lines if "gnp/seed2" in line)
+    assert damaged.endswith(f"# {_dir(root, 'gnp', 2)}/summary.json: not valid JSON, cut short? (Unterminated string "
+                            f"starting at: line 1 column 12 (char 11))")
     assert lines[0].endswith(f"method=plain seed=0 hydra.run.dir={_dir(root, 'plain', 0)}")
 
 
@@ -149,7 +159,7 @@ def test_a_launch_that_leaves_conflicting_runs_undone_fails(tmp_path, capsys):
     assert reproduce.main(["digits", "--root", str(root), "--seeds", "1", "--launch"]) == 1
     out, err = capsys.readouterr()
     assert "1 runs conflict: their folders hold runs with other settings" in out and "== launch" not in out
-    assert err.strip() == "1 runs were not launched: their folders hold other runs (see above)"
+    assert err.strip() == "1 runs were not launched: their folders hold other runs or damaged files (see above)"
 
 
 @pytest.mark.slow
@@ -196,43 +206,168 @@ def test_ctrl_c_during_a_launch_stops_its_run_with_a_checkpoint_and_launches_not
     assert (run / "checkpoint.pt").exists()
 
 
-def _plan(method, model="resnet18", **config):
-    config = {"model.name": model, "method.name": method, "dataset.name": "cifar10", "dataset.limit_train": None,
-              "train.epochs": 200, "train.batch_size": 256} | config
-    cell = tables.Cell("t", "cifar10", model, "basic", method, "basic", (), None)
+class _Launch:
+    """scripts/reproduce.py --launch in a process of its own, its output read line by line."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen([sys.executable, "scripts/reproduce.py", *args, "--launch"], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, line) for line in list(self.lines)):
+            assert self.process.poll() is None and time.monotonic() < deadline, "".join(self.lines)
+            time.sleep(0.01)
+
+    def end(self) -> tuple[int, str, str]:
+        err = self.process.stderr.read()
+        code = self.process.wait(timeout=240)
+        self.reader.join(timeout=60)
+        return code, "".join(self.lines), err
+
+
+def _tiny_launch(root, *extra):
+    return ["digits", "--root", str(root), "--seeds", "0", "--override", "model.width=4",
+            "--override", "wandb.mode=disabled", "--override", "device=cpu", *extra]
+
+
+@pytest.mark.slow
+def test_a_signal_while_a_launch_starts_stops_it_and_launches_nothing_more(tmp_path):
+    launch = _Launch(*_tiny_launch(tmp_path, "--limit-train", "64", "--epochs", "1"))
+    launch.wait_for(r"^== launch 1/3")
+    time.sleep(0.5)  # the child is importing torch and composing its config: no handler of its own yet
+    launch.process.send_signal(signal.SIGTERM)
+    code, out, err = launch.end()
+    assert code == 143 and "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == "launch 1/3 stopped by SIGTERM; the same command resumes it and launches " \
+                                           "the rest"
+    assert out.count("== launch") == 1
+    smoke = tmp_path / "digits-smoke-n64-e1"
+    assert not any((_dir(tmp_path, m, 0, smoke.name) / "summary.json").exists() for m in ("sam", "gnp"))
+
+
+@pytest.mark.slow
+def test_a_signal_in_a_runs_last_step_lets_it_finish_and_launches_nothing_more(tmp_path):
+    # One step per epoch: once epoch 1 is logged, the signal lands in the last epoch's only step (or
+    # its evaluation), where the run finishes by design; the next cell must not start.
+    launch = _Launch(*_tiny_launch(tmp_path, "--limit-train", "64", "--epochs", "2"))
+    launch.wait_for(r"^epoch +1/2 ")
+    launch.process.send_signal(signal.SIGTERM)
+    code, out, err = launch.end()
+    assert code == 143 and "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == "launch 1/3 stopped by SIGTERM; the same command resumes it and launches " \
+                                           "the rest"
+    assert out.count("== launch") == 1
+    run = _dir(tmp_path, "plain", 0, "digits-smoke-n64-e2")
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert not _dir(tmp_path, "sam", 0, "digits-smoke-n64-e2").exists()
+
+
+def test_a_second_signal_stops_the_launch_at_once(tmp_path, monkeypatch):
+    """A launch that ignores the first signal (and Ctrl-C) is killed, with every process of its
+    session, soon after the second; the first signal is what the script exits with."""
+    ready, grandchild = tmp_path / "ready", tmp_path / "grandchild.pid"
+    child = ("import signal, subprocess, sys, time\n"
+             "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)\n"
+             f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+             f"open({str(grandchild)!r}, 'w').write(str(p.pid))\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "time.sleep(600)\n")
+
+    def signal_twice():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(reproduce.Foreground, "STOP_AT_ONCE_S", 0.5)
+    sender = threading.Thread(target=signal_twice, daemon=True)
+    with reproduce.Foreground() as foreground:
+        sender.start()
+        code = foreground.run([sys.executable, "-c", child])
+    sender.join(timeout=60)
+    assert code == -signal.SIGKILL and foreground.signum == signal.SIGTERM and foreground.at_once
+    pid = int(grandchild.read_text())
+    for _ in range(500):  # the grandchild of the same session is killed too
+        if not _alive(pid):
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError(f"process {pid} of the launch's session is still alive")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent's reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _plan(*overrides):
+    """A plan of the composed config (CIFAR-10) with these overrides."""
+    config = tables.composed(("dataset=cifar10", *overrides))
+    cell = tables.Cell("t", "cifar10", config["model.name"], "basic", config["method.name"], "basic", (), None)
     return tables.Plan(cell, (), Path("runs"), (0,), config, {})
 
 
-def test_time_estimates_follow_the_measured_throughput(tmp_path):
-    step = {"device": "cuda", "device_name": "Card X", "model": "resnet18",
-            "main": {"batch_size": 100, "methods": {"sgd": {"step_ms": 100.0}, "gnp": {"step_ms": 250.0}}}}
-    (tmp_path / "step_resnet18.json").write_text(json.dumps(step))
-    wrn = {"device": "cuda", "device_name": "Card X", "model": "wrn28_10",
-           "main": {"batch_size": 100, "methods": {"gnp": {"step_ms": 500.0}}}}
-    (tmp_path / "step_wrn.json").write_text(json.dumps(wrn))
+def _benchmark_file(path, model, batch, ms_per_step, device="Card X"):
+    """A results/benchmarks file as scripts/benchmark.py writes it, with the fields the estimates read."""
+    variants = {m: {"images_per_second": batch * 1000 / ms, "ms_per_step": {"median": ms},
+                    "two_pass_fraction": float(m != "sgd")} for m, ms in ms_per_step.items()}
+    path.write_text(json.dumps({"format": "gnp-benchmark/1", "environment": {"device": "cuda", "device_name": device},
+                                "models": [{"model": model, "options": {}, "batch_size": batch, "main_label": "bf16",
+                                            "variants": variants}]}))
+
+
+def test_time_estimates_follow_the_measured_throughput_and_the_passes_each_method_takes(tmp_path):
+    _benchmark_file(tmp_path / "step_resnet18.json", "resnet18", 100, {"sgd": 100.0, "gnp": 250.0})
+    _benchmark_file(tmp_path / "step_wrn.json", "wrn28_10", 100, {"gnp": 500.0})
     measured = tables.read_throughput(tmp_path)
     images = 200 * (50_000 // 256 * 256)  # 200 epochs of 195 full batches of 256
-    sgd = tables.estimate(_plan("plain"), measured, [])
+    sgd = tables.estimate(_plan("method=plain"), measured, [])
     assert sgd.seconds == pytest.approx(images / 1000) and sgd.device == "Card X"  # 100 images per 100 ms
-    sam = tables.estimate(_plan("sam"), measured, [])  # the same two passes as GNP: 400 images/s
+    sam = tables.estimate(_plan("method=sam"), measured, [])  # the same two passes as GNP: 400 images/s
     assert sam.seconds == pytest.approx(images / 400) and "extrapolated" in sam.how
+    # A second pass costs 1.5 one-pass steps (250 / 100 ms); a zero-GR warmup of 40 of 200 epochs takes
+    # 1 + 160 / 200 passes per step: 1 + 0.8 * 1.5 = 2.2 one-pass steps, not GNP's 2.5 (nor 2.5 * 2.5).
+    warmup = tables.estimate(_plan("method=gnp_warmup", "method.warmup_epochs=40"), measured, [])
+    assert warmup.seconds == pytest.approx(images * 2.2 / 1000) and "to 1.8 passes per step" in warmup.how
+    hybrid = tables.estimate(_plan("method=asam", "method.two_pass_probability=0.5"), measured, [])
+    assert hybrid.seconds == pytest.approx(images * 1.75 / 1000)
     # WRN measured with GNP only (200 images/s): SGD scaled by resnet18's measured GNP/SGD time, 2.5
-    wrn_sgd = tables.estimate(_plan("plain", "wrn28_10", **{"model.depth": 28, "model.widen": 10}), measured, [])
-    assert wrn_sgd.seconds == pytest.approx(images / 500) and "scaled from gnp" in wrn_sgd.how
-    assert tables.estimate(_plan("plain", "resnet101"), measured, []).seconds is None
-    narrow = tables.estimate(_plan("plain", **{"model.width": 16}), measured, [])
+    wrn_sgd = tables.estimate(_plan("method=plain", "model=wrn28_10"), measured, [])
+    assert wrn_sgd.seconds == pytest.approx(images / 500) and "scaled from 2 to 1 passes per step" in wrn_sgd.how
+    assert tables.estimate(_plan("method=plain", "model=resnet101"), measured, []).seconds is None
+    narrow = tables.estimate(_plan("method=plain", "model.width=16"), measured, [])
     assert narrow.seconds is None and narrow.how.startswith("unknown")
     done = tables.Run("x", "finished", {}, {"wall_seconds": 40.0, "device": "cpu"})
-    assert tables.estimate(_plan("plain", **{"model.width": 16}), measured, [done]) == \
+    assert tables.estimate(_plan("method=plain", "model.width=16"), measured, [done]) == \
         tables.Estimate(40.0, "cpu", "measured: 1 finished seed(s) of this cell")
 
 
 def test_the_measurements_in_results_benchmarks_are_read():
+    """The H100 files of an earlier commit were rewritten in today's format, their numbers kept."""
     raw = json.loads((tables.BENCHMARK_DIR / "step_cuda.json").read_text())
+    [model] = raw["models"]
     sgd = next(t for t in tables.read_throughput() if (t.model, t.method, t.how.split(":")[0]) ==
                ("resnet18", "sgd", "step_cuda.json"))
-    assert sgd.images_per_second == pytest.approx(256 * 1000 / raw["main"]["methods"]["sgd"]["step_ms"])
-    assert sgd.device == raw["device_name"]
+    assert sgd.images_per_second == pytest.approx(256 * 1000 / model["variants"]["sgd"]["ms_per_step"]["median"])
+    assert sgd.device == raw["environment"]["device_name"] and raw["git_commit"] is None
+    assert raw["measured_on"].startswith("an earlier commit")
+    epochs = {t.model: t for t in tables.read_throughput() if t.how.startswith("cuda_check_cuda.json")}
+    assert set(epochs) == {"pyramidnet272", "vit_s", "wrn28_10"} and all(t.upper_bound for t in epochs.values())
+
+
+@pytest.mark.parametrize("content", ['{"device": "cuda", "main": {}}', '{"format": "gnp-benchmark/1"', "[]"])
+def test_a_benchmark_file_of_another_format_is_a_one_line_error(tmp_path, content):
+    (tmp_path / "old.json").write_text(content)
+    with pytest.raises(tables.TableError, match=r"old.json (is not a gnp-benchmark/1 file|\()"):
+        tables.read_throughput(tmp_path)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -242,9 +377,34 @@ def test_the_measurements_in_results_benchmarks_are_read():
     (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --epochs, --help, --launch, --launcher"),
     (["digits", "--override", "model.width"], "--override 'model.width': expected KEY=VALUE"),
     (["digits", "--override", "model.depth=3"], "does not compose: "),
+    ([], "the following arguments are required: table (or --readme)"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         reproduce.main(args)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_readme_cost_table_is_generated_from_the_estimates(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = reproduce.readme_costs()
+    assert tables.marked(readme, reproduce.README_BEGIN, reproduce.README_END) == block, \
+        "README.md's cost table is stale: run python scripts/reproduce.py --readme"
+    # the same numbers as the script prints for a table with no run done
+    assert reproduce.main(["cnn", "--root", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    cnn = next(line for line in block.splitlines() if line.startswith("| `cnn` |"))
+    runs, measured, bound, unknown = cnn.split(" | ")[1:5]
+    assert f"of {runs} runs)" in printed
+    assert f"Time for the runs left: {measured.split(' on ')[0]} on" in printed
+    assert f"Time for the runs left: at most {bound.split(' on ')[0].replace(',', '')} on" in printed
+    assert "no measurement of resnet101" in unknown and "no measurement of resnet101" in printed
+
+
+def test_the_cost_table_is_replaced_between_its_markers():
+    text = f"# x\nbefore\n{reproduce.README_BEGIN}\nold\n{reproduce.README_END}\nafter\n"
+    updated = tables.replace_marked(text, reproduce.README_BEGIN, reproduce.README_END, "| new |")
+    assert updated == f"# x\nbefore\n{reproduce.README_BEGIN}\n| new |\n{reproduce.README_END}\nafter\n"
+    with pytest.raises(tables.TableError, match="README.md has no"):
+        tables.replace_marked("# x\n", reproduce.README_BEGIN, reproduce.README_END, "| new |")

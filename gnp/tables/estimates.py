@@ -1,0 +1,163 @@
+"""What a run costs: measured throughput read from results/benchmarks/*.json, and the time of one
+run of a plan from its finished seeds or extrapolated from that throughput."""
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from gnp.config import method_passes, train_steps_per_epoch
+from gnp.models import MODELS
+from gnp.runs import first_line
+from gnp.tables.plans import Plan, unflatten
+from gnp.tables.runs import Run, is_number
+from gnp.tables.spec import ROOT, TableError
+
+BENCHMARK_DIR = ROOT / "results" / "benchmarks"
+BENCHMARK_FORMAT = "gnp-benchmark/1"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    model: str                        # at its builder's default options
+    method: str                       # the benchmark's name of what it measured
+    passes: float                     # its mean forward/backward passes per step
+    images_per_second: float
+    device: str
+    how: str                          # what was measured, in words
+    upper_bound: bool = False         # a start-up epoch: slower than steady state
+
+
+def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
+    """Measured training speed in results/benchmarks/*.json (format gnp-benchmark/1, written by
+    scripts/benchmark.py): each method's steps at the main setting and the end-to-end check runs, with
+    the passes per step they took. Only measurements of a model at its builder's default options count:
+    a shrunk model says nothing about the full one."""
+    out = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TableError(f"cannot read {path} ({first_line(e)}); restore it from git or move it away") from None
+        if not isinstance(data, dict) or data.get("format") != BENCHMARK_FORMAT:
+            raise TableError(f"{path} is not a {BENCHMARK_FORMAT} file (scripts/benchmark.py writes them); "
+                             f"move it out of {folder}")
+        env = data["environment"]
+        device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
+        for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
+            for name, variant in m["variants"].items():
+                # not the fast-path pairs (gnp[...]), nor the hand-written reference step (two_pass)
+                if "[" not in name and name != "two_pass" and not m["options"]:
+                    out.append(Throughput(m["model"], name, 1 + variant["two_pass_fraction"],
+                                          variant["images_per_second"], device,
+                                          f"{path.name}: step time at batch {m['batch_size']} ({m['main_label']})"))
+        for run in data.get("checks", {}).get("runs", []):  # one short first epoch of the real loop
+            if run["ok"] and not run["options"]:
+                out.append(Throughput(run["model"], run["method"], run["passes_per_step"], run["images_per_second"],
+                                      device, f"{path.name}: a short first epoch at batch {run['batch_size']} with "
+                                      "start-up", upper_bound=True))
+    return out
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float | None             # None: unknown
+    device: str | None
+    how: str
+    upper_bound: bool = False         # from a start-up epoch: the run is likely faster
+
+
+def estimate(plan: Plan, throughputs: list[Throughput], finished: list[Run]) -> Estimate:
+    """Time of one run of the plan: from its finished seeds if any, else from measured throughput."""
+    times = [r.summary["wall_seconds"] for r in finished if is_number(r.summary.get("wall_seconds"))]
+    if times:
+        device = str(finished[0].summary.get("device"))
+        return Estimate(statistics.fmean(times), device, f"measured: {len(times)} finished seed(s) of this cell")
+    if plan.config is None:
+        return Estimate(None, None, "unknown: the cell cannot run yet")
+    c = plan.config
+    model = c["model.name"]
+    if not _default_model_options(c):
+        return Estimate(None, None, f"unknown: no measurement of {model} with these options")
+    passes = method_passes(OmegaConf.create(unflatten(c)))
+    candidates = sorted((t for t in throughputs if t.model == model and not t.device.startswith("cpu")),
+                        key=lambda t: (t.upper_bound, abs(t.passes - passes)))
+    if not candidates:
+        return Estimate(None, None, f"unknown: no measurement of {model} in results/benchmarks/")
+    best = candidates[0]
+    cost = _relative_cost(throughputs, best, passes)
+    if cost is None:
+        return Estimate(None, None, f"unknown: {model} measured at {best.passes:g} passes per step only, and no "
+                                    f"measured cost of a second pass on {best.device}")
+    scaled = f", scaled from {best.passes:g} to {passes:.3g} passes per step by the measured cost of a second " \
+             f"pass" if cost != 1 else ""
+    bound = " (an upper bound)" if best.upper_bound else ""
+    images = c["train.epochs"] * train_steps_per_epoch(OmegaConf.create(unflatten(c))) * c["train.batch_size"]
+    return Estimate(images * cost / best.images_per_second, best.device,
+                    f"extrapolated to {c['train.epochs']} epochs from {best.how}, {model} {best.method}{scaled}; "
+                    f"training steps only{bound}", best.upper_bound)
+
+
+@dataclass
+class Cost:
+    """The time of a selection's runs left, summed over its cells: hours per (device, upper bound),
+    and the cells and runs whose time is unknown, by reason. scripts/reproduce.py prints it, and
+    README's cost table is generated from it."""
+    hours: dict[tuple[str, bool], float] = field(default_factory=dict)
+    unknown_cells: Counter = field(default_factory=Counter)
+    unknown_runs: Counter = field(default_factory=Counter)
+
+    def add(self, guess: Estimate, runs_left: float, runs: int) -> None:
+        """One cell's estimate, for `runs_left` runs' worth of training (`runs` runs)."""
+        if guess.seconds is None:
+            why = guess.how.removeprefix("unknown: ")
+            self.unknown_cells[why] += 1
+            self.unknown_runs[why] += runs
+        else:
+            key = (guess.device, guess.upper_bound)
+            self.hours[key] = self.hours.get(key, 0.0) + guess.seconds * runs_left / 3600
+
+    def lines(self) -> list[str]:
+        out = []
+        for (device, upper_bound), h in sorted(self.hours.items()):
+            left = duration(h * 3600) if device.startswith("cpu") else f"{h:.1f} GPU-hours"
+            out.append(f"Time for the runs left: {'at most ' * upper_bound}{left} on {device}"
+                       + (" (extrapolated from start-up epochs: upper bounds)" if upper_bound else ""))
+        if self.unknown_cells:
+            out.append(f"Time unknown for {sum(self.unknown_cells.values())} cells: "
+                       + "; ".join(sorted(self.unknown_cells)))
+        return out
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _relative_cost(throughputs: list[Throughput], measured: Throughput, passes: float) -> float | None:
+    """Time of a step of `passes` mean passes over the measured step's. A step of p passes takes
+    1 + (p - 1) * (rho - 1) one-pass steps, rho being a two-pass step's time over a one-pass step's
+    measured on the same device (the mean over its models)."""
+    if abs(passes - measured.passes) < 1e-9:
+        return 1.0
+    ratios = []
+    for one in (t for t in throughputs if t.device == measured.device and t.passes == 1):
+        ratios += [one.images_per_second / t.images_per_second for t in throughputs
+                   if (t.device, t.model, t.how, t.passes) == (one.device, one.model, one.how, 2)]
+    if not ratios:
+        return None
+    rho = statistics.fmean(ratios)
+    return (1 + (passes - 1) * (rho - 1)) / (1 + (measured.passes - 1) * (rho - 1))
+
+
+def _default_model_options(config: dict) -> bool:
+    options = {k[6:]: v for k, v in config.items() if k.startswith("model.") and k != "model.name"}
+    signature = inspect.signature(MODELS[config["model.name"]]).parameters
+    return all(signature[k].default == v for k, v in options.items() if k in signature)
+

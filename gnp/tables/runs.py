@@ -1,0 +1,295 @@
+"""Finished runs read back: run directories (config.yaml, summary.json, metrics.jsonl) and W&B runs,
+each with its status and recorded settings, and the match of a run to a plan by those settings
+(never by folder name)."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from gnp.runs import first_line
+from gnp.tables.plans import Plan, Shrink, composed, display_path, flatten, make_plans
+from gnp.tables.spec import Table, TableError
+
+# The names the tables and figures read from a run's files (gnp.training writes them).
+EPOCH = "epoch"                       # metrics.jsonl: one row per epoch
+TEST_ERROR = "test_error"             # summary.json: at the end of training; metrics.jsonl: per epoch (%)
+FIRST_PASS_LOSS = "first_pass_loss"   # metrics.jsonl: the training loss at theta, mean over the epoch's batches
+G1_NORM = "g1_norm"                   # metrics.jsonl: ||grad L(theta)||, mean over the epoch's steps
+ANALYSIS_FILE = "analysis.json"       # python -m gnp.analysis: {"format": ..., "quantities": {name: value}}
+ANALYSIS_FORMAT = "gnp-analysis/1"
+
+
+@dataclass
+class Run:
+    source: str                       # a run directory, or wandb:ENTITY/PROJECT/ID
+    status: str                       # finished, diverged, stopped, failed, running, no summary, unreadable, ...
+    settings: dict                    # the flattened config the run recorded (config.yaml, or W&B's config)
+    summary: dict
+    read_metrics: Callable[[], list[dict]] = field(repr=False, default=list)
+    problem: str | None = None        # status unreadable: the damaged file and what is wrong with it
+    analysis: dict | None = None      # analysis.json's quantities; None: no (readable) analysis.json
+    analysis_problem: str | None = None  # a damaged analysis.json: the file and what is wrong with it
+
+    @property
+    def seed(self) -> Any:
+        return self.settings.get("seed")
+
+    def metrics(self) -> list[dict]:
+        return self.read_metrics()
+
+
+RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl")
+
+
+def read_runs(folders: Iterable[str | Path]) -> list[Run]:
+    """Every run directory (one holding summary.json, checkpoint.pt or metrics.jsonl) under the folders."""
+    directories = set()
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise TableError(f"{folder}: no such folder; train first (scripts/reproduce.py TABLE --launch) "
+                             f"or name the folder that holds the runs")
+        directories.update(p.parent for name in RUN_FILES for p in folder.rglob(name))
+    return [run for run in map(read_run, sorted(directories)) if run is not None]
+
+
+class Damaged(ValueError):
+    """A run's file cannot be read or is not what gnp.training writes; the message names the file."""
+
+
+def read_run(directory: Path) -> Run | None:
+    """The run in `directory` (None when it holds none). A damaged file makes it `unreadable`, with
+    the file and the damage in `problem`: runs copied or synced from a cluster can be cut short."""
+    directory = Path(directory)
+    if not any((directory / name).exists() for name in RUN_FILES):
+        return None
+    summary_path = directory / "summary.json"
+    try:
+        summary = _read_summary(summary_path) if summary_path.exists() else {}
+        config = _read_config(directory / "config.yaml", required=summary_path.exists())
+        metrics = _read_metrics(directory / "metrics.jsonl")
+    except Damaged as e:
+        return Run(str(directory), "unreadable", {}, {}, problem=str(e))
+    status = _status(summary) if summary_path.exists() else "no summary"
+    run = Run(str(directory), status, config, summary, lambda: metrics)
+    if (directory / ANALYSIS_FILE).exists():  # a damaged one costs the run its analysis quantities only
+        try:
+            run.analysis = _read_analysis(directory / ANALYSIS_FILE)
+        except Damaged as e:
+            run.analysis_problem = str(e)
+    return run
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Damaged(f"{display_path(path)}: cannot be read ({first_line(e)})") from None
+
+
+def _read_summary(path: Path) -> dict:
+    text = _read_text(path)
+    if not text.strip():
+        raise Damaged(f"{display_path(path)}: empty")
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Damaged(f"{display_path(path)}: not valid JSON, cut short? ({first_line(e)})") from None
+    if not isinstance(summary, dict):
+        raise Damaged(f"{display_path(path)}: holds a {type(summary).__name__}, not an object")
+    if not isinstance(summary.get("status"), str):
+        raise Damaged(f"{display_path(path)}: has no status")
+    return summary
+
+
+def _read_analysis(path: Path) -> dict:
+    try:
+        analysis = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise Damaged(f"{display_path(path)}: not valid JSON, cut short? ({first_line(e)})") from None
+    if not isinstance(analysis, dict) or analysis.get("format") != ANALYSIS_FORMAT:
+        raise Damaged(f"{display_path(path)}: not a {ANALYSIS_FORMAT} file")
+    if not isinstance(analysis.get("quantities"), dict):
+        raise Damaged(f"{display_path(path)}: has no quantities")
+    return analysis["quantities"]
+
+
+def _read_config(path: Path, required: bool) -> dict:
+    if not path.exists():
+        if required:
+            raise Damaged(f"{display_path(path)}: missing, so the run's settings are unknown")
+        return {}
+    try:
+        config = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as e:
+        raise Damaged(f"{display_path(path)}: does not parse ({first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise Damaged(f"{display_path(path)}: holds no mapping of settings")
+    return flatten(config)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise Damaged(f"{display_path(path)}: line {number} is cut short or not JSON") from None
+        if not isinstance(row, dict):
+            raise Damaged(f"{display_path(path)}: line {number} is not an object")
+        rows.append(row)
+    return rows
+
+
+def read_wandb_runs(path: str) -> list[Run]:
+    """Runs of the W&B project ENTITY/PROJECT through the public API (needs the network)."""
+    try:
+        import wandb
+
+        api_runs = list(wandb.Api(timeout=30).runs(path))
+    except Exception as e:  # no network, no credentials, no such project: all end here
+        raise TableError(f"cannot read the W&B runs of {path!r} ({first_line(e)}); check the network, "
+                         f"`wandb login` and the ENTITY/PROJECT name") from None
+    runs = []
+    for api_run in api_runs:
+        summary = {k: v for k, v in dict(api_run.summary).items() if not isinstance(v, dict)}
+        state = {"finished": "finished", "crashed": "failed", "failed": "failed", "killed": "stopped"}
+        status = _status(summary) if "status" in summary else state.get(api_run.state, api_run.state)
+        if status == "finished" and TEST_ERROR not in summary:
+            status = "no summary"
+        runs.append(Run(f"wandb:{path}/{api_run.id}", status, flatten(dict(api_run.config)), summary,
+                        lambda r=api_run: [row for row in r.scan_history() if EPOCH in row]))
+    return runs
+
+
+def _status(summary: dict) -> str:
+    status = summary["status"]
+    if status == "finished" and not is_number(summary.get(TEST_ERROR)):
+        return "no test error"
+    return status
+
+
+def matches(run: Run, plan: Plan) -> list[str]:
+    """The pinned settings in which `run` differs from `plan` ([] when it counts for the plan's cell).
+    A key the run does not record predates it: the run used what is now its default."""
+    differences = []
+    for key, value in plan.expected.items():
+        recorded = run.settings.get(key, plan.defaults.get(key))
+        if not _same(recorded, value):
+            differences.append(f"{key}: {recorded!r} -> {value!r}")
+    return differences
+
+
+# What a run directory holds, as scripts/reproduce.py sees it; LAUNCH: the states it (re)starts.
+LAUNCH = ("missing", "partial", "failed")
+
+
+def run_state(plan: Plan, seed: int) -> tuple[str, Run | None, str]:
+    """(state, run, detail) of the run directory of `seed`: missing, partial (interrupted: resumes),
+    failed (started again), finished, diverged (not restarted: it would diverge again), conflict
+    (it holds a run with other settings), unreadable (a damaged file: left for you to look at) or
+    not runnable."""
+    if plan.expected is None:
+        return "not runnable", None, plan.cell.reason or ""
+    run = read_run(plan.run_dir(seed))
+    if run is None:
+        return "missing", None, ""
+    if run.status == "unreadable":
+        return "unreadable", run, run.problem or ""
+    if run.settings:
+        differences = matches(run, plan) + ([f"seed: {run.seed!r} -> {seed}"] if run.seed not in (None, seed) else [])
+        if differences:
+            return "conflict", run, "holds another run (" + ", ".join(differences) + ")"
+    if run.status in ("finished", "diverged"):
+        return run.status, run, run.summary.get("error") or ""
+    if run.status == "failed":
+        return "failed", run, run.summary.get("error") or ""
+    detail = f"{len(run.metrics())} epoch(s) done" + (f", {run.status}" if run.status != "no summary" else "")
+    return "partial", run, detail
+
+
+# --- The options that would match runs found --------------------------------------------------------
+
+SHRUNK_KEYS = ("dataset.limit_train", "dataset.limit_test", "train.batch_size", "train.epochs",
+               "train.warmup_epochs", "method.warmup_epochs")  # what Shrink sets
+CELL_KEYS = ("dataset.name", "model.name", "method.name")     # a run of another cell differs in these
+
+
+def matching_options(table: Table, plans: list[Plan], runs: Iterable[Run], root: str | Path = "runs",
+                     seeds: Iterable[int] | None = None, shrink: Shrink = Shrink(),
+                     extra: Iterable[str] = ()) -> tuple[int, dict] | None:
+    """For finished runs that count for no plan: the selection (make_plans' seeds, shrink and extra)
+    under which most of them would count, and how many would; None when none would. A run is a
+    candidate for a plan when it differs only in what a smoke test shrinks and in keys no override
+    of the cell sets (e.g. model.width); each guess is checked by composing its cells."""
+    extra = tuple(extra)
+    runnable = [p for p in plans if p.expected is not None]
+    guesses: dict[tuple, list[tuple[Run, Plan]]] = {}
+    for run in runs:
+        if run.status != "finished" or any(not matches(run, p) and run.seed in p.seeds for p in runnable):
+            continue
+        for plan in runnable:
+            guess = _guess(run, plan, shrink, extra)
+            if guess is not None:
+                guesses.setdefault(guess, []).append((run, plan))
+                break
+    ranked = Counter({guess: len(found) for guess, found in guesses.items()})
+    for (limit_train, epochs, new_extra), _ in ranked.most_common():
+        found = guesses[limit_train, epochs, new_extra]
+        listed = set(table.seeds if seeds is None else seeds)
+        needed = {run.seed for run, _ in found}
+        new_seeds = seeds if needed <= listed else tuple(sorted(listed | needed))
+        selection = {"seeds": new_seeds, "shrink": Shrink(limit_train, epochs), "extra": new_extra}
+        try:
+            checked = {p.cell: p for p in make_plans(table, root, only=dict.fromkeys(p.cell for _, p in found),
+                                                     **selection)}
+        except TableError:  # the guessed overrides do not compose
+            continue
+        n = sum(1 for run, plan in found
+                if not matches(run, checked[plan.cell]) and run.seed in checked[plan.cell].seeds)
+        if n:
+            return n, selection
+    return None
+
+
+def _guess(run: Run, plan: Plan, shrink: Shrink, extra: tuple[str, ...]) -> tuple | None:
+    """(limit_train, epochs, extra overrides) under which `run` would count for `plan`'s cell."""
+    unshrunk = composed((*plan.cell.overrides, *extra))
+    set_by_cell = {o.split("=", 1)[0].lstrip("+~") for o in plan.cell.overrides if "=" in o}
+    differing = {key: run.settings.get(key, plan.defaults.get(key)) for key, value in plan.expected.items()
+                 if not _same(run.settings.get(key, plan.defaults.get(key)), value)}
+    if any(key in CELL_KEYS or key in set_by_cell for key in differing):
+        return None
+    limits = [run.settings.get(k) for k in ("dataset.limit_train", "dataset.limit_test")]
+    limit_train = None if all(_same(v, unshrunk.get(k)) for v, k in zip(limits, ("dataset.limit_train",
+                                                                                  "dataset.limit_test"))) else limits[0]
+    epochs = None if _same(run.settings.get("train.epochs"), unshrunk.get("train.epochs")) else \
+        run.settings.get("train.epochs")
+    overrides = dict(o.split("=", 1) for o in extra if "=" in o)
+    for key, value in differing.items():
+        if key in SHRUNK_KEYS:
+            continue
+        if isinstance(value, (list, dict)):
+            return None
+        overrides[key] = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return limit_train, epochs, tuple(f"{k}={v}" for k, v in overrides.items())
+
+
+def _same(a: Any, b: Any) -> bool:
+    if is_number(a) and is_number(b):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
