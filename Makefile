@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
+# Another package index for torch and torchvision, e.g. a CPU-only build without the CUDA libraries:
+# make setup TORCH=torch==2.9.1 TORCHVISION=torchvision==0.24.1 TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
 .PHONY: setup demo train test bench tables clean
@@ -14,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "Setting up $(VENV) with $(TORCH), $(TORCHVISION) and gnp (a few minutes the first time)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -qq --upgrade pip
-	@$(PY) -m pip install -qq "$(TORCH)" "$(TORCHVISION)"
+	@$(PY) -m pip install -qq $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" "$(TORCHVISION)"
 	@$(PY) -m pip install -qq -e ".[dev,slurm]"
 	@touch $@
 	@echo "$(VENV) is ready"
