@@ -5,7 +5,7 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo train test bench tables clean
+.PHONY: setup demo train test bench tables analyze clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ bench: setup
 RUNS ?= runs
 tables: setup
 	$(PY) scripts/make_tables.py $(RUNS) $(ARGS)
+
+# The flatness of the finished runs in $(RUNS) (README, Flatness of the trained models): their analysis.json.
+analyze: setup
+	$(PY) -m gnp.analysis $(RUNS) $(ARGS)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache
