@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -96,12 +97,19 @@ def plot_landscape(stem, title: str, landscape: dict) -> list:
     line.plot(coords, landscape["1d"]["loss"], marker=".")
     line.set_xlabel("step along the direction d1 (α)")
     line.set_ylabel("training loss L(θ + α d1)")
+    line.set_yscale("log")
     line.grid(alpha=0.3)
     grid = np.array(landscape["2d"]["loss"], dtype=float)
-    filled = contour.contourf(coords, coords, grid, levels=20, cmap="viridis")
-    contour.contour(coords, coords, grid, levels=20, colors="k", linewidths=0.3)
+    # Log-spaced levels: the loss far from theta would otherwise take every level and hide the basin.
+    low, high = np.nanmin(grid), np.nanmax(grid)
+    log = 0 < low < high
+    levels = np.geomspace(low, high, 20) if log else 20
+    norm = LogNorm(low, high) if log else None
+    filled = contour.contourf(coords, coords, grid, levels=levels, norm=norm, cmap="viridis")
+    contour.contour(coords, coords, grid, levels=levels, norm=norm, colors="k", linewidths=0.3)
     contour.plot([0], [0], marker="+", color="white", markersize=12)
-    fig.colorbar(filled, ax=contour, label="training loss L(θ + α d1 + β d2)")
+    fig.colorbar(filled, ax=contour, label="training loss L(θ + α d1 + β d2)", format="%.3g",
+                 ticks=levels[::3] if log else None)
     contour.set_xlabel("α (along d1)")
     contour.set_ylabel("β (along d2)")
     fig.suptitle(f"{title}\nfilter-normalised random directions; loss on the analysis subset", fontsize=9)

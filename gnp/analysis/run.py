@@ -4,7 +4,7 @@ its training set, compute each quantity, and write analysis.json.
 After each quantity the results so far are written atomically to analysis.partial.json with the
 settings: a killed analysis started again with the same settings continues from there (it loses at
 most the quantity in progress); other settings start afresh. Nothing else in the run directory is
-written, except the landscape's figures (analysis_*.png and .pdf).
+written, except the figures of the landscape and the interpolation (analysis_*.png and .pdf).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ FORMAT = "gnp-analysis/1"
 RESULT_FILE = "analysis.json"
 PARTIAL_FILE = "analysis.partial.json"
 CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"
-RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl")  # what marks a folder with config.yaml as a run
+RUN_FILES = (SUMMARY_FILE, checkpoint.FILENAME, "metrics.jsonl")  # what marks a folder with config.yaml as a run
 DEFAULT_SUBSET = 5000
 # The quantities `--only` chooses from, in the order they are computed.
 QUANTITIES = ("train_loss", "train_error", "train_grad_norm", "hessian_top_eigenvalues", "hessian_trace",
@@ -53,12 +53,11 @@ class Skipped(Exception):
 
 @dataclass
 class Options:
-    """What the command line asks for; per run, `resolve` turns it into the settings recorded."""
+    """What the command line asks for; `Analysis.settings` is what it comes to for one run."""
     subset: int | None = None  # None: DEFAULT_SUBSET, or the whole of a smaller training set
     batch_size: int = 500
     seed: int = 0
     float64: bool = False
-    device: str = "auto"
     quantities: tuple[str, ...] = QUANTITIES
     top_k: int = 5
     trace_samples: int = 100
@@ -109,7 +108,8 @@ def read_run(run_dir: Path) -> Run:
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise AnalysisError(f"{run_dir / SUMMARY_FILE} is unreadable ({first_line(e)})") from None
+        raise AnalysisError(f"{run_dir / SUMMARY_FILE} is unreadable ({first_line(e)}): restore it, or train the "
+                            f"run again") from None
     status = summary.get("status", "finished")
     if status != "finished":
         raise Skipped(status)
@@ -219,7 +219,7 @@ class Analysis:
                 "quantities": list(o.quantities), "top_k": o.top_k, "lanczos_tol": hessian.LANCZOS_TOL[self.dtype],
                 "trace_samples": o.trace_samples, "rho": self.rho, "ascent_steps": o.ascent_steps,
                 "landscape": {"points": o.landscape_points, "range": o.landscape_range} if o.landscape else None,
-                "between": str(o.between.resolve()) if o.between else None}
+                "between": {"run": str(o.between.resolve()), "points": o.landscape_points} if o.between else None}
 
     def units(self) -> dict[str, Callable[[], tuple[dict, dict]]]:
         """Each piece of work by name, in order; each returns (flat quantities, details)."""
