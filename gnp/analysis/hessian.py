@@ -12,7 +12,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from gnp.analysis.objective import SubsetLoss, dot, flatten, unflatten
 
 # ARPACK's convergence test: each Ritz value's residual estimate within tol * |value|. float32
-# products carry rounding noise of about 1e-6 relative, so asking for less would never converge.
+# products carry rounding noise of 1e-6 relative or more, so asking for much less would not converge.
 LANCZOS_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LANCZOS_RESTARTS = 100  # ARPACK iterations at most (each costs about ncv - k products)
 
@@ -53,7 +53,7 @@ def hutchinson_trace(loss: SubsetLoss, samples: int, seed: int) -> dict:
     """tr(H) ~ mean of v^T H v over `samples` Rademacher vectors v (entries +-1, drawn on the
     parameters' device from `seed`), with the standard error sample std / sqrt(samples)."""
     if samples < 2:
-        raise ValueError(f"--trace-samples {samples} is invalid: a standard error needs at least 2")
+        raise ValueError(f"{samples} Hutchinson samples are too few: a standard error needs at least 2")
     params = loss.params
     generator = torch.Generator(params[0].device).manual_seed(seed)
     estimates = []

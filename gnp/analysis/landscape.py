@@ -41,7 +41,8 @@ def coordinates(points: int, extent: float) -> list[float]:
 
 
 def interpolation_coordinates(points: int) -> list[float]:
-    """t over [-0.5, 1.5] in steps of 1 / (points - 1), so 0 (run A) and 1 (run B) are sampled exactly."""
+    """t in steps of 1 / (points - 1) from -0.5 to 1.5 (a little less for an even `points`), so that 0
+    (run A) and 1 (run B) are sampled exactly."""
     half = (points - 1) // 2
     return [k / (points - 1) for k in range(-half, points + half)]
 

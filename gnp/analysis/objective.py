@@ -99,8 +99,7 @@ class SubsetLoss:
                 with torch.enable_grad():
                     grads = torch.autograd.grad(self._batch_loss(images, labels), self.params, create_graph=True,
                                                 materialize_grads=True)
-                    dot = torch.stack([(g * v).sum() for g, v in zip(grads, vector)]).sum()
-                    products = torch.autograd.grad(dot, self.params, materialize_grads=True)
+                    products = torch.autograd.grad(dot(grads, vector), self.params, materialize_grads=True)
                 torch._foreach_add_(total, products)
         self._add_l2(total, vector)
         self.hvp_count += 1
