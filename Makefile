@@ -8,7 +8,7 @@ TORCHVISION ?= torchvision==0.29.1
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo train test bench tables clean
+.PHONY: setup demo train test bench tables analyze clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ bench: setup
 RUNS ?= runs
 tables: setup
 	$(PY) scripts/make_tables.py $(RUNS) $(ARGS)
+
+# The flatness of the finished runs in $(RUNS) (README, Flatness of the trained models): their analysis.json.
+analyze: setup
+	$(PY) -m gnp.analysis $(RUNS) $(ARGS)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

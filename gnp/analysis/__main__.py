@@ -1,0 +1,163 @@
+"""`python -m gnp.analysis RUN_DIR [RUN_DIR ...]`: the flatness of finished runs, into each run's
+analysis.json (README: Flatness of the trained models).
+
+Exit status 0 when every run was analysed (or was up to date, or skipped because it did not
+finish), 2 when any input was bad (each problem is one line on stderr; the other runs are still
+analysed), 1 when the machine ran out of memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
+                              is_up_to_date, read_run)
+from gnp.runs import first_line
+
+BAD_INPUT, OUT_OF_MEMORY = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A mistake on the command line is one line (argparse's usage block is left out)."""
+        self.exit(BAD_INPUT, f"error: {message} (python -m gnp.analysis --help)\n")
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is invalid: it must be positive")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m gnp.analysis", description="The flatness of finished runs: training loss, "
+                     "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness and loss "
+                     "landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
+                        help="run directories, or folders holding them (every run under them is analysed)")
+    parser.add_argument("--subset", type=_positive(int), help="training images used (default 5000, or all of a "
+                        "smaller training set)")
+    parser.add_argument("--batch-size", type=_positive(int), default=500, help="images per pass (default 500); "
+                        "every quantity is of the whole subset")
+    parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all): {', '.join(QUANTITIES)}")
+    parser.add_argument("--top-k", type=_positive(int), default=5, help="Hessian eigenvalues (default 5)")
+    parser.add_argument("--trace-samples", type=_positive(int), default=100,
+                        help="Hutchinson samples for the Hessian trace (default 100, at least 2)")
+    parser.add_argument("--rho", type=_positive(float), help="SAM sharpness radius (default the run's method.r if "
+                        "positive, else 0.05)")
+    parser.add_argument("--ascent-steps", type=int, default=5, help="projected gradient ascent steps of the "
+                        "sharpness (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="the subset, the Lanczos start vector, the "
+                        "Hutchinson vectors and the landscape's directions (default 0)")
+    parser.add_argument("--float64", action="store_true", help="compute in float64 (small models)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
+    parser.add_argument("--landscape", action="store_true", help="also the 1-D and 2-D loss surfaces along "
+                        "filter-normalised random directions (figures analysis_landscape.png/.pdf)")
+    parser.add_argument("--landscape-points", type=int, default=21, help="points per axis of the surfaces "
+                        "(default 21: the 2-D grid is 21 x 21); the interpolation's step is 1 / (points - 1)")
+    parser.add_argument("--landscape-range", type=_positive(float), default=1.0,
+                        help="the surfaces span [-range, range] along each direction (default 1)")
+    parser.add_argument("--between", nargs=2, type=Path, metavar=("A", "B"), help="also the loss along the line "
+                        "from run A's weights to run B's (same model), into A's analysis.json")
+    args = parser.parse_args(argv)
+    if not args.runs and not args.between:
+        parser.error("give at least one RUN_DIR (or --between A B)")
+    if args.trace_samples < 2:
+        parser.error(f"--trace-samples {args.trace_samples} is invalid: a standard error needs at least 2")
+    if args.ascent_steps < 0:
+        parser.error(f"--ascent-steps {args.ascent_steps} is invalid: it must be 0 or more")
+    if args.landscape_points < 2:
+        parser.error(f"--landscape-points {args.landscape_points} is invalid: it must be at least 2")
+    args.quantities = QUANTITIES
+    if args.only is not None:
+        chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in QUANTITIES]
+        if unknown or not chosen:
+            parser.error(f"--only {args.only}: unknown quantity {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(QUANTITIES)}")
+        args.quantities = tuple(name for name in QUANTITIES if name in chosen)
+    try:
+        args.device = _device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name} is invalid: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} is not available: no CUDA device is visible; use --device cpu")
+    return device
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = Options(subset=args.subset, batch_size=args.batch_size, seed=args.seed, float64=args.float64,
+                      quantities=args.quantities, top_k=args.top_k, trace_samples=args.trace_samples, rho=args.rho,
+                      ascent_steps=args.ascent_steps, landscape=args.landscape,
+                      landscape_points=args.landscape_points, landscape_range=args.landscape_range)
+    jobs: dict[Path, tuple[Path, Path | None]] = {}  # by resolved path: (run, the other end of its interpolation)
+    errors, skipped, analysed, up_to_date = 0, Counter(), 0, 0
+    if args.between:
+        jobs[args.between[0].resolve()] = (args.between[0], args.between[1])
+    for path in args.runs:
+        try:
+            for run_dir in find_runs(path):
+                jobs.setdefault(run_dir.resolve(), (run_dir, None))
+        except AnalysisError as e:
+            print(f"error: {e}", file=sys.stderr)
+            errors += 1
+    for run_dir, other in jobs.values():
+        try:
+            run = read_run(run_dir)
+            analysis = Analysis(run, replace(options, between=other), args.device)
+            if is_up_to_date(run_dir, analysis.settings):
+                print(f"{run_dir}: {RESULT_FILE} is up to date (made with the same settings)")
+                up_to_date += 1
+                continue
+            print(f"{run_dir}: {_describe(analysis.execute())}")
+            analysed += 1
+        except Skipped as e:
+            print(f"{run_dir}: skipped, the run did not finish (status {e.status})")
+            skipped[e.status] += 1
+        except AnalysisError as e:
+            print(f"error: {e}", file=sys.stderr)
+            errors += 1
+        except torch.cuda.OutOfMemoryError as e:
+            print(f"error: {run_dir}: out of memory ({first_line(e)}); lower --batch-size", file=sys.stderr)
+            return OUT_OF_MEMORY
+    counts = f"{analysed} analysed, {up_to_date} up to date, {sum(skipped.values())} skipped"
+    if skipped:
+        counts += " (" + ", ".join(f"{n} {status}" for status, n in sorted(skipped.items())) + ")"
+    print(counts + (f", {errors} with errors" if errors else ""))
+    return BAD_INPUT if errors else 0
+
+
+def _describe(record: dict) -> str:
+    """One line of the main numbers."""
+    q, names = record["quantities"], {"train_loss": "train loss", "train_error": "error (%)",
+                                      "train_grad_norm": "|grad L|", "hessian_top_eigenvalue": "lambda_max",
+                                      "hessian_trace": "tr(H)", "sam_sharpness": "sharpness"}
+    parts = [f"{label} {q[key]:.4g}" for key, label in names.items() if q.get(key) is not None]
+    return ", ".join(parts) + f" -> {Path(record['run']['dir']) / RESULT_FILE}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Analysing one finished run: read its directory, rebuild its model and loss on a seeded subset of
+its training set, compute each quantity, and write analysis.json.
+
+After each quantity the results so far are written atomically to analysis.partial.json with the
+settings: a killed analysis started again with the same settings continues from there (it loses at
+most the quantity in progress); other settings start afresh. Nothing else in the run directory is
+written, except the figures of the landscape and the interpolation (analysis_*.png and .pdf).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from gnp import checkpoint, io
+from gnp.analysis import hessian, landscape, sharpness
+from gnp.analysis.objective import SubsetLoss, describe_loss, in_loss_l2, norm
+from gnp.data import BatchLoader, DataError, load_dataset
+from gnp.models import build_model
+from gnp.runs import first_line
+from gnp.training import git_commit
+
+FORMAT = "gnp-analysis/1"
+RESULT_FILE = "analysis.json"
+PARTIAL_FILE = "analysis.partial.json"
+CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"
+RUN_FILES = (SUMMARY_FILE, checkpoint.FILENAME, "metrics.jsonl")  # what marks a folder with config.yaml as a run
+DEFAULT_SUBSET = 5000
+# The quantities `--only` chooses from, in the order they are computed.
+QUANTITIES = ("train_loss", "train_error", "train_grad_norm", "hessian_top_eigenvalues", "hessian_trace",
+              "sam_sharpness")
+LOW_PRECISION = ("bf16", "fp16")
+
+
+class AnalysisError(RuntimeError):
+    """Bad input (a run that cannot be analysed as asked); the message is one line with the fix."""
+
+
+class Skipped(Exception):
+    """The run did not finish (its status says why): nothing to analyse, and no error."""
+
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass
+class Options:
+    """What the command line asks for; `Analysis.settings` is what it comes to for one run."""
+    subset: int | None = None  # None: DEFAULT_SUBSET, or the whole of a smaller training set
+    batch_size: int = 500
+    seed: int = 0
+    float64: bool = False
+    quantities: tuple[str, ...] = QUANTITIES
+    top_k: int = 5
+    trace_samples: int = 100
+    rho: float | None = None  # None: the run's method.r if > 0, else 0.05
+    ascent_steps: int = 5
+    landscape: bool = False
+    landscape_points: int = 21
+    landscape_range: float = 1.0
+    between: Path | None = None  # the other run of the interpolation (this run is its t = 0 end)
+
+
+@dataclass
+class Run:
+    """A finished run's directory, read: its config, summary and checkpoint."""
+    dir: Path
+    config: dict
+    summary: dict
+    state: dict = field(repr=False)
+
+
+# --- finding and reading runs --------------------------------------------------------------------
+
+def find_runs(path: str | Path) -> list[Path]:
+    """`path` itself when it is a run directory (it holds config.yaml), else every run directory
+    under it (config.yaml beside summary.json, checkpoint.pt or metrics.jsonl)."""
+    path = Path(path)
+    if not path.exists():
+        raise AnalysisError(f"{path} does not exist: give a run directory that train.py wrote (its hydra.run.dir)")
+    if (path / CONFIG_FILE).is_file():
+        return [path]
+    runs = sorted({p.parent for name in RUN_FILES for p in path.rglob(name) if (p.parent / CONFIG_FILE).is_file()})
+    if not runs:
+        raise AnalysisError(f"{path} is not a run directory (no {CONFIG_FILE}) and holds none: give a run directory "
+                            f"that train.py wrote (its hydra.run.dir) or a folder of them")
+    return runs
+
+
+def read_run(run_dir: Path) -> Run:
+    """The run's config, summary and checkpoint; Skipped unless it finished, AnalysisError when a
+    file is missing or unreadable."""
+    try:
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise AnalysisError(f"{run_dir / CONFIG_FILE} is unreadable ({first_line(e)}): it is not a run "
+                            f"directory that train.py wrote") from None
+    if not (run_dir / SUMMARY_FILE).is_file():
+        raise Skipped("no summary")  # still training, or killed before it could write one
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"{run_dir / SUMMARY_FILE} is unreadable ({first_line(e)}): restore it, or train the "
+                            f"run again") from None
+    status = summary.get("status", "finished")
+    if status != "finished":
+        raise Skipped(status)
+    try:
+        state = checkpoint.load(run_dir)
+    except checkpoint.CheckpointError as e:
+        raise AnalysisError(first_line(e)) from None
+    if state is None:
+        raise AnalysisError(f"{run_dir} has no {checkpoint.FILENAME}: the analysis needs the run's final weights; "
+                            f"restore the file or train the run again")
+    return Run(run_dir, config, summary, state)
+
+
+def build_network(run: Run, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The run's model (as gnp.training builds it, channels_last off) with its checkpoint's weights,
+    in eval mode."""
+    options = dict(run.config["model"])
+    name = options.pop("name")
+    try:
+        net = build_model(name, run.config["dataset"]["num_classes"], **options)
+    except ValueError as e:
+        raise AnalysisError(f"{run.dir / CONFIG_FILE}: {first_line(e)}") from None
+    check_fits(net, run.state["model"], run.dir / checkpoint.FILENAME, run)
+    net.load_state_dict(run.state["model"])
+    return net.to(device=device, dtype=dtype).eval()
+
+
+def check_fits(net: nn.Module, state_dict: dict, source: Path, run: Run) -> None:
+    """AnalysisError naming `source` and the first tensor that does not fit `run`'s model `net`."""
+    expected = net.state_dict()
+    mismatch = None
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            mismatch = f"it has no tensor {key}"
+        elif state_dict[key].shape != tensor.shape:
+            mismatch = f"its {key} has shape {list(state_dict[key].shape)}, not {list(tensor.shape)}"
+        if mismatch:
+            break
+    else:
+        extra = sorted(set(state_dict) - set(expected))
+        mismatch = f"it has a tensor {extra[0]} that the model lacks" if extra else None
+    if mismatch:
+        model = run.config["model"]
+        options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "name")
+        raise AnalysisError(f"{source} holds another model than {run.dir}'s {model['name']}({options}): "
+                            f"{mismatch}. Give runs of the same model")
+
+
+def sub_seed(seed: int, purpose: str) -> int:
+    """An independent seed for each random draw (subset, Lanczos, Hutchinson, directions) from --seed."""
+    index = ("subset", "lanczos", "hutchinson", "directions").index(purpose)
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+# --- the analysis of one run ---------------------------------------------------------------------
+
+class Analysis:
+    """The analysis of one finished run with `options` on `device`; `settings` is what it records
+    and `execute()` writes analysis.json and returns its content."""
+
+    def __init__(self, run: Run, options: Options, device: torch.device):
+        self.run, self.options, self.device = run, options, device
+        self.dtype = torch.float64 if options.float64 else torch.float32
+        self.net = build_network(run, device, self.dtype)
+        self.other = self._other_weights() if options.between else None
+        self.l2 = in_loss_l2(run.config["optimizer"], self.net)
+        self.label_smoothing = run.config["train"]["label_smoothing"]
+        self.loss = SubsetLoss(self.net, self._subset_batches(), label_smoothing=self.label_smoothing, l2=self.l2,
+                               on_pass=self._passed)
+        method_r = run.config["method"]["r"]
+        self.rho = options.rho if options.rho is not None else (method_r if method_r > 0 else 0.05)
+        self.settings = self._settings()
+        self.bar: tqdm | None = None
+        self.current, self.passes = "", 0
+
+    def _subset_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The seeded subset of the run's training images, normalised as the test loader does (no
+        augmentation), in batches on the device."""
+        d = self.run.config["dataset"]
+        try:
+            data = load_dataset(d["name"], d["root"], download=False, verify=d["verify"],
+                                limit_train=d["limit_train"], limit_test=d["limit_test"])
+        except DataError as e:
+            raise AnalysisError(first_line(e)) from None
+        available = len(data.train_labels)
+        size = self.options.subset if self.options.subset is not None else min(DEFAULT_SUBSET, available)
+        if size > available:
+            raise AnalysisError(f"--subset {size} is larger than the training set of {self.run.dir} "
+                                f"({available} images): use --subset {available} or less")
+        generator = torch.Generator().manual_seed(sub_seed(self.options.seed, "subset"))
+        index = torch.randperm(available, generator=generator)[:size].sort().values
+        self.subset_size = size
+        loader = BatchLoader(data.train_images[index], data.train_labels[index], batch_size=self.options.batch_size,
+                             device=self.device, mean=d["mean"], std=d["std"], train=False)
+        return [(images.to(self.dtype), labels) for images, labels in loader.epoch()]
+
+    def _other_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of the run at the interpolation's other end (t = 1), of the same model."""
+        other = read_other_run(self.options.between)
+        check_fits(self.net, other.state["model"], other.dir / checkpoint.FILENAME, self.run)
+        return other.state["model"]
+
+    def _settings(self) -> dict:
+        o = self.options
+        return {"subset": self.subset_size, "batch_size": o.batch_size, "seed": o.seed,
+                "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
+                "quantities": list(o.quantities), "top_k": o.top_k, "lanczos_tol": hessian.LANCZOS_TOL[self.dtype],
+                "trace_samples": o.trace_samples, "rho": self.rho, "ascent_steps": o.ascent_steps,
+                "landscape": {"points": o.landscape_points, "range": o.landscape_range} if o.landscape else None,
+                "between": {"run": str(o.between.resolve()), "points": o.landscape_points} if o.between else None}
+
+    def units(self) -> dict[str, Callable[[], tuple[dict, dict]]]:
+        """Each piece of work by name, in order; each returns (flat quantities, details)."""
+        units = {name: getattr(self, name) for name in self.options.quantities}
+        if self.options.landscape:
+            units["landscape"] = self.landscape
+        if self.other is not None:
+            units["interpolation"] = self.interpolation
+        return units
+
+    def execute(self) -> dict:
+        """Compute what the cache lacks, writing the cache after each piece; then write analysis.json
+        and remove the cache."""
+        run_dir = self.run.dir
+        done = read_partial(run_dir, self.settings)
+        units = self.units()
+        # A bar on a terminal only (tqdm's disable=None), on stderr.
+        self.bar = tqdm(total=len(units), initial=sum(name in done for name in units), desc=run_dir.name,
+                        unit="quantity", leave=False, dynamic_ncols=True, disable=None)
+        try:
+            for name, compute in units.items():
+                if name in done:
+                    continue
+                self.current, self.passes = name, 0
+                quantities, details = compute()
+                done[name] = {"quantities": quantities, "details": details}
+                io.write_json(run_dir / PARTIAL_FILE, {"format": FORMAT, "settings": self.settings, "done": done})
+                self.bar.update()
+        finally:
+            self.bar.close()
+        record = self.record(done)
+        io.write_json(run_dir / RESULT_FILE, record)
+        (run_dir / PARTIAL_FILE).unlink(missing_ok=True)
+        return record
+
+    def _passed(self) -> None:
+        self.passes += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.current}: {self.passes} passes over the subset", refresh=False)
+
+    def record(self, done: dict) -> dict:
+        """analysis.json's content (the layout gnp's tables read)."""
+        quantities, details = {}, {}
+        for name in self.units():
+            quantities.update(done[name]["quantities"])
+            details.update(done[name]["details"])
+        precision = self.run.summary.get("precision", self.run.config.get("precision"))
+        notes = [f"trained with {precision} autocast; analysed in {self.settings['dtype']}"] \
+            if precision in LOW_PRECISION else []
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "format": FORMAT, "quantities": quantities, "details": details, "settings": self.settings,
+            "loss": describe_loss(self.label_smoothing, self.l2, self.net),
+            "run": {"dir": str(self.run.dir), "epoch": self.run.state["epoch"],
+                    "test_error": self.run.summary.get("test_error")},
+            "environment": {"commit": git_commit(), "device": device_name, "torch_version": torch.__version__},
+            "notes": notes,
+        }
+
+    # --- the quantities --------------------------------------------------------------------------
+
+    def train_loss(self) -> tuple[dict, dict]:
+        value, _ = self.loss.evaluate()
+        return {"train_loss": value.item()}, {}
+
+    def train_error(self) -> tuple[dict, dict]:
+        _, error = self.loss.evaluate()
+        return {"train_error": error.item()}, {}
+
+    def train_grad_norm(self) -> tuple[dict, dict]:
+        _, grad = self.loss.gradient()
+        return {"train_grad_norm": norm(grad).item()}, {}
+
+    def hessian_top_eigenvalues(self) -> tuple[dict, dict]:
+        try:
+            result = hessian.top_eigenvalues(self.loss, self.options.top_k, sub_seed(self.options.seed, "lanczos"))
+        except ValueError as e:
+            raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
+        top = result["values"][0] if result["values"] else None
+        return {"hessian_top_eigenvalue": top}, {"hessian_top_eigenvalues": result}
+
+    def hessian_trace(self) -> tuple[dict, dict]:
+        result = hessian.hutchinson_trace(self.loss, self.options.trace_samples,
+                                          sub_seed(self.options.seed, "hutchinson"))
+        return {"hessian_trace": result["value"]}, {"hessian_trace": result}
+
+    def sam_sharpness(self) -> tuple[dict, dict]:
+        result = sharpness.sam_sharpness(self.loss, self.rho, self.options.ascent_steps)
+        return {"sam_sharpness": result["value"]}, {"sam_sharpness": result}
+
+    def landscape(self) -> tuple[dict, dict]:
+        o = self.options
+        generator = torch.Generator(self.device).manual_seed(sub_seed(o.seed, "directions"))
+        d1, d2 = (landscape.filter_normalized_direction(self.loss.params, generator) for _ in range(2))
+        coords = landscape.coordinates(o.landscape_points, o.landscape_range)
+        result = {"directions": landscape.DIRECTIONS, "coordinates": coords,
+                  "1d": landscape.surface(self.loss, [d1], coords),
+                  "2d": landscape.surface(self.loss, [d1, d2], coords)}
+        figures = landscape.plot_landscape(self.run.dir / "analysis_landscape", self.title(), result)
+        return {}, {"landscape": {**result, "figures": [p.name for p in figures]}}
+
+    def interpolation(self) -> tuple[dict, dict]:
+        coords = landscape.interpolation_coordinates(self.options.landscape_points)
+        result = landscape.interpolation(self.loss, self.net, self.other, coords)
+        title = f"{self.title()}\nto {self.options.between} (t = 1); loss on the first run's subset"
+        figures = landscape.plot_interpolation(self.run.dir / "analysis_interpolation", title, result)
+        return {}, {"interpolation": {**result, "other": str(self.options.between),
+                                      "figures": [p.name for p in figures]}}
+
+    def title(self) -> str:
+        s = self.run.summary
+        return (f"{s.get('dataset')} {s.get('model')} {s.get('method')} r={s.get('r')} α={s.get('alpha')} "
+                f"seed {s.get('seed')}: {self.run.dir}")
+
+
+def read_other_run(path: Path) -> Run:
+    """The run at the other end of an interpolation: it must have finished too."""
+    if not (path / CONFIG_FILE).is_file():
+        raise AnalysisError(f"--between: {path} is not a run directory (no {CONFIG_FILE})")
+    try:
+        return read_run(path)
+    except Skipped as skipped:
+        raise AnalysisError(f"--between: {path} did not finish (status {skipped.status}); give a finished run") \
+            from None
+
+
+def read_partial(run_dir: Path, settings: dict) -> dict:
+    """The quantities a killed analysis with the same settings left, else nothing."""
+    try:
+        partial = json.loads((run_dir / PARTIAL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = partial.get("format") == FORMAT and partial.get("settings") == json.loads(io.dumps(settings))
+    return partial.get("done", {}) if same else {}
+
+
+def is_up_to_date(run_dir: Path, settings: dict) -> bool:
+    """analysis.json exists and was made with these settings."""
+    try:
+        saved = json.loads((run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("format") == FORMAT and saved.get("settings") == json.loads(io.dumps(settings))
