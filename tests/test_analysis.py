@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from scipy.optimize import brentq
 
 from conftest import ROOT, compose_config
@@ -22,12 +23,11 @@ from gnp import checkpoint
 from gnp.analysis import landscape
 from gnp.analysis.__main__ import main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
-from gnp.analysis.objective import SubsetLoss, in_loss_l2, norm
-from gnp.analysis.run import QUANTITIES, Analysis
+from gnp.analysis.objective import SubsetLoss, norm
+from gnp.analysis.run import QUANTITIES, Analysis, trained_l2
 from gnp.analysis.sharpness import sam_sharpness
 from gnp.data import load_dataset
 from gnp.models import build_model
-from gnp.training import build_method
 
 WEIGHT_DECAY, SMOOTHING = 0.01, 0.1
 
@@ -55,7 +55,7 @@ def _tiny_loss(model, images, labels, batch_size=16):
     """The analysis's loss in batches of 16, 16 and 8 (uneven, so the weighting matters), with label
     smoothing and in-loss L2 on the weights only."""
     batches = list(zip(images.split(batch_size), labels.split(batch_size)))
-    l2 = in_loss_l2({"weight_decay_mode": "loss", "weight_decay": WEIGHT_DECAY, "decay_norm_and_bias": False}, model)
+    l2 = [(WEIGHT_DECAY, [p for p in model.parameters() if p.ndim > 1])]  # weights only, as decay_norm_and_bias=false
     return SubsetLoss(model, batches, label_smoothing=SMOOTHING, l2=l2)
 
 
@@ -129,12 +129,11 @@ def test_the_gradient_over_batches_is_the_full_batch_gradient(dense):
 
 @pytest.mark.parametrize("mode,decay_norm_and_bias", [("loss", True), ("loss", False), ("optimizer", True)])
 def test_the_in_loss_l2_term_is_the_one_training_adds(mode, decay_norm_and_bias):
+    """The run's own method, built as training builds it, gives the L2 term: checked by hand here."""
     cfg = compose_config("experiment=digits_demo", "model.width=2", f"optimizer.weight_decay_mode={mode}",
                          f"optimizer.decay_norm_and_bias={decay_norm_and_bias}")
     net = build_model("resnet18", 10, width=2).double().eval()
-    groups = in_loss_l2(cfg.optimizer, net)
-    training = build_method(cfg, net, net, steps_per_epoch=10, device=torch.device("cpu"))._l2_groups()
-    assert [(c, [id(p) for p in ps]) for c, ps in groups] == [(c, [id(p) for p in ps]) for c, ps in training]
+    groups = trained_l2(OmegaConf.to_container(cfg, resolve=True), net)
 
     # The analysis's loss is the hand-computed one: cross-entropy plus 0.5 * wd * ||theta||^2 when it applies.
     images = torch.randn(6, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -255,12 +254,12 @@ SCALARS = {"train_loss", "train_error", "train_grad_norm", "hessian_top_eigenval
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished runs of the same model (GNP and SGD), trained through train.py side by side, once
+    """Two finished runs of the same model (GNP and plain SGD), trained through train.py side by side, once
     for the module."""
     root = tmp_path_factory.mktemp("runs")
     processes = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TRAIN, f"method={method}",
                                    f"hydra.run.dir={root / method}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for method in ("gnp", "sgd")]
+                                  stderr=subprocess.PIPE, text=True) for method in ("gnp", "plain")]
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-2000:]
@@ -292,7 +291,7 @@ def _strict(text):
 def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     before = _hashes(run)
     done = subprocess.run([sys.executable, "-m", "gnp.analysis", str(run), *FAST, "--landscape", "--landscape-points",
-                           "3", "--between", str(run), str(runs / "sgd")], cwd=ROOT, capture_output=True, text=True,
+                           "3", "--between", str(run), str(runs / "plain")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "1 analysed, 0 up to date, 0 skipped"
@@ -307,7 +306,7 @@ def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     assert d["hessian_trace"]["samples"] == 3 and d["hessian_trace"]["stderr"] >= 0
     assert d["sam_sharpness"]["rho"] == 0.1 and d["sam_sharpness"]["ascent_steps"] == 2  # the run's method.r
     assert record["settings"]["subset"] == 32 and record["settings"]["dtype"] == "float32"
-    assert record["settings"]["between"] == {"run": str((runs / "sgd").resolve()), "points": 3}
+    assert record["settings"]["between"] == {"run": str((runs / "plain").resolve()), "points": 3}
     assert record["loss"] == "cross-entropy + 0.5 * 0.0005 * ||theta||^2 (in-loss L2 over all parameters)"
     summary = json.loads((run / "summary.json").read_text())
     assert record["run"] == {"dir": str(run), "epoch": 1, "test_error": summary["test_error"]}
@@ -335,7 +334,7 @@ def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     assert line["t"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
     assert line["loss"][1] == pytest.approx(record["quantities"]["train_loss"], rel=1e-5)
     other = build_model("resnet18", 10, width=2)
-    other.load_state_dict(checkpoint.load(runs / "sgd")["model"])  # t = 1: run B's weights, on A's loss
+    other.load_state_dict(checkpoint.load(runs / "plain")["model"])  # t = 1: run B's weights, on A's loss
     with torch.no_grad():
         at_b = F.cross_entropy(other.eval()(images), data.train_labels) + \
             0.5 * 5e-4 * sum(p.pow(2).sum() for p in other.parameters())
@@ -352,7 +351,7 @@ def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     # The same command again has nothing to do.
     written = (run / "analysis.json").read_bytes()
     assert main([str(run), *FAST, "--landscape", "--landscape-points", "3", "--between", str(run),
-                 str(runs / "sgd")]) == 0
+                 str(runs / "plain")]) == 0
     assert (run / "analysis.json").read_bytes() == written
 
 

@@ -3,7 +3,7 @@ trained models). A room of its own beside the training loop: it reads a run dire
 summary and checkpoint and the run's dataset, and writes analysis.json.
 
 - objective.py: the run's training loss on a fixed subset (value, gradient, Hessian-vector
-  products, accumulated over batches) and `in_loss_l2`, the in-loss L2 term the run trained with;
+  products, accumulated over batches), with the in-loss L2 term of the run's own method;
 - hessian.py: the Hessian's top eigenvalues (Lanczos) and trace (Hutchinson);
 - sharpness.py: SAM's sharpness at a radius rho;
 - landscape.py: loss surfaces along filter-normalised directions, and between two runs;

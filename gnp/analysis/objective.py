@@ -8,7 +8,7 @@ caller puts it in eval mode), and nothing here reads a number back from the devi
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -18,19 +18,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Vector = list[torch.Tensor]  # one tensor per parameter, as the parameters are shaped
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def in_loss_l2(optimizer: Mapping, model: nn.Module) -> list[tuple[float, list[nn.Parameter]]]:
-    """(coefficient, parameters) of the in-loss L2 term 0.5 * coefficient * ||theta||^2 that training
-    adds to the loss, as gnp.training's `build_optimizer`/`build_method` and gnp.method's `_l2_groups`
-    derive it from the optimizer's config: wd with `weight_decay_mode: loss`, none otherwise; with
-    `decay_norm_and_bias: false`, parameters with fewer than two dimensions are left out."""
-    if optimizer["weight_decay_mode"] != "loss" or not optimizer["weight_decay"]:
-        return []
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not optimizer["decay_norm_and_bias"]:
-        params = [p for p in params if p.ndim > 1]
-    return [(float(optimizer["weight_decay"]), params)] if params else []
 
 
 def describe_loss(label_smoothing: float, l2: list[tuple[float, list[nn.Parameter]]], model: nn.Module) -> str:
@@ -44,7 +31,8 @@ def describe_loss(label_smoothing: float, l2: list[tuple[float, list[nn.Paramete
 
 
 class SubsetLoss:
-    """The training loss of `model` on `batches`, with `l2` as `in_loss_l2` returns it.
+    """The training loss of `model` on `batches`, with `l2` the in-loss L2 groups of the run's method
+    (`Method.l2_groups`: (coefficient, parameters) pairs).
 
     `on_pass` is called after each full pass over the batches (for a progress display).
     """

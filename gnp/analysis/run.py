@@ -17,15 +17,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from gnp import checkpoint, io
 from gnp.analysis import hessian, landscape, sharpness
-from gnp.analysis.objective import SubsetLoss, describe_loss, in_loss_l2, norm
+from gnp.analysis.objective import SubsetLoss, describe_loss, norm
+from gnp.config import build_method, train_steps_per_epoch
 from gnp.data import BatchLoader, DataError, load_dataset
 from gnp.models import build_model
 from gnp.runs import first_line
-from gnp.training import git_commit
+from gnp.training import build_optimizer, git_commit
 
 FORMAT = "gnp-analysis/1"
 RESULT_FILE = "analysis.json"
@@ -164,6 +166,14 @@ def sub_seed(seed: int, purpose: str) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def trained_l2(config: dict, net: nn.Module) -> list[tuple[float, list[nn.Parameter]]]:
+    """The in-loss L2 groups of the run's method, built on `net` as training builds it: its base optimizer's
+    param groups (`optimizer.decay_norm_and_bias`) and its l2 (`optimizer.weight_decay_mode=loss`)."""
+    cfg = OmegaConf.create(config)
+    base = build_optimizer(cfg.optimizer, net, torch.device("cpu"))
+    return build_method(cfg, net, base, max(train_steps_per_epoch(cfg), 1)).l2_groups()
+
+
 # --- the analysis of one run ---------------------------------------------------------------------
 
 class Analysis:
@@ -175,11 +185,11 @@ class Analysis:
         self.dtype = torch.float64 if options.float64 else torch.float32
         self.net = build_network(run, device, self.dtype)
         self.other = self._other_weights() if options.between else None
-        self.l2 = in_loss_l2(run.config["optimizer"], self.net)
+        self.l2 = trained_l2(run.config, self.net)
         self.label_smoothing = run.config["train"]["label_smoothing"]
         self.loss = SubsetLoss(self.net, self._subset_batches(), label_smoothing=self.label_smoothing, l2=self.l2,
                                on_pass=self._passed)
-        method_r = run.config["method"]["r"]
+        method_r = run.config["method"].get("r", 0)
         self.rho = options.rho if options.rho is not None else (method_r if method_r > 0 else 0.05)
         self.settings = self._settings()
         self.bar: tqdm | None = None
