@@ -709,13 +709,15 @@ def _autocast_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fp16: 
     return closure
 
 
-def _scaled_trainer(init_scale: float = 2.0**16, growth_interval: int = 2000, device: str = "cpu", **settings):
+def _scaled_trainer(init_scale: float = 2.0**16, growth_interval: int = 2000, device: str = "cpu", method=GNP,
+                    **settings):
     """A float32 net with a spare parameter that only an injected overflow reaches."""
     model = small_net(batchnorm=True, dtype=torch.float32, device=device)
     spare = nn.Parameter(torch.ones(3, device=device))
     scaler = torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=growth_interval)
     base = torch.optim.SGD([*model.parameters(), spare], lr=0.1, momentum=0.9)
-    opt = GNP(model, base, grad_scaler=scaler, **{**dict(r=0.1, alpha=0.8, l2=1e-3), **settings})
+    defaults = dict(r=0.1, alpha=0.8, l2=1e-3) if method is GNP else dict(r=0.1, l2=1e-3)
+    opt = method(model, base, grad_scaler=scaler, **{**defaults, **settings})
     return model, spare, opt, scaler
 
 
@@ -772,14 +774,18 @@ def test_scaling_without_autocast_changes_nothing(settings):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bad_pass, alpha", [(1, 0.8), (1, 1.0), (2, 0.8), (2, 1.0)])
-def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, alpha, device):
+@pytest.mark.parametrize("bad_pass, method, settings", [(1, GNP, {"alpha": 0.8}), (1, GNP, {"alpha": 1.0}),
+                                                        (2, GNP, {"alpha": 0.8}), (2, GNP, {"alpha": 1.0}),
+                                                        (1, SAM, {"l2": 0.0}), (2, SAM, {"l2": 0.0}),
+                                                        (1, ASAM, {"l2": 0.0}), (2, ASAM, {"l2": 0.0})])
+def test_fp16_overflow_in_either_pass_skips_the_step(bad_pass, method, settings, device):
     """An inf in one pass leaves parameters and optimizer state untouched and halves the scale once.
 
-    The inf reaches only a spare parameter, so with alpha = 1 and bad_pass = 1 the second pass is
-    finite: the skip must come from the first pass's gradient.
+    The inf reaches only a spare parameter, which the second pass does not use: with bad_pass = 1 and
+    no L2 term (which would bring the spare's NaN perturbation into g2), SAM's and ASAM's g = g2 is
+    finite, and the skip must come from the first pass.
     """
-    model, spare, opt, scaler = _scaled_trainer(alpha=alpha, device=device)
+    model, spare, opt, scaler = _scaled_trainer(device=device, method=method, **settings)
     x, y = make_batch(0, n=32, dtype=torch.float32, device=device)
     opt.step(_overflowing_closure(model, spare, x, y, bad_pass=None))  # creates the momentum buffers
     params, spare_before = flat_params(model), spare.detach().clone()

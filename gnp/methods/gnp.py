@@ -60,9 +60,7 @@ class GNP(SAM):
                 schedule: dict[str, float]) -> None:
         if not self.normalize_first_grad:
             torch._foreach_mul_(direction, g1_norm)  # back to g1
-        # g2 <- alpha * g2 + (1 - alpha) * direction. An inf or NaN in g1 makes `direction` NaN (inf / inf),
-        # which this carries into g even at alpha = 1 (0 * NaN = NaN): a float16 overflow of either pass skips.
-        torch._foreach_lerp_(g2, direction, 1.0 - schedule["alpha"])
+        torch._foreach_lerp_(g2, direction, 1.0 - schedule["alpha"])  # g2 <- alpha * g2 + (1 - alpha) * direction
 
     def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
         if not self.exact:

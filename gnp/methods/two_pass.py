@@ -137,6 +137,10 @@ class TwoPassMethod(Method):
         if running_stats:
             torch._foreach_copy_(running_stats, saved_stats)
         self.combine(perturbed.grads, direction, g1_norm, schedule)
+        if scale is not None:
+            # GradScaler skips a step on an inf or NaN in the final gradient: a first pass's overflow must
+            # reach it even where the combination drops g1 (SAM's g = g2). 0 * ||g1|| is 0 or NaN.
+            perturbed.grads[0].add_(g1_norm * 0)
         return Gradient(first, perturbed, g1_norm, self.ddp, schedule)
 
 
