@@ -1,7 +1,8 @@
 """Pins the optimisation steps of the plain, SAM and GNP updates bit for bit across refactors.
 
 `tests/pinned/steps.pt` holds the parameters and optimizer state after a few float64 steps of each
-method on a small network with BatchNorm and dropout (the commit that wrote it is inside). The steps
+method on a small network with BatchNorm and dropout, in one CPU thread (the commit that wrote it is
+inside: the one class of all three methods, before they became plug-ins). The steps
 must stay exactly these: any change to the arithmetic of a method shows here first. Rewrite the file
 only for an intended change of the update: `python tests/test_pinned_steps.py`.
 """
@@ -46,6 +47,15 @@ def base_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def run(name: str) -> dict[str, torch.Tensor]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a reduction split over threads adds in another order: bits depend on the count
+    try:
+        return _steps(name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps(name: str) -> dict[str, torch.Tensor]:
     model = network()
     kind, method_class, settings = CASES[name]
     base = base_optimizer(kind, model)
