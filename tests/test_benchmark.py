@@ -1,7 +1,7 @@
-"""scripts/benchmark.py: its hand-written two-pass step (the reference GNP's step is timed against)
-is the GNP update, checked against GNP and a closed form; a tiny run writes every
-field that README.md's speed tables and the tables' time estimates read; README.md's tables are
-what the generator makes of the committed JSON. No timing is asserted."""
+"""`make bench` (scripts/benchmark.py over gnp.bench): its hand-written two-pass step (the reference
+GNP's step is timed against) is the GNP update, checked against GNP and a closed form; a tiny run
+writes every field that README.md's speed tables and the tables' time estimates read; README.md's
+tables are what the generator makes of the committed JSON. No timing is asserted."""
 import copy
 import importlib.util
 import json
@@ -16,19 +16,24 @@ import torch.nn.functional as F
 
 from gnp import tables
 from gnp.augment import PRESETS, STYLES
-from gnp.methods import GNP, Method
+from gnp.bench import files, readme, timing
+from gnp.bench.settings import FastPaths, ModelSpec, parse_model
+from gnp.bench.stages import loop as loop_stage, methods
+from gnp.bench.steps import two_pass_step
+from gnp.methods import GNP
+from gnp.models import MODELS
 from conftest import ROOT
 
 
-def _load_benchmark():
+def _load_command():
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # its dataclasses look their module up
+    sys.modules["benchmark"] = module
     spec.loader.exec_module(module)
     return module
 
 
-benchmark = _load_benchmark()
+benchmark = _load_command()
 
 
 def _tiny_net() -> nn.Module:
@@ -48,7 +53,7 @@ def test_the_two_pass_step_is_gradient_norm_penaltys_step():
     base = torch.optim.SGD(suite.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     opt = GNP(suite, base, **settings)
     for _ in range(3):
-        benchmark.two_pass_step(list(reference.parameters()), list(reference.buffers()), base_ref,
+        two_pass_step(list(reference.parameters()), list(reference.buffers()), base_ref,
                                 lambda: F.cross_entropy(reference(x), y), **settings)
         opt.step(lambda: F.cross_entropy(suite(x), y))
         assert opt.last_step.final_grad_norm.item() == pytest.approx(0.05, rel=1e-4)  # the clip was active
@@ -78,16 +83,16 @@ def test_the_two_pass_step_follows_the_formula_on_least_squares(max_grad_norm):
 
     w = nn.Parameter(w0.clone())
     optimizer = torch.optim.SGD([w], lr=lr)
-    benchmark.two_pass_step([w], [], optimizer, lambda: 0.5 * ((X @ w - y) ** 2).mean(), r=r, alpha=alpha,
+    two_pass_step([w], [], optimizer, lambda: 0.5 * ((X @ w - y) ** 2).mean(), r=r, alpha=alpha,
                             l2=l2, max_grad_norm=max_grad_norm)
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_each_fast_path_pair_differs_in_that_path_alone(device):
-    main = benchmark.FastPaths("bf16" if device == "cuda" else "fp32", True, device == "cuda", device == "cuda")
-    variants = benchmark.step_variants(main, ["fp32", "bf16", "fp16"])
-    pairs = benchmark.fast_path_pairs(variants, main)
+    main = FastPaths("bf16" if device == "cuda" else "fp32", True, device == "cuda", device == "cuda")
+    variants = methods.step_variants(main, ["fp32", "bf16", "fp16"])
+    pairs = methods.fast_path_pairs(variants, main)
     key = {"compile": "compile", "channels_last": "channels_last", "fused": "fused", "bf16": "precision",
            "fp16": "precision"}
     assert {p["path"] for p in pairs} == set(key) - ({"compile"} if device == "cpu" else set())
@@ -117,13 +122,13 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     _, data = tiny_run
-    assert data["format"] == benchmark.FORMAT and data["complete"] is True
+    assert data["format"] == files.FORMAT and data["complete"] is True
     assert {"device", "device_name", "device_count", "cpu_threads", "torch", "cuda"} <= data["environment"].keys()
     assert data["environment"]["device"] == "cpu" and "--steps 1" in data["command"]
     assert data["settings"]["models"] == [{"name": "resnet18", "options": {"width": 2}, "batch_size": 8, "steps": 1}]
     [model] = data["models"]
     assert (model["model"], model["options"], model["batch_size"]) == ("resnet18", {"width": 2}, 8)
-    assert model["parameters"] == sum(p.numel() for p in benchmark.MODELS["resnet18"](width=2).parameters())
+    assert model["parameters"] == sum(p.numel() for p in MODELS["resnet18"](width=2).parameters())
     assert set(model["variants"]) == {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[channels_last=on]",
                                       "gnp[fused=on]"}
     for v in model["variants"].values():
@@ -160,14 +165,14 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
         assert len(run["bare_step_ms"]["samples"]) == 2  # one block before the run, one after
         assert run["bare_step_images_per_second"] == pytest.approx(8000 / run["bare_step_ms"]["median"])
         assert run["loop/bare_step"] == pytest.approx(run["images_per_second"] / run["bare_step_images_per_second"])
-        assert run["summaries"][0]["method"] == benchmark.METHODS[method][0] and run["summaries"][0]["status"] == "finished"
+        assert run["summaries"][0]["method"] == loop_stage.METHODS[method] and run["summaries"][0]["status"] == "finished"
     assert "checks" not in data and data["checks_failed"] == []
 
 
 def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     out, data = tiny_run
     model = data["models"][0]
-    text = benchmark.readme_tables(out.parent)
+    text = readme.tables(out.parent)
     row = next(line for line in text.splitlines() if "ResNet-18 (width 2), 8 |" in line)
     assert f"| {model['variants']['sgd']['ms_per_step']['median']:.3g} |" in row
     assert f"| {model['ratios']['gnp/sgd']:.2f}× |" in row and f"| {model['ratios']['gnp/two_pass']:.2f}× |" in row
@@ -196,18 +201,23 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
 
 
 def test_readme_speed_tables_are_generated_from_the_committed_json():
-    readme = (ROOT / "README.md").read_text()
-    assert benchmark.generated_readme_tables(readme) == benchmark.readme_tables(), \
+    text = (ROOT / "README.md").read_text()
+    assert readme.current(text) == readme.tables(), \
         "README.md's speed tables are stale: run python scripts/benchmark.py --readme"
 
 
-def test_the_readme_tables_are_replaced_between_their_markers():
-    text = f"# x\n\n## Speed\nbefore\n{benchmark.README_BEGIN}\nold table\n{benchmark.README_END}\nafter\n"
-    updated = benchmark.replace_readme_tables(text, "| new |")
-    assert updated == f"# x\n\n## Speed\nbefore\n{benchmark.README_BEGIN}\n| new |\n{benchmark.README_END}\nafter\n"
-    assert benchmark.generated_readme_tables(updated) == "| new |"
-    with pytest.raises(SystemExit, match="no speed-table markers"):
-        benchmark.replace_readme_tables("# x\n", "| new |")
+def test_the_readme_tables_are_replaced_between_their_markers(tmp_path, tiny_run):
+    out, _ = tiny_run
+    path = tmp_path / "README.md"
+    path.write_text(f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\nold table\n{readme.END}\nafter\n")
+    assert readme.update(path, out.parent) is True
+    assert path.read_text() == f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\n{readme.tables(out.parent)}\n{readme.END}\nafter\n"
+    assert readme.current(path.read_text()) == readme.tables(out.parent)
+    assert readme.update(path, out.parent) is False  # already current
+    path.write_text("# x\n")
+    with pytest.raises(tables.TableError, match="README.md has no '<!-- speed tables"):
+        readme.update(path, out.parent)
+    assert path.read_text() == "# x\n"
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -223,24 +233,24 @@ def test_bad_model_specs_are_one_line_errors(spec, message, capsys):
 
 
 def test_default_options_are_dropped_from_a_model_spec():
-    assert benchmark.parse_model("resnet18:width=64,batch=128,steps=3") == benchmark.ModelSpec("resnet18", {}, 128, 3)
-    assert benchmark.parse_model("vit_s:depth=1") == benchmark.ModelSpec("vit_s", {"depth": 1}, None, None)
+    assert parse_model("resnet18:width=64,batch=128,steps=3") == ModelSpec("resnet18", {}, 128, 3)
+    assert parse_model("vit_s:depth=1") == ModelSpec("vit_s", {"depth": 1}, None, None)
 
 
 def test_a_mixed_variant_costs_the_mean_of_its_steps_whatever_one_block_did():
     """Blocks of 2 steps, a plain step 10 ms and a two-pass one 20 ms: the steps cost 15 ms on average
     (3 two-pass steps of 6), also when one block was slowed down by another process."""
     two_pass = [True, False, True, True, False, False]
-    assert benchmark.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
-    assert benchmark.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
-    assert benchmark.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
+    assert timing.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert timing.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert timing.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
 
 
 def test_a_failing_stage_is_recorded_and_fails_the_run_while_the_others_go_on(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access")
 
-    monkeypatch.setattr(benchmark, "measure_model", broken)
+    monkeypatch.setattr(methods, "measure_model", broken)
     out = tmp_path / "bench.json"
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "resnet18:width=3,batch=8",
                            "--skip", "exact", "loader", "loop", "--loop-images", "8", "--test-images", "8",
