@@ -97,15 +97,15 @@ def test_each_fast_path_pair_differs_in_that_path_alone(device):
            "fp16": "precision"}
     assert {p["path"] for p in pairs} == set(key) - ({"compile"} if device == "cpu" else set())
     for pair in pairs:
-        on, off = asdict(variants[pair["on"]][1]), asdict(variants[pair["off"]][1])
+        on, off = asdict(variants[pair["on"]].paths), asdict(variants[pair["off"]].paths)
         assert {k for k in on if on[k] != off[k]} == {key[pair["path"]]}
-        assert variants[pair["on"]][0] == variants[pair["off"]][0] == "gnp"
+        assert variants[pair["on"]].method == variants[pair["off"]].method == "gnp"
         if pair["path"] in ("bf16", "fp16"):
             assert (on["precision"], off["precision"]) == (pair["path"], "fp32")
         else:
             assert on[pair["path"]] is True and off[pair["path"]] is False
-    compiled = [name for name, (_, paths, _) in variants.items() if paths.compile]
-    main_setting = {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[fused=off]"}
+    compiled = [name for name, v in variants.items() if v.paths.compile]
+    main_setting = {"plain", "sam", "gnp", "asam", "hybrid", "two_pass", "gnp[fused=off]"}
     assert set(compiled) == (main_setting if device == "cuda" else set())
 
 
@@ -129,28 +129,40 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     [model] = data["models"]
     assert (model["model"], model["options"], model["batch_size"]) == ("resnet18", {"width": 2}, 8)
     assert model["parameters"] == sum(p.numel() for p in MODELS["resnet18"](width=2).parameters())
-    assert set(model["variants"]) == {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[channels_last=on]",
+    assert set(model["variants"]) == {"plain", "sam", "gnp", "asam", "hybrid", "two_pass", "gnp[channels_last=on]",
                                       "gnp[fused=on]"}
+    assert {name for name, v in model["variants"].items() if v["role"] == "method"} == set(methods.METHODS)
+    assert model["variants"]["two_pass"]["role"] == "reference"
+    assert all(v["role"] == "fast_path" for name, v in model["variants"].items() if name.startswith("gnp["))
+    # what each method says it costs (its expected passes), and what its steps reported
+    assert {name: v["passes_per_step"] for name, v in model["variants"].items() if v["role"] == "method"} == {
+        "plain": 1, "sam": 2, "gnp": 2, "asam": 2, "hybrid": 1.5}
     for v in model["variants"].values():
         timing = v["ms_per_step"]
         assert len(timing["samples"]) == 2 and timing["median"] == statistics.median(timing["samples"])
         assert timing["min"] <= timing["q1"] <= timing["median"] <= timing["q3"] <= timing["max"]
         if "mean_ms_per_step" not in v:  # hybrid's rate is its mean's (below)
             assert v["images_per_second"] == pytest.approx(8 * 1000 / timing["median"])
-    assert model["variants"]["sgd"]["two_pass_fraction"] == 0 and model["variants"]["gnp"]["two_pass_fraction"] == 1
+    assert model["variants"]["plain"]["two_pass_fraction"] == 0
+    assert all(model["variants"][name]["two_pass_fraction"] == 1 for name in ("sam", "gnp", "asam", "two_pass"))
     hybrid = model["variants"]["hybrid"]
     assert hybrid["two_pass_fraction"] in (0, 0.5, 1)  # over its 2 timed steps
     assert hybrid["images_per_second"] == pytest.approx(8000 / hybrid["mean_ms_per_step"])
     samples = {name: v["ms_per_step"]["samples"] for name, v in model["variants"].items()}
-    for a, b in (("gnp", "sgd"), ("gnp", "two_pass"), ("sam", "sgd")):  # paired by round, median of 2 rounds
+    median = {name: v["ms_per_step"]["median"] for name, v in model["variants"].items()}
+    pairs = [("gnp", "plain"), ("gnp", "two_pass"), ("sam", "plain"), ("asam", "plain"), ("asam", "two_pass")]
+    for a, b in pairs:  # paired by round, median of 2 rounds
         per_round = [samples[a][r] / samples[b][r] for r in range(2)]
         assert model["ratios"][f"{a}/{b}"] == pytest.approx(sum(per_round) / 2)
+    assert model["ratios"]["hybrid/plain"] == pytest.approx(hybrid["mean_ms_per_step"] / median["plain"])
+    assert model["limits"] == {"gnp/plain": 2.05, "gnp/two_pass": 1.02, "asam/two_pass": 1.05}
+    assert model["within_limits"] == {key: model["ratios"][key] <= limit for key, limit in model["limits"].items()}
     channels_last = next(p for p in model["fast_paths"] if p["path"] == "channels_last")
     off, on = samples["gnp"], samples["gnp[channels_last=on]"]  # on the CPU the suite's choice is off
     assert channels_last["speedup"] == pytest.approx((off[0] / on[0] + off[1] / on[1]) / 2)
     memory = model["memory"]
-    assert memory["parameter_bytes"] == 4 * model["parameters"] and memory["sgd_bytes"] > 0
-    assert memory["limit_bytes"] == pytest.approx((memory["sgd_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
+    assert memory["parameter_bytes"] == 4 * model["parameters"] and memory["plain_bytes"] > 0
+    assert memory["limit_bytes"] == pytest.approx((memory["plain_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
     assert model["evaluation"]["images"] == 8 and model["evaluation"]["images_per_second"] > 0
     assert set(data["loader"]["styles"]) == set(STYLES)
     assert all(set(presets) == set(PRESETS) for presets in data["loader"]["styles"].values())
@@ -158,7 +170,7 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     assert basic["times_gnp_step"][model["label"]] == pytest.approx(
         basic["images_per_second"] / model["variants"]["gnp"]["images_per_second"])
     [loop] = data["loop"]
-    for method in ("sgd", "gnp"):
+    for method in ("plain", "gnp"):
         run = loop["methods"][method]
         assert run["ok"] and len(run["epoch_images_per_second"]) == 1 and len(run["epoch_images_per_second"][0]) == 2
         assert run["images_per_second"] == run["epoch_images_per_second"][0][1]  # the first epoch is the warm-up
@@ -169,13 +181,24 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     assert "checks" not in data and data["checks_failed"] == []
 
 
+def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):
+    [model] = tiny_run[1]["models"]
+    methods.show(model)
+    out = capsys.readouterr().out
+    for key, limit in model["limits"].items():
+        verdict = "within" if model["ratios"][key] <= limit else "OVER"
+        assert f"{key} {model['ratios'][key]:.3f} (limit {limit}: {verdict})" in out
+
+
 def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     out, data = tiny_run
     model = data["models"][0]
     text = readme.tables(out.parent)
     row = next(line for line in text.splitlines() if "ResNet-18 (width 2), 8 |" in line)
-    assert f"| {model['variants']['sgd']['ms_per_step']['median']:.3g} |" in row
-    assert f"| {model['ratios']['gnp/sgd']:.2f}× |" in row and f"| {model['ratios']['gnp/two_pass']:.2f}× |" in row
+    assert f"| {model['variants']['plain']['ms_per_step']['median']:.3g} |" in row
+    cells = row.split(" | ")
+    assert [cells[i] for i in range(4, 10) if i != 7] == [f"{model['ratios'][key]:.2f}×" for key in (
+        "sam/plain", "gnp/plain", "asam/plain", "gnp/two_pass", "asam/two_pass")]
     assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 5
     assert tables.read_throughput(out.parent) == []  # a shrunk model is no measurement of the full one
 
@@ -188,7 +211,7 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     [epoch] = [t for t in tables.read_throughput(out.parent) if t.upper_bound]  # a failed run is no measurement
     assert (epoch.model, epoch.method, epoch.images_per_second) == ("pyramidnet272", "gnp", 100.0)
     measured = {t.method: t for t in tables.read_throughput(out.parent) if not t.upper_bound}
-    assert set(measured) == {"sgd", "sam", "gnp", "hybrid"}
+    assert set(measured) == {"plain", "sam", "gnp", "asam", "hybrid"}
     assert {m: t.passes for m, t in measured.items()} == {
         m: 1 + model["variants"][m]["two_pass_fraction"] for m in measured} and measured["gnp"].passes == 2
     for method, t in measured.items():
@@ -196,7 +219,7 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
         variant = model["variants"][method]  # a hybrid step is costed by its mean over its mix of step kinds
         ms = variant["mean_ms_per_step"] if method == "hybrid" else variant["ms_per_step"]["median"]
         assert t.images_per_second == pytest.approx(8000 / ms)
-        assert t.device == f"cpu ({data['environment']['cpu_threads']} threads)" and t.how == measured["sgd"].how
+        assert t.device == f"cpu ({data['environment']['cpu_threads']} threads)" and t.how == measured["plain"].how
     (out.parent / "full.json").unlink()
 
 

@@ -3,8 +3,10 @@ reader of those files, shared by README's speed tables (gnp.bench.readme) and th
 (gnp.tables.estimates).
 
 A file is one JSON object with `"format": FORMAT`, the environment it was measured in, its settings
-and a record per stage (`models`, `exact`, `loader`, `loop`, `checks`); a stage that did not run is
-absent.
+and a record per stage (`models`, `exact`, `loader`, `loop`, `checks`, `analysis`); a stage that did
+not run is absent. Each step variant of a model says what it is (`role`): one of the suite's methods
+at the main setting (named `plain`, `sam`, `gnp`, `asam`, `hybrid`), the hand-written two-pass
+reference step (`two_pass`) or GNP with a fast path flipped (`gnp[channels_last=off]`, ...).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from pathlib import Path
 from gnp import io
 from gnp.runs import first_line
 
-FORMAT = "gnp-benchmark/1"
+FORMAT = "gnp-benchmark/2"
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
+METHOD, REFERENCE, FAST_PATH = "method", "reference", "fast_path"  # a step variant's role
 
 
 class BenchmarkFileError(ValueError):
@@ -43,7 +46,7 @@ def read_all(folder: Path = BENCHMARK_DIR) -> list[tuple[Path, dict]]:
     return files
 
 
-def method_variants(model: dict) -> dict[str, dict]:
-    """The variants of a model's record that are the suite's methods at the main setting: not the
-    hand-written reference step (`two_pass`), nor GNP with a fast path flipped (`gnp[...]`)."""
-    return {name: v for name, v in model["variants"].items() if "[" not in name and name != "two_pass"}
+def method_variants(variants: dict[str, dict]) -> dict[str, dict]:
+    """Those of a model's step variants that are the suite's methods at the main setting: not the
+    hand-written reference step, nor GNP with a fast path flipped."""
+    return {name: v for name, v in variants.items() if v["role"] == METHOD}

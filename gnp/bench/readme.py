@@ -42,11 +42,12 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         loops = {loop["label"]: loop for loop in data.get("loop", [])}
         for m in data["models"]:  # files of earlier commits lack the variants and stages added since
             r, v = m["ratios"], m["variants"]
-            hybrid = _x(r["hybrid/sgd"]) + f" ({100 * v['hybrid']['two_pass_fraction']:.0f}% two-pass)" \
+            hybrid = _x(r["hybrid/plain"]) + f" ({100 * v['hybrid']['two_pass_fraction']:.0f}% two-pass)" \
                 if "hybrid" in v else "–"
             step_rows.append([where, f"{_model_label(m['model'], m['options'])}, {m['batch_size']}", m["main_label"],
-                              f"{_median(m, 'sgd'):.3g}", _x(r["sam/sgd"]), _x(r["gnp/sgd"]), hybrid,
-                              _x(r["gnp/two_pass"]) if "gnp/two_pass" in r else "–", _memory(m.get("memory"))])
+                              f"{_median(m, 'plain'):.3g}", *(_ratio(r, f"{name}/plain") for name in ("sam", "gnp",
+                                                                                                     "asam")),
+                              hybrid, _ratio(r, "gnp/two_pass"), _ratio(r, "asam/two_pass"), _memory(m.get("memory"))])
             if m["fast_paths"]:
                 speedups = {p["path"]: _x(p["speedup"]) for p in m["fast_paths"]}
                 path_rows.append([where, _model_label(m["model"], m["options"]),
@@ -55,21 +56,23 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
             evaluation = m.get("evaluation", {}).get("images_per_second")
             loop = loops.pop(m["label"], None)
             if loop or evaluation:
-                loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, "sgd"),
+                loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, "plain"),
                                   _loop_cell(loop, "gnp"), _count(evaluation) if evaluation else "–"])
         for loop in loops.values():  # a loop without a step measurement of its model
-            loop_rows.append([where, _model_label(loop["model"], loop["options"]), _loop_cell(loop, "sgd"),
+            loop_rows.append([where, _model_label(loop["model"], loop["options"]), _loop_cell(loop, "plain"),
                               _loop_cell(loop, "gnp"), "–"])
         if "loader" in data:
             first = data["models"][0]["label"] if data["models"] else None
             for style, presets in data["loader"]["styles"].items():
                 loader_rows.append([where, style, *(_loader_cell(presets.get(k), first) for k in PRESETS)])
     return "\n".join([
-        "Steps (SGD: median ms/step; ratios: medians over rounds of the ratio within a round; hybrid: its mean "
-        "step time, with the share of two-pass steps it drew; two-pass: the hand-written two-pass step):",
+        "Steps (plain: median ms/step of the one-pass step; ratios: medians over rounds of the ratio within a "
+        "round; hybrid: its mean step time, with the share of two-pass steps it drew; two-pass: the hand-written "
+        "two-pass step):",
         "",
-        *_markdown(["measured on", "model, batch", "setting", "SGD ms/step", "SAM ÷ SGD", "GNP ÷ SGD",
-                    "hybrid p=0.5 ÷ SGD", "GNP ÷ two-pass", "peak memory SGD → GNP (limit)"], step_rows),
+        *_markdown(["measured on", "model, batch", "setting", "plain ms/step", "SAM ÷ plain", "GNP ÷ plain",
+                    "ASAM ÷ plain", "hybrid p=0.5 ÷ plain", "GNP ÷ two-pass", "ASAM ÷ two-pass",
+                    "peak memory plain → GNP (limit)"], step_rows),
         "",
         "Fast paths (a GNP step's time without the path ÷ with it, paired by round as above; precision: fp32 ÷ it):",
         "",
@@ -78,7 +81,7 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         "The whole training loop (images/s, median of the epochs after the first; in brackets ÷ the bare step) "
         "and evaluation:",
         "",
-        *_markdown(["measured on", "model", "loop SGD", "loop GNP", "evaluation"], loop_rows),
+        *_markdown(["measured on", "model", "loop plain", "loop GNP", "evaluation"], loop_rows),
         "",
         "The input pipeline alone (images/s; in brackets × the first model's GNP step):",
         "",
@@ -116,6 +119,10 @@ def _x(ratio: float) -> str:
     return f"{ratio:.2f}×"
 
 
+def _ratio(ratios: dict, key: str) -> str:
+    return _x(ratios[key]) if key in ratios else "–"
+
+
 def _count(images_per_second: float) -> str:
     if images_per_second >= 100_000:
         return f"{images_per_second / 1000:,.0f}k"
@@ -126,7 +133,7 @@ def _memory(memory: dict | None) -> str:
     if not memory:
         return "–"
     limit = f" (≤ {memory['limit_bytes'] / 2**20:,.0f})" if "limit_bytes" in memory else ""
-    return f"{memory['sgd_bytes'] / 2**20:,.0f} → {memory['gnp_bytes'] / 2**20:,.0f} MiB{limit}"
+    return f"{memory['plain_bytes'] / 2**20:,.0f} → {memory['gnp_bytes'] / 2**20:,.0f} MiB{limit}"
 
 
 def _loader_cell(preset: dict | None, model_label: str | None) -> str:

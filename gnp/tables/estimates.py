@@ -44,7 +44,7 @@ def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
         env = data["environment"]
         device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
         for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
-            for name, variant in benchmark_files.method_variants(m).items():
+            for name, variant in benchmark_files.method_variants(m["variants"]).items():
                 if not m["options"]:
                     out.append(Throughput(m["model"], name, 1 + variant["two_pass_fraction"],
                                           variant["images_per_second"], device,

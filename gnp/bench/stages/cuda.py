@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from gnp.bench.files import REFERENCE
 from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, compose_config, run_overrides
 from gnp.bench.stages.loop import run_checked
 from gnp.bench.steps import SuiteStep
@@ -36,24 +37,22 @@ SYNC_STEPS = 3  # steady-state steps run under torch.cuda.set_sync_debug_mode
 
 # --- no host synchronisation in a training step or a loader batch -------------------------------
 
-def sync_checks(steps: dict[str, SuiteStep], variants: dict[str, tuple[str, FastPaths, str | None]],
-                spec: ModelSpec, main: FastPaths, device: torch.device, data: DataPaths) -> dict:
+def sync_checks(steps: dict[str, SuiteStep], variants: dict, spec: ModelSpec, main: FastPaths,
+                device: torch.device, data: DataPaths) -> dict:
     """Steady-state loop steps of every suite variant under torch.cuda.set_sync_debug_mode: bf16 and
     fp32 ones must not synchronise at all ("error" mode raises at the first synchronising call);
     fp16 ones may synchronise only inside GradScaler, at most once per step ("warn" mode, each
     warning counted with the file that made it). With a fused base optimizer GradScaler hands its
     inf/NaN flag to the fused kernel and makes none; an unfused one reads it on the host, once."""
     checks = {}
-    for name, step in steps.items():
-        if name == "two_pass":
-            continue
-        precision = variants[name][1].precision
-        checks[name] = count_syncs(step.loop_step, device) if precision == "fp16" else no_sync(step.loop_step, device)
-    fp16 = [n for n in steps if variants[n][1].precision == "fp16"]
+    suite = {name: v for name, v in variants.items() if v.role != REFERENCE}  # the reference has no loop step
+    for name, v in suite.items():
+        check = count_syncs if v.paths.precision == "fp16" else no_sync
+        checks[name] = check(steps[name].loop_step, device)
+    fp16 = [v for v in suite.values() if v.paths.precision == "fp16"]
     if fp16:  # the same with an unfused optimizer: exactly GradScaler's one synchronisation per step
-        method, paths, _ = variants[fp16[0]]
-        unfused = replace(paths, fused=False)
-        step = SuiteStep(compose_config(run_overrides(spec, method, unfused, device, data.tiny)), device)
+        unfused = replace(fp16[0].paths, fused=False)
+        step = SuiteStep(compose_config(run_overrides(spec, fp16[0].method, unfused, device, data.tiny)), device)
         for _ in range(2):
             step()
         checks[f"gnp[{unfused.differences(main)}]"] = count_syncs(step.loop_step, device)

@@ -21,12 +21,12 @@ from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import interleaved, rate, release, spread, warm_up
 from gnp.runs import error_line
 
-METHODS = {"sgd": "plain", "gnp": "gnp"}  # name -> config method: the loop's two runs
-TARGETS = {"device": "H100", "model": "resnet18", "images_per_second": {"sgd": 45_000, "gnp": 22_000}}
+METHODS = {"plain": "plain", "gnp": "gnp"}  # name -> config method: the loop's two runs
+TARGETS = {"device": "H100", "model": "resnet18", "images_per_second": {"plain": 45_000, "gnp": 22_000}}
 
 
 def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, data: DataPaths, work: Path) -> dict:
-    """The training loop for SGD and GNP in the main setting, --loop-repeats runs each, against the
+    """The training loop for plain and GNP steps in the main setting, --loop-repeats runs each, against the
     bare step of the same setting timed in blocks just before and after each run (a shared machine's
     speed drifts: only measurements close in time compare). Every epoch after a run's first is a
     sample of the loop."""
@@ -96,5 +96,5 @@ def show(loop: dict) -> None:
     print_table([f"loop {loop['label']}", "images/s", "min-max", "bare step", "loop / step"], rows)
     if "targets" in loop:
         t = loop["targets"]
-        print(f"targets on an {t['device']}: SGD >= {t['images_per_second']['sgd']:,}, GNP >= "
+        print(f"targets on an {t['device']}: plain >= {t['images_per_second']['plain']:,}, GNP >= "
               f"{t['images_per_second']['gnp']:,} images/s")
