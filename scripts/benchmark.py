@@ -36,10 +36,10 @@ from pathlib import Path
 
 from gnp.bench import readme
 from gnp.bench.run import run
-from gnp.bench.settings import CPU_DEFAULT_MODELS, CUDA_DEFAULT_MODELS, parse_model
+from gnp.bench.settings import ANALYSIS_MODELS, CPU_DEFAULT_MODELS, CUDA_DEFAULT_MODELS, parse_model
 from gnp.tables import TableError
 
-STAGES = ("memory", "evaluation", "exact", "loader", "loop")  # what --skip can leave out
+STAGES = ("memory", "evaluation", "exact", "loader", "loop", "analysis")  # what --skip can leave out
 
 
 def positive(text: str) -> int:
@@ -79,6 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a warm-up, the others are the samples; default 3 on CUDA, 2 on a CPU")
     parser.add_argument("--loop-repeats", type=positive, default=2, help="runs of the loop per method (default 2)")
     parser.add_argument("--loader-batches", type=positive, default=40, help="batches per timed block of the loader")
+    parser.add_argument("--analysis-model", type=parse_model, default=None, metavar="NAME[:KEY=VALUE,...]",
+                        help="the model of the analysis-cost stage, as in --models; default "
+                             f"{ANALYSIS_MODELS['cuda']} on CUDA, {ANALYSIS_MODELS['cpu']} on a CPU")
+    parser.add_argument("--analysis-subset", type=positive, default=None,
+                        help="training images the timed analysis uses (its --subset); default: the analysis's own "
+                             "(5000) on CUDA, a tenth of --loop-images on a CPU")
+    parser.add_argument("--analysis-args", type=shlex.split, default=[], metavar="'ARG ...'",
+                        help="more options of the timed analysis, e.g. '--top-k 1 --trace-samples 2' for a smoke "
+                             "run (default none: the analysis's own defaults)")
     parser.add_argument("--checks", choices=("auto", "on", "off"), default="auto",
                         help="the end-to-end checks: auto = on CUDA only; on a CPU they run on shrunk models and "
                              "without the synchronisation checks (a smoke run)")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gnp import tables
+from gnp.analysis import __main__ as analysis_command
 from gnp.augment import PRESETS, STYLES
 from gnp.bench import files, readme, timing
 from gnp.bench.settings import FastPaths, ModelSpec, parse_model
@@ -115,7 +116,8 @@ def tiny_run(tmp_path_factory):
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "--steps", "1", "--repeats", "2",
                            "--warmup", "0", "--precisions", "fp32", "--loop-images", "16", "--test-images", "8",
                            "--loop-epochs", "2", "--loop-repeats", "1", "--loader-batches", "1", "--skip", "exact",
-                           "--out", str(out)])
+                           "--analysis-model", "resnet18:width=2,batch=8",
+                           "--analysis-args", "--only train_loss,hessian_trace --trace-samples 2", "--out", str(out)])
     assert code == 0
     return out, json.loads(out.read_text())
 
@@ -177,8 +179,34 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
         assert len(run["bare_step_ms"]["samples"]) == 2  # one block before the run, one after
         assert run["bare_step_images_per_second"] == pytest.approx(8000 / run["bare_step_ms"]["median"])
         assert run["loop/bare_step"] == pytest.approx(run["images_per_second"] / run["bare_step_images_per_second"])
-        assert run["summaries"][0]["method"] == loop_stage.METHODS[method] and run["summaries"][0]["status"] == "finished"
+        summary = run["summaries"][0]
+        assert summary["method"] == loop_stage.METHODS[method] and summary["status"] == "finished"
     assert "checks" not in data and data["checks_failed"] == []
+
+
+def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
+    _, data = tiny_run
+    analysis = data["analysis"]
+    assert (analysis["model"], analysis["options"], analysis["batch_size"]) == ("resnet18", {"width": 2}, 8)
+    hvp = analysis["hvp"]
+    assert hvp["settings"] == {"precision": "fp32", "channels_last": False, "compile": False, "fused": False}
+    samples = {name: hvp["ms"][name]["samples"] for name in ("hvp", "step")}
+    assert len(samples["hvp"]) == len(samples["step"]) == 2  # --repeats 2
+    assert hvp["hvp/step"] == pytest.approx(sum(a / b for a, b in zip(samples["hvp"], samples["step"])) / 2)
+    run = analysis["run"]
+    assert run["summary"]["method"] == "plain" and run["summary"]["status"] == "finished"
+    assert len(run["epoch_training_seconds"]) == 2 and run["epoch_seconds"] == run["epoch_training_seconds"][1]
+    assert run["analysis/epoch"] == pytest.approx(run["analysis_seconds"] / run["epoch_seconds"])
+    # on a tenth of the 16 training images, with the command's own defaults but for what is shrunk here
+    defaults = analysis_command.parse_args(["run"])
+    settings = run["analysis_settings"]
+    assert run["analysis_arguments"] == ["--device", "cpu", "--subset", "1", "--only", "train_loss,hessian_trace",
+                                         "--trace-samples", "2"]
+    assert (settings["subset"], settings["quantities"], settings["trace_samples"]) == (
+        1, ["train_loss", "hessian_trace"], 2)
+    assert {k: settings[k] for k in ("batch_size", "top_k", "ascent_steps", "seed")} == {
+        k: getattr(defaults, k) for k in ("batch_size", "top_k", "ascent_steps", "seed")}
+    assert settings["landscape"] is None and run["hvp_count"] == 2  # the trace's products
 
 
 def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):
@@ -199,7 +227,10 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     cells = row.split(" | ")
     assert [cells[i] for i in range(4, 10) if i != 7] == [f"{model['ratios'][key]:.2f}×" for key in (
         "sam/plain", "gnp/plain", "asam/plain", "gnp/two_pass", "asam/two_pass")]
-    assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 5
+    assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 6
+    analysis = next(line for line in text.splitlines() if "products" in line and "CPU thread" in line)
+    assert f"| {data['analysis']['hvp']['hvp/step']:.2f}× (" in analysis
+    assert analysis.endswith(f"| {data['analysis']['run']['analysis/epoch']:,.0f}× |")
     assert tables.read_throughput(out.parent) == []  # a shrunk model is no measurement of the full one
 
     full = copy.deepcopy(data)
@@ -234,7 +265,8 @@ def test_the_readme_tables_are_replaced_between_their_markers(tmp_path, tiny_run
     path = tmp_path / "README.md"
     path.write_text(f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\nold table\n{readme.END}\nafter\n")
     assert readme.update(path, out.parent) is True
-    assert path.read_text() == f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\n{readme.tables(out.parent)}\n{readme.END}\nafter\n"
+    generated = readme.tables(out.parent)
+    assert path.read_text() == f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\n{generated}\n{readme.END}\nafter\n"
     assert readme.current(path.read_text()) == readme.tables(out.parent)
     assert readme.update(path, out.parent) is False  # already current
     path.write_text("# x\n")
@@ -276,7 +308,7 @@ def test_a_failing_stage_is_recorded_and_fails_the_run_while_the_others_go_on(tm
     monkeypatch.setattr(methods, "measure_model", broken)
     out = tmp_path / "bench.json"
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "resnet18:width=3,batch=8",
-                           "--skip", "exact", "loader", "loop", "--loop-images", "8", "--test-images", "8",
+                           "--skip", "exact", "loader", "loop", "analysis", "--loop-images", "8", "--test-images", "8",
                            "--out", str(out)])
     data = json.loads(out.read_text())
     assert code == 1 and data["complete"] is True and data["models"] == []

@@ -31,7 +31,7 @@ def current(text: str) -> str:
 
 def tables(folder: Path = files.BENCHMARK_DIR) -> str:
     """The Markdown tables of README.md's "Speed" section, from every benchmark file in `folder`."""
-    step_rows, path_rows, loop_rows, loader_rows, check_lines = [], [], [], [], []
+    step_rows, path_rows, loop_rows, loader_rows, analysis_rows, check_lines = [], [], [], [], [], []
     for path, data in files.read_all(folder):
         where = _where(path.name, data)
         if "checks" in data:
@@ -61,6 +61,8 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         for loop in loops.values():  # a loop without a step measurement of its model
             loop_rows.append([where, _model_label(loop["model"], loop["options"]), _loop_cell(loop, "plain"),
                               _loop_cell(loop, "gnp"), "–"])
+        if "analysis" in data:
+            analysis_rows.append([where, *_analysis_cells(data["analysis"])])
         if "loader" in data:
             first = data["models"][0]["label"] if data["models"] else None
             for style, presets in data["loader"]["styles"].items():
@@ -86,6 +88,12 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         "The input pipeline alone (images/s; in brackets × the first model's GNP step):",
         "",
         *_markdown(["measured on", "style", *PRESETS], loader_rows),
+        "",
+        "What a flatness analysis costs (one Hessian-vector product ÷ one plain training step of the same batch, "
+        "both float32 and eager, paired by round; the wall time of a default `python -m gnp.analysis` of a run "
+        "÷ one training epoch of it, the median of the epochs after the first):",
+        "",
+        *_markdown(["measured on", "model, batch", "HVP ÷ step", "default analysis", "÷ one epoch"], analysis_rows),
         *(["", "End-to-end checks (training runs of every model family and, except in the files of an earlier "
                "commit, no host synchronisation in a step or a loader batch):", "", *check_lines]
           if check_lines else []),
@@ -149,6 +157,16 @@ def _loop_cell(loop: dict | None, method: str) -> str:
     r = loop["methods"][method]
     ratio = f"{r['loop/bare_step']:.2f}" if "loop/bare_step" in r else "–"
     return f"{_count(r['images_per_second'])} ({ratio})"
+
+
+def _analysis_cells(analysis: dict) -> list[str]:
+    hvp, run = analysis["hvp"], analysis["run"]
+    ms = hvp["ms"]
+    extra = f"; with {' '.join(run['extra_arguments'])}" if run["extra_arguments"] else ""
+    return [f"{_model_label(analysis['model'], analysis['options'])}, {analysis['batch_size']}",
+            f"{_x(hvp['hvp/step'])} ({ms['hvp']['median']:.3g} vs {ms['step']['median']:.3g} ms)",
+            f"{run['analysis_seconds']:,.0f} s ({run['analysis_settings']['subset']:,} of {run['images']:,} images, "
+            f"{run['hvp_count']} products{extra})", f"{run['analysis/epoch']:,.0f}×"]
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from gnp.bench import files
 from gnp.bench.parts import git_commit
 from gnp.bench.settings import DataPaths, ModelSpec, resolve
-from gnp.bench.stages import cuda, exact, loader, loop, methods
+from gnp.bench.stages import analysis, cuda, exact, loader, loop, methods
 from gnp.distributed import pick_device
 from gnp.runs import error_line
 
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     report: dict[str, Any] = {
         "format": files.FORMAT, "name": args.name, "command": command,
         "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": env,
-        "settings": {k: [asdict(m) for m in v] if k == "models" else v for k, v in vars(args).items()
-                     if k not in ("readme", "out")},
+        "settings": {k: [asdict(m) for m in v] if k == "models" else asdict(v) if k == "analysis_model" else v
+                     for k, v in vars(args).items() if k not in ("readme", "out")},
         "limits": {"steps": methods.STEP_LIMITS[device.type], "memory_slack": methods.MEMORY_SLACK,
                    "loader": loader.TARGET, "loop": loop.TARGETS},
         "complete": False, "stage_seconds": {}, "errors": {}, "models": [],
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="gnp-bench-") as tmp:
         work = Path(tmp)
         data = DataPaths(work / "data", args.loop_images, args.test_images,
-                         max(m.batch_size for m in [*args.models, ModelSpec(*exact.MODEL)]))
+                         max(m.batch_size for m in [*args.models, args.analysis_model, ModelSpec(*exact.MODEL)]))
         for spec in args.models:
             if model := attempt(f"steps {spec.label}", lambda: methods.measure_model(spec, args, device, data),
                                 methods.show):
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace, command: str) -> int:
              lambda result: loader.show(result, device)),
             ("loop", "loop" not in args.skip, lambda: [loop.measure(args.models[0], args, device, data, work)],
              lambda loops: loop.show(loops[0])),
+            ("analysis", "analysis" not in args.skip,
+             lambda: analysis.measure(args.analysis_model, args, device, data, work), analysis.show),
             ("checks", args.checks, lambda: {"runs": cuda.run_checks(args, device, data, work)}, lambda checks: None),
         ]
         for key, wanted, measure, show in stages:

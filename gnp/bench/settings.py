@@ -21,6 +21,7 @@ from gnp.models import MODELS, check_model_options
 
 CUDA_DEFAULT_MODELS = ("resnet18", "wrn28_10", "vit_s")
 CPU_DEFAULT_MODELS = ("resnet18:width=16", "wrn28_10:depth=10,widen=2", "vit_s:depth=1")
+ANALYSIS_MODELS = {"cuda": "resnet18", "cpu": "resnet18:width=8"}  # the analysis-cost stage's default model
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
     args.steps = args.steps or (10 if cuda else 2)
     args.models = [replace(m, batch_size=m.batch_size or args.batch_size, steps=m.steps or args.steps)
                    for m in args.models]
+    analysis_model = args.analysis_model or parse_model(ANALYSIS_MODELS["cuda" if cuda else "cpu"])
+    args.analysis_model = replace(analysis_model, batch_size=analysis_model.batch_size or args.batch_size,
+                                  steps=analysis_model.steps or args.steps)
     args.repeats = args.repeats or 5
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
@@ -105,7 +109,10 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
     args.loop_epochs = args.loop_epochs or (3 if cuda else 2)
     args.test_images = args.test_images or (10_000 if cuda else 512)
     args.checks = cuda if args.checks == "auto" else args.checks == "on"
-    largest = max(m.batch_size for m in args.models)
+    # A tenth of the training images, as a default analysis takes 5,000 of CIFAR's 50,000 (on CUDA its own default).
+    if args.analysis_subset is None and not cuda:
+        args.analysis_subset = max(1, args.loop_images // 10)
+    largest = max(m.batch_size for m in [*args.models, *([args.analysis_model] if "analysis" not in args.skip else [])])
     if args.loop_images < largest:
         raise SystemExit(f"--loop-images={args.loop_images} is smaller than a batch ({largest}): raise it")
     return args
