@@ -7,24 +7,27 @@
 Stages, each printed as a table; the JSON is rewritten after each one, so a run cut short keeps what
 it measured (results/benchmarks/<name>_<device>.json, or --out):
 
-1. steps, per model (--models): ms/step and images/s of SGD (r = 0), SAM, GNP and hybrid p = 0.5
-   through the suite's own code (the model, method and optimizer that the training loop builds from
-   the config, stepped with a closure of the training loop's shape), of a hand-written two-pass step
-   on the same model and optimizer, and of GNP with each fast path flipped (compile, channels_last,
-   precision, fused optimizer). The variants are interleaved round-robin (--warmup steps each, then
-   --repeats rounds of --steps steps each), with device synchronisation around each timed block:
-   medians with min/max and quartiles, and ratios as medians over rounds of the ratio within a round
-   (a shared machine's drift cancels). Then evaluation throughput and peak memory of SGD and GNP
-   (CUDA: max_memory_allocated in this process; CPU: peak RSS of a child process per variant).
-2. exact mode: SGD, GNP and exact (double-backward) GNP on a ResNet-18 of width 8, batch 32.
+1. steps, per model (--models): ms/step and images/s of plain (one pass), SAM, GNP, ASAM and hybrid
+   GNP (p = 0.5) through the suite's own code (the model, method and optimizer that the training
+   loop builds from the config, stepped with a closure of the loop's shape), of a hand-written
+   two-pass step on the same model and optimizer, and of GNP with each fast path flipped (compile,
+   channels_last, precision, fused optimizer). The variants are interleaved round-robin (--warmup
+   steps each, then --repeats rounds of --steps steps each), with device synchronisation around each
+   timed block: medians with min/max and quartiles, and ratios as medians over rounds of the ratio
+   within a round (a shared machine's drift cancels). Then evaluation throughput and peak memory of
+   plain and GNP steps (CUDA: max_memory_allocated in this process; CPU: peak RSS of a child process
+   per variant).
+2. exact mode: plain, GNP and exact (double-backward) GNP on a ResNet-18 of width 8, batch 32.
 3. loader: the input pipeline alone per augmentation preset and style, against the GNP step's rate.
 4. loop: the whole training loop (through the real config, on CIFAR-sized synthetic data,
    --loop-epochs epochs, the first one a warm-up) against the bare step, timed in blocks just before
    and after each of --loop-repeats runs of the loop.
-5. checks (CUDA only, or --checks on): every model family trains a short GNP epoch through the
+5. analysis (--analysis-model): one Hessian-vector product against one plain step of the same batch,
+   and a default `python -m gnp.analysis` of a plain run against one of its training epochs.
+6. checks (CUDA only, or --checks on): every model family trains a short GNP epoch through the
    training loop, and no training step or loader batch synchronises the host with the GPU.
 
-Targets are printed beside the measurements; only a failed check (or a stage that raised) makes the
+Limits are printed beside the measurements; only a failed check (or a stage that raised) makes the
 exit status non-zero. The code is the package gnp.bench; this file is its command line.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from gnp.analysis import __main__ as analysis_command
 from gnp.bench import readme
 from gnp.bench.run import run
 from gnp.bench.settings import ANALYSIS_MODELS, CPU_DEFAULT_MODELS, CUDA_DEFAULT_MODELS, parse_model
@@ -100,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup={args.warmup} must be at least 0")
+    try:  # before anything is measured: the analysis's own parser says what is wrong
+        analysis_command.parse_args(["RUN_DIR", *args.analysis_args])
+    except SystemExit:
+        parser.error(f"--analysis-args {shlex.join(args.analysis_args)!r} are not options of python -m gnp.analysis "
+                     "(python -m gnp.analysis --help)")
     return args
 
 

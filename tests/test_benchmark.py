@@ -287,6 +287,14 @@ def test_bad_model_specs_are_one_line_errors(spec, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_analysis_options_are_checked_before_anything_is_measured(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--device", "cpu", "--analysis-args", "--top-k 0"])
+    err = capsys.readouterr().err
+    assert "--top-k: 0 is invalid: it must be positive" in err
+    assert "--analysis-args '--top-k 0' are not options of python -m gnp.analysis" in err
+
+
 def test_default_options_are_dropped_from_a_model_spec():
     assert parse_model("resnet18:width=64,batch=128,steps=3") == ModelSpec("resnet18", {}, 128, 3)
     assert parse_model("vit_s:depth=1") == ModelSpec("vit_s", {"depth": 1}, None, None)

@@ -84,7 +84,10 @@ def measure_run(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
     command += args.analysis_args
     release(device)
     started = time.perf_counter()
-    status = analysis_command.main(command)
+    try:
+        status = analysis_command.main(command)
+    except SystemExit as e:  # its own command-line check
+        status = e.code
     seconds = time.perf_counter() - started
     if status:
         raise RuntimeError(f"python -m gnp.analysis {' '.join(command)} exited with status {status}")
