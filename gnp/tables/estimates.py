@@ -11,12 +11,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gnp.bench import files as benchmark_files
-from gnp.bench.files import BENCHMARK_DIR
 from gnp.config import method_passes, train_steps_per_epoch
 from gnp.models import MODELS
 from gnp.tables.plans import Plan, unflatten
 from gnp.tables.runs import Run, is_number
 from gnp.tables.spec import TableError
+
+BENCHMARK_DIR = benchmark_files.BENCHMARK_DIR
 
 
 @dataclass(frozen=True)
