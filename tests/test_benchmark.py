@@ -1,7 +1,7 @@
-"""scripts/benchmark.py: its hand-written two-pass step (the reference GNP's step is timed against)
-is the GNP update, checked against GNP and a closed form; a tiny run writes every
-field that README.md's speed tables and the tables' time estimates read; README.md's tables are
-what the generator makes of the committed JSON. No timing is asserted."""
+"""`make bench` (scripts/benchmark.py over gnp.bench): its hand-written two-pass step (the reference
+GNP's step is timed against) is the GNP update, checked against GNP and a closed form; a tiny run
+writes every field that README.md's speed tables and the tables' time estimates read; README.md's
+tables are what the generator makes of the committed JSON. No timing is asserted."""
 import copy
 import importlib.util
 import json
@@ -15,20 +15,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gnp import tables
+from gnp.analysis import __main__ as analysis_command
 from gnp.augment import PRESETS, STYLES
-from gnp.methods import GNP, Method
+from gnp.bench import files, readme, timing
+from gnp.bench.settings import FastPaths, ModelSpec, parse_model
+from gnp.bench.stages import loop as loop_stage, methods
+from gnp.bench.steps import two_pass_step
+from gnp.methods import GNP
+from gnp.models import MODELS
 from conftest import ROOT
 
 
-def _load_benchmark():
+def _load_command():
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # its dataclasses look their module up
+    sys.modules["benchmark"] = module
     spec.loader.exec_module(module)
     return module
 
 
-benchmark = _load_benchmark()
+benchmark = _load_command()
 
 
 def _tiny_net() -> nn.Module:
@@ -48,7 +54,7 @@ def test_the_two_pass_step_is_gradient_norm_penaltys_step():
     base = torch.optim.SGD(suite.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     opt = GNP(suite, base, **settings)
     for _ in range(3):
-        benchmark.two_pass_step(list(reference.parameters()), list(reference.buffers()), base_ref,
+        two_pass_step(list(reference.parameters()), list(reference.buffers()), base_ref,
                                 lambda: F.cross_entropy(reference(x), y), **settings)
         opt.step(lambda: F.cross_entropy(suite(x), y))
         assert opt.last_step.final_grad_norm.item() == pytest.approx(0.05, rel=1e-4)  # the clip was active
@@ -78,29 +84,29 @@ def test_the_two_pass_step_follows_the_formula_on_least_squares(max_grad_norm):
 
     w = nn.Parameter(w0.clone())
     optimizer = torch.optim.SGD([w], lr=lr)
-    benchmark.two_pass_step([w], [], optimizer, lambda: 0.5 * ((X @ w - y) ** 2).mean(), r=r, alpha=alpha,
+    two_pass_step([w], [], optimizer, lambda: 0.5 * ((X @ w - y) ** 2).mean(), r=r, alpha=alpha,
                             l2=l2, max_grad_norm=max_grad_norm)
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_each_fast_path_pair_differs_in_that_path_alone(device):
-    main = benchmark.FastPaths("bf16" if device == "cuda" else "fp32", True, device == "cuda", device == "cuda")
-    variants = benchmark.step_variants(main, ["fp32", "bf16", "fp16"])
-    pairs = benchmark.fast_path_pairs(variants, main)
+    main = FastPaths("bf16" if device == "cuda" else "fp32", True, device == "cuda", device == "cuda")
+    variants = methods.step_variants(main, ["fp32", "bf16", "fp16"])
+    pairs = methods.fast_path_pairs(variants, main)
     key = {"compile": "compile", "channels_last": "channels_last", "fused": "fused", "bf16": "precision",
            "fp16": "precision"}
     assert {p["path"] for p in pairs} == set(key) - ({"compile"} if device == "cpu" else set())
     for pair in pairs:
-        on, off = asdict(variants[pair["on"]][1]), asdict(variants[pair["off"]][1])
+        on, off = asdict(variants[pair["on"]].paths), asdict(variants[pair["off"]].paths)
         assert {k for k in on if on[k] != off[k]} == {key[pair["path"]]}
-        assert variants[pair["on"]][0] == variants[pair["off"]][0] == "gnp"
+        assert variants[pair["on"]].method == variants[pair["off"]].method == "gnp"
         if pair["path"] in ("bf16", "fp16"):
             assert (on["precision"], off["precision"]) == (pair["path"], "fp32")
         else:
             assert on[pair["path"]] is True and off[pair["path"]] is False
-    compiled = [name for name, (_, paths, _) in variants.items() if paths.compile]
-    main_setting = {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[fused=off]"}
+    compiled = [name for name, v in variants.items() if v.paths.compile]
+    main_setting = {"plain", "sam", "gnp", "asam", "hybrid", "two_pass", "gnp[fused=off]"}
     assert set(compiled) == (main_setting if device == "cuda" else set())
 
 
@@ -110,42 +116,55 @@ def tiny_run(tmp_path_factory):
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "--steps", "1", "--repeats", "2",
                            "--warmup", "0", "--precisions", "fp32", "--loop-images", "16", "--test-images", "8",
                            "--loop-epochs", "2", "--loop-repeats", "1", "--loader-batches", "1", "--skip", "exact",
-                           "--out", str(out)])
+                           "--analysis-model", "resnet18:width=2,batch=8",
+                           "--analysis-args", "--only train_loss,hessian_trace --trace-samples 2", "--out", str(out)])
     assert code == 0
     return out, json.loads(out.read_text())
 
 
 def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     _, data = tiny_run
-    assert data["format"] == benchmark.FORMAT and data["complete"] is True
+    assert data["format"] == files.FORMAT and data["complete"] is True
     assert {"device", "device_name", "device_count", "cpu_threads", "torch", "cuda"} <= data["environment"].keys()
     assert data["environment"]["device"] == "cpu" and "--steps 1" in data["command"]
     assert data["settings"]["models"] == [{"name": "resnet18", "options": {"width": 2}, "batch_size": 8, "steps": 1}]
     [model] = data["models"]
     assert (model["model"], model["options"], model["batch_size"]) == ("resnet18", {"width": 2}, 8)
-    assert model["parameters"] == sum(p.numel() for p in benchmark.MODELS["resnet18"](width=2).parameters())
-    assert set(model["variants"]) == {"sgd", "sam", "gnp", "hybrid", "two_pass", "gnp[channels_last=on]",
+    assert model["parameters"] == sum(p.numel() for p in MODELS["resnet18"](width=2).parameters())
+    assert set(model["variants"]) == {"plain", "sam", "gnp", "asam", "hybrid", "two_pass", "gnp[channels_last=on]",
                                       "gnp[fused=on]"}
+    assert {name for name, v in model["variants"].items() if v["role"] == "method"} == set(methods.METHODS)
+    assert model["variants"]["two_pass"]["role"] == "reference"
+    assert all(v["role"] == "fast_path" for name, v in model["variants"].items() if name.startswith("gnp["))
+    # what each method says it costs (its expected passes), and what its steps reported
+    assert {name: v["passes_per_step"] for name, v in model["variants"].items() if v["role"] == "method"} == {
+        "plain": 1, "sam": 2, "gnp": 2, "asam": 2, "hybrid": 1.5}
     for v in model["variants"].values():
         timing = v["ms_per_step"]
         assert len(timing["samples"]) == 2 and timing["median"] == statistics.median(timing["samples"])
         assert timing["min"] <= timing["q1"] <= timing["median"] <= timing["q3"] <= timing["max"]
         if "mean_ms_per_step" not in v:  # hybrid's rate is its mean's (below)
             assert v["images_per_second"] == pytest.approx(8 * 1000 / timing["median"])
-    assert model["variants"]["sgd"]["two_pass_fraction"] == 0 and model["variants"]["gnp"]["two_pass_fraction"] == 1
+    assert model["variants"]["plain"]["two_pass_fraction"] == 0
+    assert all(model["variants"][name]["two_pass_fraction"] == 1 for name in ("sam", "gnp", "asam", "two_pass"))
     hybrid = model["variants"]["hybrid"]
     assert hybrid["two_pass_fraction"] in (0, 0.5, 1)  # over its 2 timed steps
     assert hybrid["images_per_second"] == pytest.approx(8000 / hybrid["mean_ms_per_step"])
     samples = {name: v["ms_per_step"]["samples"] for name, v in model["variants"].items()}
-    for a, b in (("gnp", "sgd"), ("gnp", "two_pass"), ("sam", "sgd")):  # paired by round, median of 2 rounds
+    median = {name: v["ms_per_step"]["median"] for name, v in model["variants"].items()}
+    pairs = [("gnp", "plain"), ("gnp", "two_pass"), ("sam", "plain"), ("asam", "plain"), ("asam", "two_pass")]
+    for a, b in pairs:  # paired by round, median of 2 rounds
         per_round = [samples[a][r] / samples[b][r] for r in range(2)]
         assert model["ratios"][f"{a}/{b}"] == pytest.approx(sum(per_round) / 2)
+    assert model["ratios"]["hybrid/plain"] == pytest.approx(hybrid["mean_ms_per_step"] / median["plain"])
+    assert model["limits"] == {"gnp/plain": 2.05, "gnp/two_pass": 1.02, "asam/two_pass": 1.05}
+    assert model["within_limits"] == {key: model["ratios"][key] <= limit for key, limit in model["limits"].items()}
     channels_last = next(p for p in model["fast_paths"] if p["path"] == "channels_last")
     off, on = samples["gnp"], samples["gnp[channels_last=on]"]  # on the CPU the suite's choice is off
     assert channels_last["speedup"] == pytest.approx((off[0] / on[0] + off[1] / on[1]) / 2)
     memory = model["memory"]
-    assert memory["parameter_bytes"] == 4 * model["parameters"] and memory["sgd_bytes"] > 0
-    assert memory["limit_bytes"] == pytest.approx((memory["sgd_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
+    assert memory["parameter_bytes"] == 4 * model["parameters"] and memory["plain_bytes"] > 0
+    assert memory["limit_bytes"] == pytest.approx((memory["plain_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
     assert model["evaluation"]["images"] == 8 and model["evaluation"]["images_per_second"] > 0
     assert set(data["loader"]["styles"]) == set(STYLES)
     assert all(set(presets) == set(PRESETS) for presets in data["loader"]["styles"].values())
@@ -153,25 +172,65 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     assert basic["times_gnp_step"][model["label"]] == pytest.approx(
         basic["images_per_second"] / model["variants"]["gnp"]["images_per_second"])
     [loop] = data["loop"]
-    for method in ("sgd", "gnp"):
+    for method in ("plain", "gnp"):
         run = loop["methods"][method]
         assert run["ok"] and len(run["epoch_images_per_second"]) == 1 and len(run["epoch_images_per_second"][0]) == 2
         assert run["images_per_second"] == run["epoch_images_per_second"][0][1]  # the first epoch is the warm-up
         assert len(run["bare_step_ms"]["samples"]) == 2  # one block before the run, one after
         assert run["bare_step_images_per_second"] == pytest.approx(8000 / run["bare_step_ms"]["median"])
         assert run["loop/bare_step"] == pytest.approx(run["images_per_second"] / run["bare_step_images_per_second"])
-        assert run["summaries"][0]["method"] == benchmark.METHODS[method][0] and run["summaries"][0]["status"] == "finished"
+        summary = run["summaries"][0]
+        assert summary["method"] == loop_stage.METHODS[method] and summary["status"] == "finished"
     assert "checks" not in data and data["checks_failed"] == []
+
+
+def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
+    _, data = tiny_run
+    analysis = data["analysis"]
+    assert (analysis["model"], analysis["options"], analysis["batch_size"]) == ("resnet18", {"width": 2}, 8)
+    hvp = analysis["hvp"]
+    assert hvp["settings"] == {"precision": "fp32", "channels_last": False, "compile": False, "fused": False}
+    samples = {name: hvp["ms"][name]["samples"] for name in ("hvp", "step")}
+    assert len(samples["hvp"]) == len(samples["step"]) == 2  # --repeats 2
+    assert hvp["hvp/step"] == pytest.approx(sum(a / b for a, b in zip(samples["hvp"], samples["step"])) / 2)
+    run = analysis["run"]
+    assert run["summary"]["method"] == "plain" and run["summary"]["status"] == "finished"
+    assert len(run["epoch_training_seconds"]) == 2 and run["epoch_seconds"] == run["epoch_training_seconds"][1]
+    assert run["analysis/epoch"] == pytest.approx(run["analysis_seconds"] / run["epoch_seconds"])
+    # on a tenth of the 16 training images, with the command's own defaults but for what is shrunk here
+    defaults = analysis_command.parse_args(["run"])
+    settings = run["analysis_settings"]
+    assert run["analysis_arguments"] == ["--device", "cpu", "--subset", "1", "--only", "train_loss,hessian_trace",
+                                         "--trace-samples", "2"]
+    assert (settings["subset"], settings["quantities"], settings["trace_samples"]) == (
+        1, ["train_loss", "hessian_trace"], 2)
+    assert {k: settings[k] for k in ("batch_size", "top_k", "ascent_steps", "seed")} == {
+        k: getattr(defaults, k) for k in ("batch_size", "top_k", "ascent_steps", "seed")}
+    assert settings["landscape"] is None and run["hvp_count"] == 2  # the trace's products
+
+
+def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):
+    [model] = tiny_run[1]["models"]
+    methods.show(model)
+    out = capsys.readouterr().out
+    for key, limit in model["limits"].items():
+        verdict = "within" if model["ratios"][key] <= limit else "OVER"
+        assert f"{key} {model['ratios'][key]:.3f} (limit {limit}: {verdict})" in out
 
 
 def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     out, data = tiny_run
     model = data["models"][0]
-    text = benchmark.readme_tables(out.parent)
+    text = readme.tables(out.parent)
     row = next(line for line in text.splitlines() if "ResNet-18 (width 2), 8 |" in line)
-    assert f"| {model['variants']['sgd']['ms_per_step']['median']:.3g} |" in row
-    assert f"| {model['ratios']['gnp/sgd']:.2f}× |" in row and f"| {model['ratios']['gnp/two_pass']:.2f}× |" in row
-    assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 5
+    assert f"| {model['variants']['plain']['ms_per_step']['median']:.3g} |" in row
+    cells = row.split(" | ")
+    assert [cells[i] for i in range(4, 10) if i != 7] == [f"{model['ratios'][key]:.2f}×" for key in (
+        "sam/plain", "gnp/plain", "asam/plain", "gnp/two_pass", "asam/two_pass")]
+    assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 6
+    analysis = next(line for line in text.splitlines() if "products" in line and "CPU thread" in line)
+    assert f"| {data['analysis']['hvp']['hvp/step']:.2f}× (" in analysis
+    assert analysis.endswith(f"| {data['analysis']['run']['analysis/epoch']:,.0f}× |")
     assert tables.read_throughput(out.parent) == []  # a shrunk model is no measurement of the full one
 
     full = copy.deepcopy(data)
@@ -183,7 +242,7 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     [epoch] = [t for t in tables.read_throughput(out.parent) if t.upper_bound]  # a failed run is no measurement
     assert (epoch.model, epoch.method, epoch.images_per_second) == ("pyramidnet272", "gnp", 100.0)
     measured = {t.method: t for t in tables.read_throughput(out.parent) if not t.upper_bound}
-    assert set(measured) == {"sgd", "sam", "gnp", "hybrid"}
+    assert set(measured) == {"plain", "sam", "gnp", "asam", "hybrid"}
     assert {m: t.passes for m, t in measured.items()} == {
         m: 1 + model["variants"][m]["two_pass_fraction"] for m in measured} and measured["gnp"].passes == 2
     for method, t in measured.items():
@@ -191,23 +250,29 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
         variant = model["variants"][method]  # a hybrid step is costed by its mean over its mix of step kinds
         ms = variant["mean_ms_per_step"] if method == "hybrid" else variant["ms_per_step"]["median"]
         assert t.images_per_second == pytest.approx(8000 / ms)
-        assert t.device == f"cpu ({data['environment']['cpu_threads']} threads)" and t.how == measured["sgd"].how
+        assert t.device == f"cpu ({data['environment']['cpu_threads']} threads)" and t.how == measured["plain"].how
     (out.parent / "full.json").unlink()
 
 
 def test_readme_speed_tables_are_generated_from_the_committed_json():
-    readme = (ROOT / "README.md").read_text()
-    assert benchmark.generated_readme_tables(readme) == benchmark.readme_tables(), \
+    text = (ROOT / "README.md").read_text()
+    assert readme.current(text) == readme.tables(), \
         "README.md's speed tables are stale: run python scripts/benchmark.py --readme"
 
 
-def test_the_readme_tables_are_replaced_between_their_markers():
-    text = f"# x\n\n## Speed\nbefore\n{benchmark.README_BEGIN}\nold table\n{benchmark.README_END}\nafter\n"
-    updated = benchmark.replace_readme_tables(text, "| new |")
-    assert updated == f"# x\n\n## Speed\nbefore\n{benchmark.README_BEGIN}\n| new |\n{benchmark.README_END}\nafter\n"
-    assert benchmark.generated_readme_tables(updated) == "| new |"
-    with pytest.raises(SystemExit, match="no speed-table markers"):
-        benchmark.replace_readme_tables("# x\n", "| new |")
+def test_the_readme_tables_are_replaced_between_their_markers(tmp_path, tiny_run):
+    out, _ = tiny_run
+    path = tmp_path / "README.md"
+    path.write_text(f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\nold table\n{readme.END}\nafter\n")
+    assert readme.update(path, out.parent) is True
+    generated = readme.tables(out.parent)
+    assert path.read_text() == f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\n{generated}\n{readme.END}\nafter\n"
+    assert readme.current(path.read_text()) == readme.tables(out.parent)
+    assert readme.update(path, out.parent) is False  # already current
+    path.write_text("# x\n")
+    with pytest.raises(tables.TableError, match="README.md has no '<!-- speed tables"):
+        readme.update(path, out.parent)
+    assert path.read_text() == "# x\n"
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -222,28 +287,36 @@ def test_bad_model_specs_are_one_line_errors(spec, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_analysis_options_are_checked_before_anything_is_measured(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--device", "cpu", "--analysis-args", "--top-k 0"])
+    err = capsys.readouterr().err
+    assert "--top-k: 0 is invalid: it must be positive" in err
+    assert "--analysis-args '--top-k 0' are not options of python -m gnp.analysis" in err
+
+
 def test_default_options_are_dropped_from_a_model_spec():
-    assert benchmark.parse_model("resnet18:width=64,batch=128,steps=3") == benchmark.ModelSpec("resnet18", {}, 128, 3)
-    assert benchmark.parse_model("vit_s:depth=1") == benchmark.ModelSpec("vit_s", {"depth": 1}, None, None)
+    assert parse_model("resnet18:width=64,batch=128,steps=3") == ModelSpec("resnet18", {}, 128, 3)
+    assert parse_model("vit_s:depth=1") == ModelSpec("vit_s", {"depth": 1}, None, None)
 
 
 def test_a_mixed_variant_costs_the_mean_of_its_steps_whatever_one_block_did():
     """Blocks of 2 steps, a plain step 10 ms and a two-pass one 20 ms: the steps cost 15 ms on average
     (3 two-pass steps of 6), also when one block was slowed down by another process."""
     two_pass = [True, False, True, True, False, False]
-    assert benchmark.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
-    assert benchmark.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
-    assert benchmark.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
+    assert timing.mixed_step_ms([15.0, 20.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert timing.mixed_step_ms([15.0, 60.0, 10.0], two_pass, 10.0, 20.0) == pytest.approx(15.0)
+    assert timing.mixed_step_ms([16.5, 22.0, 11.0], two_pass, 10.0, 20.0) == pytest.approx(16.5)  # all 10% slower
 
 
 def test_a_failing_stage_is_recorded_and_fails_the_run_while_the_others_go_on(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access")
 
-    monkeypatch.setattr(benchmark, "measure_model", broken)
+    monkeypatch.setattr(methods, "measure_model", broken)
     out = tmp_path / "bench.json"
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "resnet18:width=3,batch=8",
-                           "--skip", "exact", "loader", "loop", "--loop-images", "8", "--test-images", "8",
+                           "--skip", "exact", "loader", "loop", "analysis", "--loop-images", "8", "--test-images", "8",
                            "--out", str(out)])
     data = json.loads(out.read_text())
     assert code == 1 and data["complete"] is True and data["models"] == []

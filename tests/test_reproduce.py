@@ -317,15 +317,15 @@ def _plan(*overrides):
 
 def _benchmark_file(path, model, batch, ms_per_step, device="Card X"):
     """A results/benchmarks file as scripts/benchmark.py writes it, with the fields the estimates read."""
-    variants = {m: {"images_per_second": batch * 1000 / ms, "ms_per_step": {"median": ms},
-                    "two_pass_fraction": float(m != "sgd")} for m, ms in ms_per_step.items()}
-    path.write_text(json.dumps({"format": "gnp-benchmark/1", "environment": {"device": "cuda", "device_name": device},
+    variants = {m: {"images_per_second": batch * 1000 / ms, "ms_per_step": {"median": ms}, "role": "method",
+                    "two_pass_fraction": float(m != "plain")} for m, ms in ms_per_step.items()}
+    path.write_text(json.dumps({"format": "gnp-benchmark/2", "environment": {"device": "cuda", "device_name": device},
                                 "models": [{"model": model, "options": {}, "batch_size": batch, "main_label": "bf16",
                                             "variants": variants}]}))
 
 
 def test_time_estimates_follow_the_measured_throughput_and_the_passes_each_method_takes(tmp_path):
-    _benchmark_file(tmp_path / "step_resnet18.json", "resnet18", 100, {"sgd": 100.0, "gnp": 250.0})
+    _benchmark_file(tmp_path / "step_resnet18.json", "resnet18", 100, {"plain": 100.0, "gnp": 250.0})
     _benchmark_file(tmp_path / "step_wrn.json", "wrn28_10", 100, {"gnp": 500.0})
     measured = tables.read_throughput(tmp_path)
     images = 200 * (50_000 // 256 * 256)  # 200 epochs of 195 full batches of 256
@@ -354,19 +354,20 @@ def test_the_measurements_in_results_benchmarks_are_read():
     """The H100 files of an earlier commit were rewritten in today's format, their numbers kept."""
     raw = json.loads((tables.BENCHMARK_DIR / "step_cuda.json").read_text())
     [model] = raw["models"]
-    sgd = next(t for t in tables.read_throughput() if (t.model, t.method, t.how.split(":")[0]) ==
-               ("resnet18", "sgd", "step_cuda.json"))
-    assert sgd.images_per_second == pytest.approx(256 * 1000 / model["variants"]["sgd"]["ms_per_step"]["median"])
-    assert sgd.device == raw["environment"]["device_name"] and raw["git_commit"] is None
+    plain = next(t for t in tables.read_throughput() if (t.model, t.method, t.how.split(":")[0]) ==
+                 ("resnet18", "plain", "step_cuda.json"))
+    assert plain.images_per_second == pytest.approx(256 * 1000 / model["variants"]["plain"]["ms_per_step"]["median"])
+    assert plain.device == raw["environment"]["device_name"] and raw["git_commit"] is None
     assert raw["measured_on"].startswith("an earlier commit")
     epochs = {t.model: t for t in tables.read_throughput() if t.how.startswith("cuda_check_cuda.json")}
     assert set(epochs) == {"pyramidnet272", "vit_s", "wrn28_10"} and all(t.upper_bound for t in epochs.values())
 
 
-@pytest.mark.parametrize("content", ['{"device": "cuda", "main": {}}', '{"format": "gnp-benchmark/1"', "[]"])
+@pytest.mark.parametrize("content", ['{"device": "cuda", "main": {}}', '{"format": "gnp-benchmark/2"', "[]",
+                                     '{"format": "gnp-benchmark/1", "models": []}'])
 def test_a_benchmark_file_of_another_format_is_a_one_line_error(tmp_path, content):
     (tmp_path / "old.json").write_text(content)
-    with pytest.raises(tables.TableError, match=r"old.json (is not a gnp-benchmark/1 file|\()"):
+    with pytest.raises(tables.TableError, match=r"old.json (is not a gnp-benchmark/2 file|\()"):
         tables.read_throughput(tmp_path)
 
 

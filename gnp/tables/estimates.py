@@ -3,7 +3,6 @@ run of a plan from its finished seeds or extrapolated from that throughput."""
 from __future__ import annotations
 
 import inspect
-import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,15 +10,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from gnp.bench import files as benchmark_files
 from gnp.config import method_passes, train_steps_per_epoch
 from gnp.models import MODELS
-from gnp.runs import first_line
 from gnp.tables.plans import Plan, unflatten
 from gnp.tables.runs import Run, is_number
-from gnp.tables.spec import ROOT, TableError
+from gnp.tables.spec import TableError
 
-BENCHMARK_DIR = ROOT / "results" / "benchmarks"
-BENCHMARK_FORMAT = "gnp-benchmark/1"
+BENCHMARK_DIR = benchmark_files.BENCHMARK_DIR
 
 
 @dataclass(frozen=True)
@@ -34,25 +32,21 @@ class Throughput:
 
 
 def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
-    """Measured training speed in results/benchmarks/*.json (format gnp-benchmark/1, written by
+    """Measured training speed in results/benchmarks/*.json (read by gnp.bench.files, written by
     scripts/benchmark.py): each method's steps at the main setting and the end-to-end check runs, with
     the passes per step they took. Only measurements of a model at its builder's default options count:
     a shrunk model says nothing about the full one."""
+    try:
+        benchmarks = benchmark_files.read_all(folder)
+    except benchmark_files.BenchmarkFileError as e:
+        raise TableError(str(e)) from None
     out = []
-    for path in sorted(Path(folder).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TableError(f"cannot read {path} ({first_line(e)}); restore it from git or move it away") from None
-        if not isinstance(data, dict) or data.get("format") != BENCHMARK_FORMAT:
-            raise TableError(f"{path} is not a {BENCHMARK_FORMAT} file (scripts/benchmark.py writes them); "
-                             f"move it out of {folder}")
+    for path, data in benchmarks:
         env = data["environment"]
         device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
         for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
-            for name, variant in m["variants"].items():
-                # not the fast-path pairs (gnp[...]), nor the hand-written reference step (two_pass)
-                if "[" not in name and name != "two_pass" and not m["options"]:
+            for name, variant in benchmark_files.method_variants(m["variants"]).items():
+                if not m["options"]:
                     out.append(Throughput(m["model"], name, 1 + variant["two_pass_fraction"],
                                           variant["images_per_second"], device,
                                           f"{path.name}: step time at batch {m['batch_size']} ({m['main_label']})"))

@@ -1,0 +1,15 @@
+"""`make bench` as library code (scripts/benchmark.py is its command line), one concern per module:
+
+    settings  the models, fast paths and configs measured, the synthetic data, the device defaults
+    parts     the one place that reaches into the training loop (building a run's parts, training)
+    steps     what is timed: the suite's training step, and the hand-written two-pass reference step
+    timing    device synchronisation, interleaved rounds, medians and spreads, paired ratios
+    memory    peak memory of one step variant (CUDA's allocator, or a CPU child process's resident set)
+    stages/   one module per stage: methods (steps, evaluation, memory), exact, loader, loop, cuda
+              (synchronisation and end-to-end checks), analysis (the cost of a flatness analysis)
+    files     the benchmark file format: writing it atomically, and the one reader of results/benchmarks/
+    readme    README.md's speed tables, rendered from those files
+    run       a whole run: the stages in order, each recorded (or its error) as soon as it ends
+
+Nothing is imported here, so that `gnp.bench.files` (read by gnp.tables) stays light.
+"""
