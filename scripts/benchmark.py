@@ -64,7 +64,7 @@ from gnp.data import BatchLoader, load_dataset, write_synthetic_cifar
 from gnp.distributed import Context, pick_device
 from gnp.models import MODELS, check_model_options, count_parameters
 from gnp.runs import error_line
-from gnp.training import EpochTotals, Trainer, evaluate, git_commit, train, use_channels_last
+from gnp.training import EpochTotals, build_parts, evaluate, git_commit, train, train_step, use_channels_last
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,31 +276,30 @@ class SuiteStep:
     config, and a closure of the training loop's shape."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        self.trainer = Trainer(cfg, Path(tempfile.gettempdir()), Context(0, 1, device))
-        self.trainer.build()
-        images, self.target = next(self.trainer.train_loader.epoch(0))
-        self.images = images.contiguous(memory_format=torch.channels_last) if self.trainer.channels_last else images
+        self.parts = build_parts(cfg, Context(0, 1, device))
+        images, self.target = next(self.parts.train_loader.epoch(0))
+        self.images = images.contiguous(memory_format=torch.channels_last) if self.parts.channels_last else images
         self.two_pass: list[bool] = []  # per call: whether it took two passes
         self.totals = EpochTotals(device)
 
     def closure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.trainer.loss_and_logits(self.images, self.target)
+        return self.parts.loss_and_logits(self.images, self.target)
 
     def __call__(self) -> None:
-        self.trainer.method.step(self.closure)
-        self.two_pass.append(self.trainer.method.last_step.two_pass)
+        self.parts.method.step(self.closure)
+        self.two_pass.append(self.parts.method.last_step.two_pass)
 
     def loop_step(self) -> None:
         """The step with the training loop's per-step work around it: the step's model seed, the
         learning-rate schedule and the epoch's running totals."""
-        self.trainer.train_step(self.trainer.method.steps_taken, self.images, self.target, self.totals)
+        train_step(self.parts, self.parts.method.steps_taken, self.images, self.target, self.totals)
 
 
 class TwoPassStep(SuiteStep):
     """The same model, batch and base optimizer, stepped by the hand-written `two_pass_step`."""
 
     def __call__(self) -> None:
-        net, gnp = self.trainer.net, self.trainer.method  # the suite's method, for its settings
+        net, gnp = self.parts.net, self.parts.method  # the suite's method, for its settings
         two_pass_step([p for p in net.parameters() if p.requires_grad], list(net.buffers()), gnp.base_optimizer,
                       lambda: self.closure()[0], r=gnp.r, alpha=gnp.alpha, l2=gnp.l2, max_grad_norm=gnp.max_grad_norm)
         self.two_pass.append(True)
@@ -456,7 +455,7 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
     for name, (method, paths, extra) in variants.items():
         overrides = run_overrides(spec, method, paths, device, data.tiny) + ([extra] if extra else [])
         steps[name] = (TwoPassStep if name == "two_pass" else SuiteStep)(compose_config(overrides), device)
-    net = steps["gnp"].trainer.net
+    net = steps["gnp"].parts.net
     parameter_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     warm_up(steps, device, args.warmup)
     for step in steps.values():
@@ -519,12 +518,12 @@ def step_ratios(variants: dict) -> dict[str, float]:
 
 def measure_evaluation(step: SuiteStep, data: DataPaths, args: argparse.Namespace, device: torch.device) -> dict:
     """images/s of gnp.training.evaluate on the synthetic test set, with the main GNP variant's model."""
-    trainer = step.trainer
-    d = trainer.cfg.dataset
+    parts = step.parts
+    d = parts.cfg.dataset
     images, labels = data.test(device)
-    loader = BatchLoader(images, labels, batch_size=min(trainer.cfg.train.eval_batch_size, len(labels)), device=device,
+    loader = BatchLoader(images, labels, batch_size=min(parts.cfg.train.eval_batch_size, len(labels)), device=device,
                          mean=d.mean, std=d.std, train=False)
-    calls = {"evaluate": lambda: evaluate(trainer.forward, loader, trainer.autocast, trainer.channels_last)}
+    calls = {"evaluate": lambda: evaluate(parts.forward, loader, parts.autocast, parts.channels_last)}
     warm_up(calls, device, 1)
     samples = interleaved(calls, device, args.repeats, 1)["evaluate"]
     timing = spread(samples)

@@ -14,7 +14,7 @@ from conftest import compose_config, signal_at_step
 from gnp.config import ConfigError
 from gnp.methods import GNP, Method, Plain
 from gnp.models import build_model
-from gnp.training import Stopped, Trainer, build_optimizer, train
+from gnp.training import Stopped, build_optimizer, build_parts, train
 
 # A narrow ResNet-18 (BatchNorm) on a few real digits: 4 steps per epoch.
 TINY = ("dataset=digits", "aug=none", "optimizer.lr=0.05", "dataset.limit_train=128", "dataset.limit_test=64",
@@ -72,12 +72,11 @@ def test_weight_ema_follows_its_closed_form(tmp_path, monkeypatch):
     assert summary["ema_test_error"] == rows[-1]["ema_test_error"]
 
 
-def test_init_seed_sets_the_initial_weights_and_seed_the_rest(tmp_path):
+def test_init_seed_sets_the_initial_weights_and_seed_the_rest():
     def initial(*overrides):
-        trainer = Trainer(_config(*overrides), tmp_path, _single_process())
-        trainer.build()
-        first_batch = next(iter(trainer.train_loader.epoch(0)))[1]
-        return trainer.net.state_dict(), first_batch
+        parts = build_parts(_config(*overrides), _single_process())
+        first_batch = next(iter(parts.train_loader.epoch(0)))[1]
+        return parts.net.state_dict(), first_batch
 
     weights_a, batch_a = initial("seed=0", "init_seed=7")
     weights_b, batch_b = initial("seed=1", "init_seed=7")

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from conftest import compose_config, signal_at_step
 from gnp import checkpoint, io, training
+from gnp.config import ConfigError
 from gnp.data import load_dataset
 from gnp.models import build_model
 from gnp.runs import RunDirectory, RunDirectoryBusy
-from gnp.training import Diverged, Stopped, train
+from gnp.training import Diverged, Stopped, build, train
 
 # A narrow ResNet-18 on a few generated images: seconds per epoch on a CPU.
 TINY = ("device=cpu", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
@@ -143,15 +144,15 @@ def test_timed_checkpoints_within_epochs_change_nothing_and_a_kill_after_one_res
         tmp_path, cifar_root, monkeypatch):
     _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, "method=gnp")
     saved = []
-    original = training.Trainer.write_checkpoint
+    original = training.Checkpoints.write
 
-    def write_then_maybe_die(self, epoch, step, *args):
-        original(self, epoch, step, *args)
-        saved.append((epoch, step))
-        if (epoch, step) == (1, 3):
+    def write_then_maybe_die(self, state):
+        original(self, state)
+        saved.append((state["epoch"], state["step"]))
+        if saved[-1] == (1, 3):
             raise KeyboardInterrupt  # killed right after a checkpoint within epoch 2
 
-    monkeypatch.setattr(training.Trainer, "write_checkpoint", write_then_maybe_die)
+    monkeypatch.setattr(training.Checkpoints, "write", write_then_maybe_die)
     with pytest.raises(KeyboardInterrupt):
         _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, "method=gnp", "train.checkpoint_minutes=1e-9")
     assert saved == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]  # every step: the time is always due
@@ -184,21 +185,21 @@ def test_resuming_with_different_settings_is_refused_and_the_run_is_left_as_it_w
         return {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file() and p.name != "train.log"}
 
     before = outputs()
-    with pytest.raises(training.ConfigError, match=r"different run \(method.alpha: 0.8 -> 0.5\)"):
+    with pytest.raises(ConfigError, match=r"different run \(method.alpha: 0.8 -> 0.5\)"):
         _cifar_run(cifar_root, tmp_path / "run", "method.alpha=0.5")
     assert outputs() == before
     assert json.loads(before["summary.json"])["status"] == "finished"
 
 
 def test_batch_larger_than_the_training_set_is_refused(tmp_path, cifar_root):
-    with pytest.raises(training.ConfigError, match="train.batch_size=512 is invalid: larger than the training set"):
+    with pytest.raises(ConfigError, match="train.batch_size=512 is invalid: larger than the training set"):
         _cifar_run(cifar_root, tmp_path / "run", "train.batch_size=512")
 
 
 # --- faults ---------------------------------------------------------------------------------------
 
 def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cifar_root, monkeypatch):
-    real_build = training.build_model
+    real_build = build.build_model
 
     def poisoned_after_one_epoch(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -211,7 +212,7 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(training, "build_model", poisoned_after_one_epoch)
+    monkeypatch.setattr(build, "build_model", poisoned_after_one_epoch)
     with pytest.raises(Diverged, match=r"NaN or infinite at step 3/6 of epoch 2; the last good checkpoint, .*"
                                        r"checkpoint.pt, is kept"):
         _cifar_run(cifar_root, tmp_path / "run", "train.epochs=3", "train.sync_every=100", "dataset.limit_train=96")
