@@ -199,7 +199,7 @@ def test_compiled_steps_equal_the_eager_steps_and_compile_once(tmp_path, cifar_r
             assert b[key] == pytest.approx(a[key], rel=1e-4), key  # same dropout draws under compile
 
 
-def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
+def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch, capsys):
     common = ("precision=fp16", "train.epochs=2", "train.sync_every=1")
     scaler_states = []  # the uninterrupted run's loss-scale state after each step
     original = Method.step
@@ -212,6 +212,10 @@ def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch
     monkeypatch.setattr(Method, "step", step_and_record)
     _run(tmp_path / "a", *common)
     monkeypatch.undo()
+    # It trains, with one line that says how much slower float16 is on the CPU and what to choose instead.
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "precision=fp16" in line]
+    assert warning.startswith("precision=fp16 on the CPU trains about 70 times slower than fp32") and \
+        "use precision=fp32" in warning
     signal_at_step(monkeypatch, 6)
     with pytest.raises(Stopped):
         _run(tmp_path / "b", *common)

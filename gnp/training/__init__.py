@@ -11,6 +11,7 @@ One room per concern:
 
     build.py          the parts a run trains with, from its config (`build_parts`; no Trainer needed)
     epoch.py          one epoch: the step and its per-step work, the epoch's sums, the device's flags
+    divergence.py     what is checked for NaN and inf, and where
     evaluate.py       the test set's loss and errors
     ema.py            the weight average
     checkpointing.py  saving and restoring the run's state at any step
@@ -20,12 +21,13 @@ One room per concern:
 from gnp.training.build import (Parts, build_optimizer, build_parts, cosine_schedule, init_seed, resolve_precision,
                                 use_channels_last)
 from gnp.training.checkpointing import Checkpoints, Start
+from gnp.training.divergence import Diverged
 from gnp.training.ema import WeightAverage
-from gnp.training.epoch import Diverged, EpochTotals, train_step
+from gnp.training.epoch import EpochTotals, train_step
 from gnp.training.evaluate import evaluate
-from gnp.training.records import RESUMABLE_CHANGES, RunRecords, git_commit
+from gnp.training.records import RESUMABLE_CHANGES, RunRecords, check_resumable, git_commit
 from gnp.training.trainer import Stopped, Trainer, train
 
 __all__ = ["Checkpoints", "Diverged", "EpochTotals", "Parts", "RESUMABLE_CHANGES", "RunRecords", "Start", "Stopped",
-           "Trainer", "WeightAverage", "build_optimizer", "build_parts", "cosine_schedule", "evaluate", "git_commit",
-           "init_seed", "resolve_precision", "train", "train_step", "use_channels_last"]
+           "Trainer", "WeightAverage", "build_optimizer", "build_parts", "check_resumable", "cosine_schedule",
+           "evaluate", "git_commit", "init_seed", "resolve_precision", "train", "train_step", "use_channels_last"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gnp import checkpoint, distributed
-from gnp.runs import log
+from gnp.runs import first_line, log
 from gnp.training.build import Parts
 from gnp.training.epoch import EpochTotals
 
@@ -70,11 +70,15 @@ class Checkpoints:
 
     def restore(self, parts: Parts, state: dict) -> Start:
         """Load the checkpoint's state into the parts; where to continue, with this replica's sums."""
-        parts.net.load_state_dict(state["model"])
-        parts.method.load_state_dict(state["optimizer"])
-        parts.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.load_into(parts.net, state["model"], self.path)
         if parts.ema:
-            parts.ema.model.load_state_dict(state["ema"])
+            checkpoint.load_into(parts.ema.model, state["ema"], self.path, "weight average")
+        try:
+            parts.method.load_state_dict(state["optimizer"])
+            parts.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"{self.path} does not fit this run's optimizer ({first_line(e)}). "
+                                             f"{checkpoint.FIX}") from None
         per_replica = state["replica_stats"]  # None for a single process: its model holds them
         if per_replica is not None and len(per_replica) == self.ctx.world_size:
             own = per_replica[self.ctx.rank].to(self.ctx.device)

@@ -131,19 +131,20 @@ class RunRecords:
                  f"outputs in {self.run_dir}")
         return summary
 
-    def end(self, status: str, error: str, exit_code: int, preempted: bool = False) -> None:
+    def end(self, status: str, error: str, exit_code: int, preempted: bool = False, speaks: bool | None = None) -> None:
         """Record a run that ends early (no collective: the other processes may be gone); a failure to
-        record it never hides why it ended."""
+        record it never hides why it ended. `speaks`: whether this process writes summary.json (default:
+        the main process; another one when the main one died)."""
         try:
-            self.record(self.summary(status, error), exit_code, preempted)
+            self.record(self.summary(status, error), exit_code, preempted, speaks)
         except Exception as e:
             log.warning(f"could not record the end of the run: {first_line(e)}")
 
-    def record(self, summary: dict, exit_code: int = 0, preempted: bool = False) -> None:
+    def record(self, summary: dict, exit_code: int = 0, preempted: bool = False, speaks: bool | None = None) -> None:
         """summary.json (main process), through W&B when the run got as far as starting it."""
         if self.tracker is not None:
             self.tracker.finish(summary, exit_code=exit_code, preempted=preempted)
-        elif self.ctx.is_main:
+        elif self.ctx.is_main if speaks is None else speaks:
             io.write_json(self.run_dir / "summary.json", summary)
 
 

@@ -15,7 +15,8 @@ from gnp.runs import RunDirectory, error_line, log, remove_stub, setup_console
 from gnp.signals import StopSignals, exit_code
 from gnp.training.build import Parts, build_parts
 from gnp.training.checkpointing import Checkpoints, Start
-from gnp.training.epoch import Diverged, EpochTotals, train_epoch
+from gnp.training.divergence import Diverged, check_test_losses, divergence_advice
+from gnp.training.epoch import EpochTotals, train_epoch
 from gnp.training.evaluate import evaluate
 from gnp.training.records import RunRecords, epoch_row
 
@@ -28,8 +29,9 @@ class Stopped(Exception):
         self.signum, self.exit_code = signum, exit_code(signum)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train as `cfg` says, writing every output into `run_dir`; returns the run's summary."""
+def train(cfg: DictConfig, run_dir: str | Path, signals: StopSignals | None = None) -> dict:
+    """Train as `cfg` says, writing every output into `run_dir`; returns the run's summary. `signals`
+    (default: a new StopSignals) are the stop requests the run obeys; the caller may read them after."""
     validate(cfg)
     ctx = distributed.setup(cfg.device)
     setup_console(ctx.is_main)
@@ -40,7 +42,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             remove_stub(run_dir)
         with ExitStack() as held:
             distributed.on_main(lambda: held.enter_context(RunDirectory(shared_dir)), ctx.device)
-            return Trainer(cfg, shared_dir, ctx).run()
+            return Trainer(cfg, shared_dir, ctx, signals).run()
     finally:
         distributed.teardown()
 
@@ -50,11 +52,11 @@ class Trainer:
     directory's checkpoint if there is one, then trains to the end. Whatever stops it is recorded in
     summary.json (status stopped, diverged or failed) before the error goes on."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, ctx: distributed.Context):
+    def __init__(self, cfg: DictConfig, run_dir: Path, ctx: distributed.Context, signals: StopSignals | None = None):
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
         self.records = RunRecords(cfg, run_dir, ctx)
         self.checkpoints = Checkpoints(run_dir, ctx)
-        self.signals = StopSignals()
+        self.signals = signals or StopSignals()
         self.parts: Parts | None = None
 
     def run(self) -> dict:
@@ -62,29 +64,41 @@ class Trainer:
         if finished:
             log.info(f"{self.run_dir} already finished: test error {finished['test_error']:.2f}%")
             return finished
-        try:
-            self.parts = build_parts(self.cfg, self.ctx)
-            start = self.checkpoints.restore(self.parts, state) if state else Start()
-            self.records.start(self.parts)
-            with self.signals:
+        with ExitStack() as stack:
+            try:
+                self.parts = build_parts(self.cfg, self.ctx)
+                start = self.checkpoints.restore(self.parts, state) if state else Start()
+                self.records.start(self.parts)
+                # From the first step until the end is recorded, a signal is a request to stop at the next
+                # read of the device's flags: it never cuts a checkpoint or the run's records short.
+                stack.enter_context(self.signals)
                 for epoch in range(start.epoch, self.cfg.train.epochs):
                     self.train_epoch(epoch, start if epoch == start.epoch else Start(epoch))
-        except Stopped as stopped:
-            self.records.end("stopped", str(stopped), exit_code=stopped.exit_code, preempted=True)
-            self.signals.hand_over(stopped.signum, self.ctx.is_main)
-            raise
-        except Diverged as e:
-            diverged = Diverged(f"{e}; {self.checkpoints.kept()}. Lower optimizer.lr or keep method.max_grad_norm set")
-            self.records.end("diverged", error_line(diverged), exit_code=1)
-            raise diverged from None
-        except KeyboardInterrupt:
-            self.records.end("stopped", "interrupted (Ctrl-C) without a checkpoint at this step; a resume "
-                                        "continues from the last checkpoint", exit_code=130)
-            raise
-        except BaseException as e:
-            self.records.end("failed", error_line(e), exit_code=1)
-            raise
-        return self.records.finish()
+            except Stopped as stopped:
+                self.end("stopped", str(stopped), exit_code=stopped.exit_code, preempted=True)
+                self.signals.hand_over_at_exit(stopped.signum, self.ctx.is_main)  # a scheduler's handler may requeue
+                raise
+            except Diverged as e:
+                diverged = Diverged(f"{e}; {self.checkpoints.kept()}. {divergence_advice(self.cfg)}")
+                self.end("diverged", error_line(diverged), exit_code=1)
+                raise diverged from None
+            except KeyboardInterrupt:
+                self.end("stopped", "interrupted (Ctrl-C) without a checkpoint at this step; a resume continues "
+                                    "from the last checkpoint", exit_code=130)
+                raise
+            except BaseException as e:
+                died = distributed.lost_process(e, self.ctx)  # another process is gone: no traceback of ours
+                self.end("failed", error_line(died or e), exit_code=1, speaks=died.speaks if died else None)
+                if died:
+                    raise died from None
+                raise
+            self.signals.ending()
+            return self.records.finish()
+
+    def end(self, status: str, error: str, exit_code: int, **how) -> None:
+        """Record a run that ends early; a signal meanwhile waits for the record."""
+        self.signals.ending()
+        self.records.end(status, error, exit_code, **how)
 
     def train_epoch(self, epoch: int, start: Start) -> None:
         """Train one epoch from `start`, checkpointing where a signal or the clock asks, then end it."""
@@ -113,6 +127,7 @@ class Trainer:
             test = evaluate(parts.forward, parts.test_loader, parts.autocast, parts.channels_last)
             ema_test = evaluate(parts.ema.model, parts.test_loader, parts.autocast, parts.channels_last) \
                 if parts.ema else {}
+        check_test_losses(epoch, test, ema_test)  # before the epoch's checkpoint
         self.records.history.append(epoch_row(parts, epoch, sums, test, ema_test, time.perf_counter() - epoch_start,
                                               images_per_second))
         self.save(epoch + 1, 0, None)
