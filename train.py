@@ -19,4 +19,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     cli.check_command_line(sys.argv[1:])  # every job of the command, before the first one starts
+    cli.check_run_directory(sys.argv[1:])  # before Hydra writes its record there
     main()

@@ -1,17 +1,20 @@
 """train.py's command line: a user's mistake costs one line, never a traceback.
 
 `check_command_line` composes and validates every job of the command before Hydra starts any (all
-the jobs of a sweep), so a typo fails at once with the key and its closest valid spelling. `run_job`
-trains one job and turns expected failures into a one-line error and an exit status: 2 for bad
-input (config, data, checkpoint, run directory, W&B), 3 for a diverged run, 128 + N for a run
-stopped by signal N (after a checkpoint). In a sweep, a failed job is recorded in its summary.json
-and the sweep goes on; the sweep's summary lists it at the end.
+the jobs of a sweep), so a typo fails at once with the key and its closest valid spelling;
+`check_run_directory` then makes sure the run (or sweep) directory can be used before Hydra writes
+anything into it. `run_job` trains one job and turns expected failures into a one-line error and an
+exit status: 2 for bad input (config, data, checkpoint, run directory, a failed write, W&B), 3 for a
+diverged run, 128 + N for a run stopped by signal N (after a checkpoint), 1 when another process of
+a DDP run died. In a sweep, a failed job is recorded in its summary.json and the sweep goes on; the
+sweep's summary lists it at the end.
 """
 from __future__ import annotations
 
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -23,17 +26,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gnp import distributed, io
-from gnp.compose import composer
-from gnp.checkpoint import CheckpointError
+from gnp import checkpoint, distributed, io
+from gnp.compose import compose_config, composer
 from gnp.config import ConfigError, unknown_key_error, validate
 from gnp.data import DataError
-from gnp.runs import RunDirectoryBusy, first_line, log, remove_stub, setup_console
+from gnp.runs import RunDirectoryBusy, check_usable, first_line, log, remove_stub, setup_console
+from gnp.signals import StopSignals, exit_code
 from gnp.tracking import TrackingError
-from gnp.training import Diverged, Stopped, train
+from gnp.training import Diverged, Stopped, check_resumable, train
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import SWEEP_DIR_VARIABLE
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, io.OutputError, TrackingError,
+USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, RunDirectoryBusy, io.OutputError, TrackingError,
                distributed.ReplicaFailed)
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 # Hydra flags that print something and start no job; and those that take a value.
@@ -48,15 +51,9 @@ RENAMED_CHOICES = {"method=sgd": "method=plain: one pass per step with the base 
 
 def check_command_line(argv: list[str]) -> None:
     """Exit with status 2 and one line per problem when any job of the command is invalid."""
-    if any(arg.split("=")[0] in _INFORMATION_FLAGS | _OTHER_CONFIG_FLAGS for arg in argv):
-        return  # Hydra prints what was asked, or composes a config other than conf/config.yaml
-    overrides, skip_next = [], False
-    for arg in argv:
-        if skip_next or arg in _FLAGS_WITH_VALUE:
-            skip_next = not skip_next
-            continue
-        if not arg.startswith("-"):
-            overrides.append(arg)
+    overrides = _command_overrides(argv)
+    if overrides is None:
+        return
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
@@ -84,6 +81,58 @@ def check_command_line(argv: list[str]) -> None:
         if multirun:
             lines.append(f"{len(problems)} of {len(jobs)} jobs are invalid; no job was started")
         _exit_with(lines)
+
+
+def _command_overrides(argv: list[str]) -> list[str] | None:
+    """The overrides of a command that starts jobs of conf/config.yaml; None where Hydra only prints what
+    was asked, or composes another config."""
+    if any(arg.split("=")[0] in _INFORMATION_FLAGS | _OTHER_CONFIG_FLAGS for arg in argv):
+        return None
+    overrides, skip_next = [], False
+    for arg in argv:
+        if skip_next or arg in _FLAGS_WITH_VALUE:
+            skip_next = not skip_next
+            continue
+        if not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+def check_run_directory(argv: list[str]) -> None:
+    """Exit with status 2 and one line when the command's run directory (a sweep's directory, with every
+    job's under it) cannot be created or written, or another run holds it: before Hydra writes its
+    record (.hydra/) there, so that a refused run never touches another run's files."""
+    overrides = _command_overrides(argv)
+    if overrides is None:
+        return
+    multirun = "-m" in argv or "--multirun" in argv
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        # The directories depend on the settings that every job shares (a sweep's values are left out).
+        hydra = compose_config(*(o.input_line for o in parsed if not o.is_sweep_override()), with_hydra=True).hydra
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        folder = Path(str(OmegaConf.select(hydra, key.removeprefix("hydra."))))
+    except (HydraException, OmegaConfBaseException):
+        return  # Hydra says what is wrong with the command
+    try:
+        check_usable(folder, key, whole_tree=multirun)
+        if not multirun:
+            _check_same_run(folder.absolute(), [o.input_line for o in parsed])
+    except (RunDirectoryBusy, io.OutputError, ConfigError) as e:
+        _exit_with([str(e)])
+
+
+def _check_same_run(run_dir: Path, overrides: list[str]) -> None:
+    """A directory that holds a checkpoint resumes its own run only: another run's settings are refused
+    now, before Hydra rewrites the record of the run that is there."""
+    record = run_dir / "config.yaml"  # the resolved config the run records
+    if not (run_dir / checkpoint.FILENAME).is_file() or not record.is_file():
+        return
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(record))
+    except (OSError, OmegaConfBaseException, ValueError):
+        return  # the run itself reads its checkpoint, and says what is wrong with it
+    check_resumable(saved, OmegaConf.to_container(compose_config(*overrides), resolve=True), run_dir)
 
 
 def _check_jobs(jobs: list[list[str]], check_environment: bool) -> list[tuple[int, str]]:
@@ -149,21 +198,28 @@ def run_job(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.wandb.group = cfg.wandb.group or f"multirun-{Path(sweep_dir).name}"
             cfg.wandb.tags = [*cfg.wandb.tags, "multirun"]
+    again = resume_command(run_dir, Path(hydra_cfg.sweep.dir).absolute() if sweep else None)
+    # A single run's process ends with it: once its end is recorded, a signal has nothing left to stop.
+    signals = StopSignals(ends_process=not sweep)
     try:
-        return train(cfg, run_dir)["test_error"]
+        summary = train(cfg, run_dir, signals)
     except Stopped as e:
-        again = f"the same command with hydra.sweep.dir={run_dir.parent}" if sweep else resume_command(run_dir)
         log.warning(f"{e}. Resume: {again}")
         raise SystemExit(e.exit_code) from None  # also ends a sweep: the machine is going away
     except KeyboardInterrupt:
-        log.warning(f"interrupted at once, without a checkpoint at this step. Resume from the last one: "
-                    f"{resume_command(run_dir)}")
+        resumes = (run_dir / checkpoint.FILENAME).exists()
+        advice = ("Resume from the last checkpoint" if resumes else "Start it again (no checkpoint was written yet)") \
+            if not sweep else f"Resume the sweep (its finished jobs are kept; this one " \
+                              f"{'resumes from its last checkpoint' if resumes else 'starts again'})"
+        log.warning(f"interrupted at once, without a checkpoint at this step. {advice}: {again}")
         raise SystemExit(130) from None
     except Exception as e:
-        expected = isinstance(e, (*USER_ERRORS, Diverged))
+        expected = isinstance(e, (*USER_ERRORS, Diverged, distributed.ProcessDied))
         rank = distributed.detect_launch().rank
-        # The main process speaks for the run, and another one for an error of its own alone.
-        speaks = rank == 0 or not isinstance(e, distributed.ReplicaFailed)
+        # The main process speaks for the run, and another one for an error of its own alone (or for a
+        # run whose main process died).
+        speaks = e.speaks if isinstance(e, distributed.ProcessDied) else \
+            rank == 0 or not isinstance(e, distributed.ReplicaFailed)
         who = "" if rank == 0 else f"process {rank}: "
         if sweep:
             if rank == 0:
@@ -173,16 +229,29 @@ def run_job(cfg: DictConfig) -> float | None:
             return None  # the sweep goes on; its summary lists this job
         if not expected:
             raise  # a bug: its traceback is what a report needs
+        if isinstance(e, distributed.ProcessDied):
+            if speaks:
+                print(f"error: {who}{e}; this process stopped too. Resume: {again}", file=sys.stderr)
+            raise SystemExit(1) from None
         if speaks:
             print(f"error: {who}{e}", file=sys.stderr)
         if rank == 0 and not isinstance(e, (Diverged, RunDirectoryBusy)):
             remove_stub(run_dir)
         raise SystemExit(EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER_ERROR) from None
+    if sweep and signals.signum:  # the signal came in the job's last steps: the job finished, the sweep stops
+        log.warning(f"received {signal.Signals(signals.signum).name} in the last steps of job {hydra_cfg.job.num}: "
+                    f"it finished, and the sweep stops here. Resume: {again}")
+        raise SystemExit(exit_code(signals.signum))
+    return summary["test_error"]
 
 
-def resume_command(run_dir: Path) -> str:
-    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
-    command = shlex.join([Path(sys.argv[0]).name, *args, f"hydra.run.dir={run_dir}"])
+def resume_command(run_dir: Path, sweep_dir: Path | None = None) -> str:
+    """The command that continues this run, as it can be typed: the command line with the run's directory
+    pinned, or for a job of a sweep the sweep's command with the sweep's directory (its finished jobs
+    then return at once)."""
+    key, folder = ("hydra.sweep.dir", sweep_dir) if sweep_dir else ("hydra.run.dir", run_dir)
+    args = [a for a in sys.argv[1:] if not a.startswith(f"{key}=")]
+    command = shlex.join([sys.argv[0], *args, f"{key}={folder}"])
     launcher = "torchrun <the same options>" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
     return f"{launcher} {command}"
 

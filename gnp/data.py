@@ -232,6 +232,18 @@ def random_seed(seed: int, stream: Stream, *keys: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def training_batch_problem(batch_size: int, train_size: int, world_size: int = 1) -> str | None:
+    """What is wrong with a global training batch of `batch_size` for `train_size` images split over
+    `world_size` processes, as one line naming the key and the fix; None when it is fine."""
+    if batch_size > train_size:
+        return (f"train.batch_size={batch_size} is invalid: larger than the training set ({train_size} images); "
+                f"lower it or raise dataset.limit_train")
+    if batch_size % world_size:
+        return (f"train.batch_size={batch_size} is invalid: it is split evenly over the {world_size} processes; "
+                f"use a multiple of {world_size}")
+    return None
+
+
 class BatchLoader:
     """Yields normalised float batches from a uint8 dataset held on `device`.
 
@@ -257,10 +269,9 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if train and batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size={batch_size} must be divisible by the number of processes ({world_size})"
-            )
+        problem = training_batch_problem(batch_size, len(labels), world_size) if train else None
+        if problem:
+            raise ValueError(problem)
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import socket
 import subprocess
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
@@ -16,9 +20,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gnp.methods.base import running_statistics
+from gnp.runs import first_line
 
 _DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Process:
+    host: str
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,7 @@ class Context:
     rank: int
     world_size: int
     device: torch.device
+    processes: tuple[Process, ...] = ()  # every process of a run of several, in rank order
 
     @property
     def is_main(self) -> bool:
@@ -104,7 +116,9 @@ def setup(device: str = "auto") -> Context:
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=launch.rank,
                                 world_size=launch.world_size, device_id=chosen if chosen.type == "cuda" else None,
                                 **init)
-    return Context(launch.rank, launch.world_size, chosen)
+    processes = [None] * launch.world_size
+    dist.all_gather_object(processes, Process(socket.gethostname(), os.getpid()))
+    return Context(launch.rank, launch.world_size, chosen, tuple(processes))
 
 
 def teardown() -> None:
@@ -118,6 +132,62 @@ def _active() -> bool:
 
 class ReplicaFailed(RuntimeError):
     """Another process of the run failed; its own message says why."""
+
+
+class ProcessDied(RuntimeError):
+    """Another process of the run died (or lost its connection) during a collective; `speaks` says whether
+    this process speaks for the run (records and reports it): the lowest-ranked survivor of its node."""
+
+    def __init__(self, message: str, speaks: bool):
+        super().__init__(message)
+        self.speaks = speaks
+
+
+# How collectives fail when a peer is gone: gloo's and NCCL's errors (plain RuntimeErrors in some versions).
+_PEER_GONE = re.compile(r"gloo|NCCL|Connection (closed|reset) by peer")
+_DEATH_SHOWS_WITHIN_S = 3.0  # a killed process on this node is a zombie or gone by then
+
+
+def lost_process(error: BaseException, ctx: Context) -> ProcessDied | None:
+    """The death of another process behind `error`, when it is a failed collective of a run of several
+    processes; else None. Processes on this node are looked up by PID; one on another node is known
+    only when it is the only other process."""
+    if ctx.world_size == 1 or not ctx.processes or not (
+            isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and _PEER_GONE.search(str(error)))):
+        return None
+    here = ctx.processes[ctx.rank].host
+    local = [r for r, p in enumerate(ctx.processes) if p.host == here and r != ctx.rank]
+    deadline, dead = time.monotonic() + _DEATH_SHOWS_WITHIN_S, []
+    while local and not dead and time.monotonic() < deadline:
+        dead = [r for r in local if _is_dead(ctx.processes[r].pid)]
+        time.sleep(0.05)
+    others = [r for r in range(ctx.world_size) if r != ctx.rank]
+    if dead:
+        who = ", ".join(f"process {r} (PID {ctx.processes[r].pid})" for r in dead) + " died"
+    elif len(others) == 1:
+        (other,) = others
+        who = f"process {other} (on {ctx.processes[other].host}) died or lost its connection"
+    else:
+        hosts = sorted({p.host for p in ctx.processes} - {here})
+        who = f"a process on another node ({', '.join(hosts)}) died or lost its connection"
+    speaks = ctx.rank == min(r for r in [ctx.rank, *local] if r not in dead)
+    reason = re.sub(r"^\[[^\]]*\] ?", "", first_line(error)).split(". ")[0]  # gloo's without its source line
+    return ProcessDied(f"{who} ({reason})", speaks)
+
+
+def _is_dead(pid: int) -> bool:
+    """Whether the process `pid` of this node has ended (a zombie its parent has not reaped yet included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False  # no /proc: alive as far as can be told
+    return state in ("Z", "X")
 
 
 def agree(error: BaseException | None, device: torch.device) -> None:

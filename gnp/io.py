@@ -2,9 +2,10 @@
 
 Every write goes to a temporary file beside the target (`.NAME.*.tmp`), is flushed to disk and then
 renamed over the target. A failed write (a full disk, a read-only folder) raises `OutputError`
-naming the path and the cause, and leaves the previous file untouched. Temporaries orphaned by a
-killed process are removed by `remove_stale_temporaries`. JSON is strict: NaN and infinities become
-null, so every file parses with any JSON reader.
+naming the path and the operating system's reason, whichever layer reported it (torch's zip writer
+turns the ENOSPC of a write into a RuntimeError of its own), and leaves the previous file untouched.
+Temporaries orphaned by a killed process are removed by `remove_stale_temporaries`. JSON is strict:
+NaN and infinities become null, so every file parses with any JSON reader.
 """
 from __future__ import annotations
 
@@ -34,21 +35,45 @@ class OutputError(OSError):
     """A file could not be written; the message names the path, the cause and the fix."""
 
 
+class _Recording:
+    """A file that remembers the first OSError of its writes, which a writer may hide behind its own error."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        return self._recorded(self.file.write, data)
+
+    def flush(self) -> None:
+        self._recorded(self.file.flush)
+
+    def _recorded(self, operation: Callable, *args):
+        try:
+            return operation(*args)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
-    tmp = None
+    tmp = recording = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX)
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+            recording = _Recording(f)
+            write(recording)
+            recording.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}. Free space or choose a writable "
-                          f"run directory (hydra.run.dir=...); the previous {path.name} is unchanged.") from e
+    except Exception as e:
+        cause = e if isinstance(e, OSError) else recording.error if recording else None
+        if cause is None:
+            raise  # not a failed write: the object could not be written at all
+        raise OutputError(f"cannot write {path}: {cause.strerror or cause}. Free space or choose a writable "
+                          f"folder; the previous {path.name} is unchanged.") from e
     finally:
         if tmp is not None and Path(tmp).exists():
             Path(tmp).unlink()

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gnp import io
@@ -35,6 +36,16 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
+class _RunLog(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is said once on the console, and the file is given up."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        log.removeHandler(self)
+        error = sys.exc_info()[1]
+        log.warning(f"cannot write {self.baseFilename}: {getattr(error, 'strerror', None) or error}; the run's "
+                    f"messages go on to the console only")
+
+
 def first_line(error: BaseException) -> str:
     """An error's message in one line (its first non-empty one), or its type when it has none."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -54,10 +65,53 @@ def setup_console(is_main: bool = True) -> None:
     log.setLevel(logging.INFO if is_main else logging.ERROR)
 
 
+def check_usable(path: str | Path, option: str = "hydra.run.dir", whole_tree: bool = False) -> None:
+    """Raise what holding `path` as a run directory would raise, before anything is written: RunDirectoryBusy
+    when a live run holds it (with `whole_tree`, any run directory under it: a sweep's), io.OutputError when
+    it cannot be created or written. Leaves nothing behind. `option` is the setting that chooses the folder."""
+    path = Path(path).absolute()
+    what = "the sweep directory" if whole_tree else "the run directory"
+    locks = [path / LOCK_FILE] if not whole_tree else sorted(path.rglob(LOCK_FILE)) if path.is_dir() else []
+    for lock in locks:
+        holder = _lock_holder(lock)
+        if holder:
+            raise RunDirectoryBusy(_busy_message(lock.parent, holder, option))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise io.OutputError(f"cannot use {path} as {what}: {existing} is a file, not a folder. Choose another "
+                             f"directory with {option}=...")
+    try:  # the only sure test of a folder that may not exist yet: make one beside it, and remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".gnp-check-", dir=existing))
+    except OSError as e:
+        raise io.OutputError(f"cannot use {path} as {what}: making a folder in {existing} fails ({e.strerror}). "
+                             f"Choose a writable directory with {option}=...") from None
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """The PID written in the lock file of a live run that holds it, or None where no run holds it."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once, by the close below
+    except BlockingIOError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _busy_message(path: Path, holder: str, option: str) -> str:
+    return (f"{path} is in use by another run (PID {holder}); wait for it to end, or start this one in another "
+            f"directory ({option}=...)")
+
+
 class RunDirectory:
     """Hold `path` for the life of a run: a lock file that the kernel releases when the process dies
-    (so a killed run never blocks its own resume), the temporaries of interrupted writes removed,
-    and a handler that copies the console output into train.log."""
+    (so a killed run never blocks its own resume) and that the run removes when it ends, the
+    temporaries of interrupted writes removed, and a handler that copies the console output into
+    train.log."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -65,25 +119,29 @@ class RunDirectory:
         self._log_handler: logging.Handler | None = None
 
     def __enter__(self) -> RunDirectory:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise io.OutputError(f"cannot use {self.path} as the run directory: {e.strerror}. Choose a writable "
-                                 f"directory with hydra.run.dir=...") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirectoryBusy(f"{self.path} is in use by another run (PID {holder}); wait for it to end, "
-                                   f"or start this one in another directory (hydra.run.dir=...)") from None
+        lock = self.path / LOCK_FILE
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise io.OutputError(f"cannot use {self.path} as the run directory: {e.strerror}. Choose a writable "
+                                     f"directory with hydra.run.dir=...") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunDirectoryBusy(_busy_message(self.path, holder, "hydra.run.dir")) from None
+            if _same_file(fd, lock):
+                break
+            os.close(fd)  # a run that ended meanwhile removed the file this lock is on: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
         for stale in io.remove_stale_temporaries(self.path):
             log.info(f"removed {stale.name}, left by an interrupted write")
-        handler = logging.FileHandler(self.path / LOG_FILE, encoding="utf-8")
+        handler = _RunLog(self.path / LOG_FILE, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(handler)
         self._log_handler = handler
@@ -98,8 +156,18 @@ class RunDirectory:
             self._log_handler.close()
             self._log_handler = None
         if self._lock_fd is not None:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)  # while still held: no other run holds this file
             os.close(self._lock_fd)  # closing releases the lock
             self._lock_fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 # What a run that stopped before training leaves: nothing worth keeping.

@@ -3,10 +3,12 @@ and SIGUSR2 (the pre-timeout signals of SLURM and submitit) ask the training loo
 checkpoint, at the next step where it reads the device's flags (every `train.sync_every` steps).
 Ctrl-C once a stop is under way stops at once.
 
-After the checkpoint the loop calls `StopSignals.hand_over()`: where a scheduler's handler was
-installed before (submitit's, which requeues the job), it runs it; on a plain SLURM job it asks
-SLURM to requeue the job; then the process exits with 128 + the signal's number, the code of a
-process ended by that signal.
+After the checkpoint the loop calls `StopSignals.hand_over_at_exit()`: once the handlers are given
+back, where a scheduler's handler was installed before (submitit's, which requeues the job), it runs
+it; on a plain SLURM job it asks SLURM to requeue the job; then the process exits with 128 + the
+signal's number, the code of a process ended by that signal. A process that ends with its run
+(`ends_process=True`) ignores the signals once the run has recorded its end: nothing is left to
+stop, and a signal must not turn a finished run's exit status into -15.
 """
 from __future__ import annotations
 
@@ -27,11 +29,15 @@ def exit_code(signum: int) -> int:
 
 
 class StopSignals:
-    """While active (a context manager, main thread only), the handled signals set `signum`."""
+    """While active (a context manager, main thread only), the handled signals set `signum`. On exit the
+    handlers from before come back or, with `ends_process`, the signals are ignored from then on."""
 
-    def __init__(self):
+    def __init__(self, ends_process: bool = False):
         self.signum: int | None = None
+        self.ends_process = ends_process
         self._previous: dict[int, object] = {}
+        self._hand_over: tuple[int, bool] | None = None
+        self._ending = False
 
     @property
     def requested(self) -> bool:
@@ -44,22 +50,31 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
+            signal.signal(s, signal.SIG_IGN if self.ends_process else handler)
+        if self._hand_over:
+            self._run_hand_over(*self._hand_over)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt  # Ctrl-C after a stop request: stop now, without a checkpoint
         if self.signum is None:
             self.signum = signum
-            log.warning(f"received {signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                        f"(press Ctrl-C again to stop at once)")
+            if not self._ending:
+                log.warning(f"received {signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                            f"(press Ctrl-C again to stop at once)")
 
-    def hand_over(self, signum: int, is_main: bool) -> None:
-        """Once the checkpoint is safe and the `with` block has put back the handlers from before the
-        run: let the scheduler requeue the job where it can. `signum` is the signal the replicas
-        agreed on (a replica may have stopped for another one's signal)."""
-        previous = signal.getsignal(signum)
+    def ending(self) -> None:
+        """The run is recording its end: a signal from now on is noted without a word (nothing is left to stop)."""
+        self._ending = True
+
+    def hand_over_at_exit(self, signum: int, is_main: bool) -> None:
+        """Once the checkpoint is safe: when the `with` block ends, let the scheduler requeue the job where
+        it can. `signum` is the signal the replicas agreed on (a replica may have stopped for another
+        one's signal)."""
+        self._hand_over = (signum, is_main)
+
+    def _run_hand_over(self, signum: int, is_main: bool) -> None:
+        previous = self._previous.get(signum)  # none outside the main thread
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, None)  # a scheduler's own handler (submitit's requeues the job and exits)
         elif is_main and signum in REQUEUE_SIGNALS and "SLURM_JOB_ID" in os.environ:

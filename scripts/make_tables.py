@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             if run.analysis_problem and args.analysis:
                 warn(f"{run.analysis_problem}; the run's analysis quantities are left out")
         made = [m for m in (make_table(name, runs, args) for name in args.table or tables.table_names()) if m]
-    except tables.TableError as e:
+    except (tables.TableError, io.OutputError) as e:  # a table or figure that cannot be written, too
         tables.fail(str(e))
     if args.wandb_log and made:
         log_to_wandb(args.wandb_log, made)

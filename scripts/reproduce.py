@@ -216,7 +216,10 @@ def write_readme() -> int:
     except tables.TableError as e:
         tables.fail(str(e))
     if updated != text:
-        io.write_text(README, updated)
+        try:
+            io.write_text(README, updated)
+        except io.OutputError as e:
+            tables.fail(str(e))
     print(f"{README}: cost table {'rewritten' if updated != text else 'already current'}")
     return 0
 

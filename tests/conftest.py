@@ -2,6 +2,8 @@
 real CIFAR on-disk format so that the real loading code is what the tests exercise."""
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 from pathlib import Path
@@ -39,3 +41,43 @@ def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM, times: int = 1
 
     monkeypatch.setattr(Method, "step", step_then_signal)
     return calls
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after 64 KiB: then every write fails as the kernel's does."""
+
+    def __init__(self, fd: int):
+        self.fd, self.room = fd, 64 * 1024
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return os.write(self.fd, data)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def full_disk_after_the_first_checkpoint(setattr) -> None:
+    """Write every checkpoint after the first to a disk that fills up, through `setattr` (monkeypatch's, or
+    the builtin in a child process). torch's zip writer then raises its own RuntimeError ("unexpected pos"),
+    not the ENOSPC of the write."""
+    real_fdopen, checkpoints = os.fdopen, []
+
+    def fdopen(fd, *args, **kwargs):
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            checkpoints.append(fd)
+            if len(checkpoints) > 1:
+                return io.BufferedWriter(_FullDisk(fd))
+        return real_fdopen(fd, *args, **kwargs)
+
+    setattr(os, "fdopen", fdopen)

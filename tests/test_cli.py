@@ -1,19 +1,25 @@
 """A user's mistakes through train.py: each is one line that names the key, value or file and the
-fix, with a documented exit status, no traceback and no run directory left behind."""
+fix, with a documented exit status, no traceback and no run directory left behind; run directories
+checked before Hydra writes into them; failed writes and interrupted sweeps said as they can be acted on."""
+import errno
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import ROOT
-from gnp import cli
+from conftest import ROOT, compose_config
+from gnp import cli, runs
 from gnp.runs import RunDirectory
+from gnp.training import train
 
 DIGITS = ("experiment=digits_demo", "model.width=2", "dataset.limit_train=128", "dataset.limit_test=64",
           "train.batch_size=32", "wandb.mode=disabled", "device=cpu")
@@ -101,6 +107,13 @@ def _train(*args, cwd=ROOT, **kwargs):
                           timeout=300, **kwargs)
 
 
+def _train_with(fault: str, *args):
+    """train.py in a Python that first runs `fault` (code that injects a fault; conftest is importable)."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n{fault}\nimport runpy\n"
+            f"sys.argv = [{str(ROOT / 'train.py')!r}, *sys.argv[1:]]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def _one_error_line(done, status: int) -> str:
     assert done.returncode == status, done.stderr[-2000:]
     assert "Traceback" not in done.stderr + done.stdout
@@ -132,14 +145,75 @@ def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):
     broken = _train(*DIGITS, f"hydra.run.dir={tmp_path / 'run'}")
     assert f"{tmp_path / 'run' / 'checkpoint.pt'} is unreadable" in _one_error_line(broken, 2)
     assert (tmp_path / "run" / "checkpoint.pt").exists()  # never deleted for the user
+    # Another run is training there: refused before Hydra rewrites its record (it trained with seed 0).
+    record = {name: f"- seed=0 ({name})\n" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    (tmp_path / "busy" / ".hydra").mkdir(parents=True)
+    for name, text in record.items():
+        (tmp_path / "busy" / ".hydra" / name).write_text(text)
     with RunDirectory(tmp_path / "busy"):
-        busy = _train(*DIGITS, f"hydra.run.dir={tmp_path / 'busy'}")
-    assert f"is in use by another run (PID {os.getpid()})" in _one_error_line(busy, 2)
+        busy = _train(*DIGITS, "seed=1", f"hydra.run.dir={tmp_path / 'busy'}")
+    assert _one_error_line(busy, 2) == f"error: {tmp_path / 'busy'} is in use by another run (PID {os.getpid()}); " \
+                                       f"wait for it to end, or start this one in another directory (hydra.run.dir=...)"
+    assert {p.name: p.read_text() for p in (tmp_path / "busy" / ".hydra").iterdir()} == record
+    # The same for a sweep: one of its jobs is running.
+    sweep = tmp_path / "sweep"
+    with RunDirectory(sweep / "1"):
+        busy = _train("-m", *DIGITS, "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert f"error: {sweep / '1'} is in use by another run (PID {os.getpid()}); wait for it to end, or start this " \
+           f"one in another directory (hydra.sweep.dir=...)" == _one_error_line(busy, 2)
+    assert sorted(p.name for p in sweep.iterdir()) == ["1"]  # no multirun.yaml, no job started
+
+
+@pytest.mark.parametrize("where,reason", [
+    ("file/run", "{tmp}/file is a file, not a folder. Choose another directory with hydra.run.dir=..."),
+    pytest.param("/proc/gnp-run", "making a folder in /proc fails (No such file or directory). Choose a writable "
+                                  "directory with hydra.run.dir=...",
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")),
+])
+def test_a_run_directory_that_cannot_be_made_is_one_line_before_hydra_writes(tmp_path, where, reason):
+    (tmp_path / "file").write_text("a regular file")
+    run = tmp_path / where
+    done = _train(*DIGITS, f"hydra.run.dir={run}")
+    assert _one_error_line(done, 2) == f"error: cannot use {run} as the run directory: {reason.format(tmp=tmp_path)}"
+    assert (tmp_path / "file").read_text() == "a regular file"
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(runs.tempfile, "mkdtemp", read_only)  # what making a folder there answers
+    for argv, option in ([f"hydra.run.dir={tmp_path / 'run'}"], "hydra.run.dir"), \
+            (["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], "hydra.sweep.dir"):
+        code, lines = _check_run_directory(capsys, *argv)
+        what = "run" if option == "hydra.run.dir" else "sweep"
+        assert code == 2 and lines == [f"error: cannot use {tmp_path / what} as the {what} directory: making a folder "
+                                       f"in {tmp_path} fails (Read-only file system). Choose a writable directory "
+                                       f"with {option}=..."]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _check_run_directory(capsys, *argv):
+    with pytest.raises(SystemExit) as done:
+        cli.check_run_directory(list(argv))
+    return done.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_another_runs_settings_are_refused_before_hydra_rewrites_that_runs_record(tmp_path):
+    run = tmp_path / "run"
+    first = _train(*DIGITS, "train.epochs=1", f"hydra.run.dir={run}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    other = _train(*DIGITS, "train.epochs=1", "seed=1", f"hydra.run.dir={run}")
+    assert _one_error_line(other, 2) == f"error: {run} holds a checkpoint of a different run (seed: 0 -> 1). Resume " \
+                                        f"with the same settings, or start a new run in another directory " \
+                                        f"(hydra.run.dir=...)."
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
 
 
 def test_a_diverging_run_exits_3_and_its_summary_says_diverged(tmp_path):
     done = _train(*DIGITS, "optimizer.lr=1e6", "method.max_grad_norm=null", f"hydra.run.dir={tmp_path}")
-    assert "became NaN or infinite at step" in _one_error_line(done, 3)
+    assert re.search(r"became NaN or infinite (at|between) step", _one_error_line(done, 3))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["test_error"] is None
 
@@ -213,3 +287,91 @@ def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tm
     assert _one_error_line(bad, 2) == "error: method.r=-1 is invalid: r must be a finite number >= 0 (0 trains with " \
                                       "the base optimizer alone)"
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_write_is_one_line_with_the_path_and_the_os_reason_whichever_layer_raised_it(tmp_path):
+    # A checkpoint on a disk that fills up: torch's zip writer raises its own RuntimeError after the ENOSPC.
+    done = _train_with("import os, conftest; conftest.full_disk_after_the_first_checkpoint(setattr)",
+                       *DIGITS, "train.epochs=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert _one_error_line(done, 2) == f"error: cannot write {tmp_path / 'run' / 'checkpoint.pt'}: No space left on " \
+                                       f"device. Free space or choose a writable folder; the previous checkpoint.pt " \
+                                       f"is unchanged."
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # Tables and figures where a folder cannot be made.
+    from test_tables import DIGITS as DIGITS_CELL, DIGITS_METHODS, write_run
+
+    write_run(tmp_path / "runs" / "plain", DIGITS_CELL + DIGITS_METHODS["plain"], 0, 2.0)
+    (tmp_path / "file").write_text("a regular file")
+    for option in ("--out", "--figures"):
+        folders = {"--out": tmp_path / "tables", "--figures": tmp_path / "figures", option: tmp_path / "file" / "x"}
+        made = subprocess.run([sys.executable, "scripts/make_tables.py", str(tmp_path / "runs"), "--table", "digits",
+                               *(f"{k}={v}" for k, v in folders.items())], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        line = _one_error_line(made, 2)
+        assert line.startswith(f"error: cannot write {tmp_path / 'file' / 'x'}/") and ": Not a directory." in line
+
+
+def test_a_checkpoint_of_another_model_is_one_line_naming_the_tensor(tmp_path):
+    narrow = compose_config(*DIGITS, "train.epochs=1")
+    train(narrow, tmp_path / "narrow")
+    state = torch.load(tmp_path / "narrow" / "checkpoint.pt", weights_only=False)
+    state["config"] = OmegaConf.to_container(compose_config(*DIGITS, "model.width=4", "train.epochs=2"), resolve=True)
+    (tmp_path / "wide").mkdir()
+    torch.save(state, tmp_path / "wide" / "checkpoint.pt")
+    done = _train(*DIGITS, "model.width=4", "train.epochs=2", f"hydra.run.dir={tmp_path / 'wide'}")
+    assert _one_error_line(done, 2) == (
+        f"error: {tmp_path / 'wide' / 'checkpoint.pt'} does not fit this model: conv1.weight has shape [2, 3, 3, 3] "
+        f"there and [4, 3, 3, 3] in this model (it was made by another model or another version of its code). Move "
+        f"it away to start this run afresh, or resume from another run directory (hydra.run.dir=...).")
+
+
+def test_a_signal_after_the_final_line_leaves_a_finished_runs_exit_status_alone(tmp_path):
+    process = subprocess.Popen([sys.executable, "train.py", *DIGITS, "train.epochs=1", f"hydra.run.dir={tmp_path}"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("test error"):
+            break
+    while process.poll() is None:  # SIGTERM after SIGTERM, as a scheduler ending a job may send them
+        try:
+            process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
+
+
+# A signal to the sweep's process during job 0 (4 steps), as a scheduler or a Ctrl-C sends it.
+SIGNAL_AT_STEP = """import os, signal
+from gnp.methods import Method
+step, calls = Method.step, []
+def signalled(self, closure):
+    calls.append(1)
+    if len(calls) == {step}:
+        for _ in range({times}):
+            os.kill(os.getpid(), signal.{name})
+    return step(self, closure)
+Method.step = signalled"""
+
+
+@pytest.mark.parametrize("step,times,name,status,says", [
+    (2, 2, "SIGINT", 130, "interrupted at once, without a checkpoint at this step. Resume the sweep (its finished "
+                          "jobs are kept; this one starts again): "),
+    (4, 1, "SIGTERM", 143, "received SIGTERM in the last steps of job 0: it finished, and the sweep stops here. "
+                           "Resume: "),
+])
+def test_a_stopped_sweep_prints_a_command_that_resumes_it_as_printed(tmp_path, step, times, name, status, says):
+    sweep = ["-m", *DIGITS, "train.epochs=1", "seed=0,1", "hydra.sweep.subdir=seed${seed}",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = _train_with(SIGNAL_AT_STEP.format(step=step, times=times, name=name), *sweep)
+    assert done.returncode == status, done.stderr[-2000:]
+    last = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert last.startswith(says) and "Traceback" not in done.stdout + done.stderr, last
+    command = shlex.split(last.removeprefix(says))
+    assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and "hydra.sweep.subdir=seed${seed}" in command
+    assert not (tmp_path / "sweep" / "seed1").exists()  # the sweep stopped at job 0
+    again = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for seed in (0, 1):
+        assert json.loads((tmp_path / "sweep" / f"seed{seed}" / "summary.json").read_text())["status"] == "finished"

@@ -247,9 +247,13 @@ def test_test_loader_keeps_order_and_the_last_partial_batch():
     assert len(loader) == 3 and torch.equal(labels, torch.arange(20))
 
 
-def test_batch_size_must_split_across_replicas():
-    with pytest.raises(ValueError, match="train.batch_size=7 must be divisible"):
+def test_a_training_batch_must_fit_the_set_and_split_across_replicas():
+    with pytest.raises(ValueError, match=r"train.batch_size=7 is invalid: it is split evenly over the 2 processes; "
+                                         r"use a multiple of 2"):
         _loader(batch_size=7, world_size=2)
+    with pytest.raises(ValueError, match=r"train.batch_size=64 is invalid: larger than the training set \(50 images\)"):
+        _loader(batch_size=64)
+    assert len(_loader(batch_size=64, train=False)) == 1  # evaluation takes a partial batch
 
 
 def test_the_fake_cifar_command_writes_archives_the_loader_reads(tmp_path, capsys):

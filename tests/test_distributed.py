@@ -158,3 +158,34 @@ def test_a_failure_of_one_process_alone_stops_the_others_and_is_printed_once(tmp
         assert other == []  # the main process speaks for the run
     else:
         assert len(other) == 1 and "another process of this run failed" in other[0]
+
+
+def _rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).partition(b"=")[2])
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_when_one_process_dies_the_other_stops_with_one_line_and_records_which(tmp_path, victim):
+    run = tmp_path / "run"
+    torchrun = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "experiment=digits_demo",
+                                 "model.width=2", "dataset.limit_train=256", "dataset.limit_test=64",
+                                 "train.batch_size=32", "train.epochs=50", "train.sync_every=1", "wandb.mode=disabled",
+                                 "device=cpu", f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # well into training
+        time.sleep(0.1)
+    processes = {_rank_of(pid): pid for pid in _children(torchrun.pid)}
+    os.kill(processes[victim], signal.SIGKILL)  # as the kernel's OOM killer, or a node that goes away
+    out, err = torchrun.communicate(timeout=180)
+    survivor = 1 - victim
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    who = "" if survivor == 0 else f"process {survivor}: "
+    assert line.startswith(f"error: {who}process {victim} (PID {processes[victim]}) died (") and \
+        "; this process stopped too. Resume: torchrun <the same options> train.py " in line, line
+    # torchrun reports its children with a traceback of its own; none comes from the training code.
+    assert "gnp/" not in err and 'train.py", line' not in err, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith(f"ProcessDied: process {victim} (PID ")
+    assert summary["epochs_completed"] >= 1

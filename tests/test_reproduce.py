@@ -134,15 +134,20 @@ def test_every_command_with_the_state_of_its_run(tmp_path, capsys):
     write_run(_dir(root, "gnp", 1), DIGITS + ("method=gnp", "method.r=0.2", "method.alpha=0.8"), 1, 2.0)
     write_run(_dir(root, "gnp", 2), DIGITS + DIGITS_METHODS["gnp"], 2, 2.0)
     (_dir(root, "gnp", 2) / "summary.json").write_text('{"status": "fini')  # cut short by a copy
+    write_run(_dir(root, "plain", 2), DIGITS + DIGITS_METHODS["plain"], 2, 2.0, status="stopped")
+    (_dir(root, "plain", 2) / "checkpoint.pt").unlink()  # a second Ctrl-C before the first checkpoint:
+    (_dir(root, "plain", 2) / "metrics.jsonl").write_text("")  # no epoch done, nothing saved
     assert reproduce.main(["digits", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "1 runs are unreadable: a file of theirs is damaged (named above)" in out
     lines = [line for line in out.splitlines() if line.startswith("  [")]
     states = {line.split("hydra.run.dir=")[1].split()[0].split("/digits/resnet18/none/")[1]: line[3:15].strip()
               for line in lines}
-    assert states == {"plain/seed0": "finished", "plain/seed1": "partial", "plain/seed2": "missing",
+    assert states == {"plain/seed0": "finished", "plain/seed1": "partial", "plain/seed2": "interrupted",
                       "sam/seed0": "missing", "sam/seed1": "partial", "sam/seed2": "failed",
                       "gnp/seed0": "diverged", "gnp/seed1": "conflict", "gnp/seed2": "unreadable"}
+    interrupted = next(line for line in lines if "plain/seed2" in line)
+    assert interrupted.endswith("# no checkpoint to resume from: it starts again, stopped")
     conflict = next(line for line in lines if "gnp/seed1" in line)
     assert "holds another run (method.r: 0.2 -> 0.1)" in conflict
     damaged = next(line for line in lines if "gnp/seed2" in line)

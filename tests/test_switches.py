@@ -14,7 +14,7 @@ from conftest import compose_config, signal_at_step
 from gnp.config import ConfigError
 from gnp.methods import GNP, Method, Plain
 from gnp.models import build_model
-from gnp.training import Stopped, Trainer, build_optimizer, train
+from gnp.training import Stopped, build_optimizer, build_parts, train
 
 # A narrow ResNet-18 (BatchNorm) on a few real digits: 4 steps per epoch.
 TINY = ("dataset=digits", "aug=none", "optimizer.lr=0.05", "dataset.limit_train=128", "dataset.limit_test=64",
@@ -72,12 +72,11 @@ def test_weight_ema_follows_its_closed_form(tmp_path, monkeypatch):
     assert summary["ema_test_error"] == rows[-1]["ema_test_error"]
 
 
-def test_init_seed_sets_the_initial_weights_and_seed_the_rest(tmp_path):
+def test_init_seed_sets_the_initial_weights_and_seed_the_rest():
     def initial(*overrides):
-        trainer = Trainer(_config(*overrides), tmp_path, _single_process())
-        trainer.build()
-        first_batch = next(iter(trainer.train_loader.epoch(0)))[1]
-        return trainer.net.state_dict(), first_batch
+        parts = build_parts(_config(*overrides), _single_process())
+        first_batch = next(iter(parts.train_loader.epoch(0)))[1]
+        return parts.net.state_dict(), first_batch
 
     weights_a, batch_a = initial("seed=0", "init_seed=7")
     weights_b, batch_b = initial("seed=1", "init_seed=7")
@@ -200,7 +199,7 @@ def test_compiled_steps_equal_the_eager_steps_and_compile_once(tmp_path, cifar_r
             assert b[key] == pytest.approx(a[key], rel=1e-4), key  # same dropout draws under compile
 
 
-def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
+def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch, capsys):
     common = ("precision=fp16", "train.epochs=2", "train.sync_every=1")
     scaler_states = []  # the uninterrupted run's loss-scale state after each step
     original = Method.step
@@ -213,6 +212,10 @@ def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch
     monkeypatch.setattr(Method, "step", step_and_record)
     _run(tmp_path / "a", *common)
     monkeypatch.undo()
+    # It trains, with one line that says how much slower float16 is on the CPU and what to choose instead.
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "precision=fp16" in line]
+    assert warning.startswith("precision=fp16 on the CPU trains about 70 times slower than fp32") and \
+        "use precision=fp32" in warning
     signal_at_step(monkeypatch, 6)
     with pytest.raises(Stopped):
         _run(tmp_path / "b", *common)

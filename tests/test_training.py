@@ -1,21 +1,26 @@
 """End-to-end runs through the real config and training loop, on CPU, small enough for CI: outputs,
-exact resume from any step, and the faults a long run meets (signals, NaN, broken files, locks)."""
+exact resume from any step, and the faults a long run meets (signals, NaN or inf anywhere, broken or
+unfitting checkpoints, full disks, locks)."""
 import errno
 import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from conftest import compose_config, signal_at_step
+from conftest import compose_config, full_disk_after_the_first_checkpoint, signal_at_step
 from gnp import checkpoint, io, training
-from gnp.data import load_dataset
+from gnp.config import ConfigError
+from gnp.data import load_dataset, write_synthetic_cifar
 from gnp.models import build_model
-from gnp.runs import RunDirectory, RunDirectoryBusy
-from gnp.training import Diverged, Stopped, train
+from gnp.runs import RunDirectoryBusy
+from gnp.training import Diverged, Stopped, build, train
 
 # A narrow ResNet-18 on a few generated images: seconds per epoch on a CPU.
 TINY = ("device=cpu", "train.batch_size=16", "train.eval_batch_size=32", "wandb.mode=disabled")
@@ -63,6 +68,7 @@ def test_one_epoch_on_cifar_writes_every_output(tmp_path, cifar_root, dataset, c
     assert "dataset:\n  name: " + dataset in (run / "config.yaml").read_text()
     assert "epoch    1/1" in (run / "train.log").read_text()  # the console's epoch line, kept in the run
     assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert not (run / ".lock").exists()  # a run that ended holds its directory no more
     assert stat.S_IMODE((run / "summary.json").stat().st_mode) == 0o666 & ~_umask()  # the user's umask, not 0600
 
 
@@ -143,15 +149,15 @@ def test_timed_checkpoints_within_epochs_change_nothing_and_a_kill_after_one_res
         tmp_path, cifar_root, monkeypatch):
     _, uninterrupted = _cifar_run(cifar_root, tmp_path / "a", *RESUMABLE, "method=gnp")
     saved = []
-    original = training.Trainer.write_checkpoint
+    original = training.Checkpoints.write
 
-    def write_then_maybe_die(self, epoch, step, *args):
-        original(self, epoch, step, *args)
-        saved.append((epoch, step))
-        if (epoch, step) == (1, 3):
+    def write_then_maybe_die(self, state):
+        original(self, state)
+        saved.append((state["epoch"], state["step"]))
+        if saved[-1] == (1, 3):
             raise KeyboardInterrupt  # killed right after a checkpoint within epoch 2
 
-    monkeypatch.setattr(training.Trainer, "write_checkpoint", write_then_maybe_die)
+    monkeypatch.setattr(training.Checkpoints, "write", write_then_maybe_die)
     with pytest.raises(KeyboardInterrupt):
         _cifar_run(cifar_root, tmp_path / "b", *RESUMABLE, "method=gnp", "train.checkpoint_minutes=1e-9")
     assert saved == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]  # every step: the time is always due
@@ -184,21 +190,21 @@ def test_resuming_with_different_settings_is_refused_and_the_run_is_left_as_it_w
         return {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file() and p.name != "train.log"}
 
     before = outputs()
-    with pytest.raises(training.ConfigError, match=r"different run \(method.alpha: 0.8 -> 0.5\)"):
+    with pytest.raises(ConfigError, match=r"different run \(method.alpha: 0.8 -> 0.5\)"):
         _cifar_run(cifar_root, tmp_path / "run", "method.alpha=0.5")
     assert outputs() == before
     assert json.loads(before["summary.json"])["status"] == "finished"
 
 
 def test_batch_larger_than_the_training_set_is_refused(tmp_path, cifar_root):
-    with pytest.raises(training.ConfigError, match="train.batch_size=512 is invalid: larger than the training set"):
+    with pytest.raises(ConfigError, match="train.batch_size=512 is invalid: larger than the training set"):
         _cifar_run(cifar_root, tmp_path / "run", "train.batch_size=512")
 
 
 # --- faults ---------------------------------------------------------------------------------------
 
 def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cifar_root, monkeypatch):
-    real_build = training.build_model
+    real_build = build.build_model
 
     def poisoned_after_one_epoch(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -211,15 +217,113 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(training, "build_model", poisoned_after_one_epoch)
-    with pytest.raises(Diverged, match=r"NaN or infinite at step 3/6 of epoch 2; the last good checkpoint, .*"
-                                       r"checkpoint.pt, is kept"):
+    monkeypatch.setattr(build, "build_model", poisoned_after_one_epoch)
+    with pytest.raises(Diverged, match=r"^the loss became NaN or infinite at step 3/6 of epoch 2; the last good "
+                                       r"checkpoint, .*checkpoint.pt, is kept. Lower optimizer.lr$"):
         _cifar_run(cifar_root, tmp_path / "run", "train.epochs=3", "train.sync_every=100", "dataset.limit_train=96")
     run = tmp_path / "run"
     assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1  # no NaN step saved after it
     summary = json.loads((run / "summary.json").read_text())  # strict JSON: json.loads accepts NaN, so check
     assert summary["status"] == "diverged" and summary["test_error"] is None and "NaN" in summary["error"]
     assert "NaN" not in (run / "summary.json").read_text().replace("NaN or infinite", "")
+
+
+def _every_tensor(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _every_tensor(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _every_tensor(item)
+
+
+def _diverged_summary(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["test_error"] is None
+    return summary
+
+
+# Two runs of the fault report that went on to the end as "finished": BatchNorm statistics that overflow
+# to inf while the training loss stays finite, and a test loss that is NaN.
+@pytest.mark.parametrize("overrides,what", [
+    (("optimizer.lr=30", "method.max_grad_norm=null", "optimizer.weight_decay=0", "train.epochs=2"),
+     r"the BatchNorm statistics \(layers\.\S+\.running_var\) became NaN or infinite between step 1 and step 20/20 "
+     r"of epoch 1; no checkpoint was written yet. Lower optimizer.lr, or clip the gradient"),
+    (("optimizer.lr=300", "dataset.limit_train=32", "train.epochs=6"),
+     r"the test loss became NaN or infinite at the end of epoch 1; no checkpoint was written yet. Lower optimizer.lr$"),
+])
+def test_non_finite_batchnorm_statistics_or_test_losses_are_a_divergence(tmp_path, overrides, what):
+    root = tmp_path / "data"
+    write_synthetic_cifar(root, "cifar10", n_train=640, n_test=64)
+    with pytest.raises(Diverged, match=what):
+        _cifar_run(root, tmp_path / "run", "model.width=8", "train.batch_size=32", "train.eval_batch_size=64",
+                   *overrides)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and "NaN or infinite" in _diverged_summary(
+        tmp_path / "run")["error"]
+
+
+def _poisoned_batchnorm(monkeypatch, at_step: int):
+    """Make the first BatchNorm layer's running variance inf at training step `at_step` (one pass per step),
+    leaving the loss finite: training normalises with the batch's own statistics."""
+    real_build = build.build_model
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        calls = {"n": 0}
+
+        def poison(module, inputs):
+            calls["n"] += module.training
+            if calls["n"] == at_step:
+                module.running_var[0] = float("inf")
+
+        norm.register_forward_pre_hook(poison)
+        return model
+
+    monkeypatch.setattr(build, "build_model", build_model)
+
+
+def test_non_finite_state_stops_the_run_before_a_checkpoint_could_keep_it(tmp_path, cifar_root, monkeypatch):
+    _poisoned_batchnorm(monkeypatch, at_step=8)  # the second step of epoch 2
+    saved = []
+    original = training.Checkpoints.write
+    monkeypatch.setattr(training.Checkpoints, "write",
+                        lambda self, state: (saved.append((state["epoch"], state["step"])), original(self, state)))
+    # A timed checkpoint at every read of the flags (every 3 steps), and a weight average that follows the model.
+    with pytest.raises(Diverged, match=r"^the BatchNorm statistics \(bn1.running_var\) became NaN or infinite between "
+                                       r"step 1 and step 3/6 of epoch 2; the last good checkpoint, .* is kept"):
+        _cifar_run(cifar_root, tmp_path / "run", "method=plain", "dataset.limit_train=96", "train.epochs=2",
+                   "train.sync_every=3", "train.checkpoint_minutes=1e-9", "train.ema_decay=0.5")
+    assert saved == [(0, 3), (1, 0)]  # none after the step that went non-finite
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    tensors = list(_every_tensor(state))
+    assert len(tensors) > 100 and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    _diverged_summary(tmp_path / "run")
+
+
+def test_a_divergence_that_shows_first_in_the_test_loss_is_one(tmp_path, cifar_root, monkeypatch):
+    real_build = build.build_model
+    evaluations = {"n": 0}
+
+    def nan_when_evaluated_after_epoch_1(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            evaluations["n"] += not module.training
+            return output * float("nan") if evaluations["n"] > 1 and not module.training else output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(build, "build_model", nan_when_evaluated_after_epoch_1)
+    with pytest.raises(Diverged, match=r"^the test loss became NaN or infinite at the end of epoch 2; the last good "
+                                       r"checkpoint, .* is kept"):
+        _cifar_run(cifar_root, tmp_path / "run", "train.epochs=3", "train.eval_batch_size=100")
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1 and len(_metrics(run)) == 1
+    _diverged_summary(run)
 
 
 def test_json_outputs_are_strict():
@@ -237,6 +341,23 @@ def test_a_broken_checkpoint_names_the_file_and_the_fix(tmp_path, cifar_root, co
         _cifar_run(cifar_root, tmp_path / "run")
 
 
+def test_a_checkpoint_that_does_not_fit_the_model_names_the_first_tensor_and_the_fix(tmp_path, cifar_root):
+    _cifar_run(cifar_root, tmp_path / "narrow", "model.width=4")
+    wide = compose_config(f"dataset.root={cifar_root}", "dataset.verify=false", *TINY, "model.width=8",
+                          "train.epochs=2")
+    # The same settings but other tensors: what a change to the model's code, or a copied file, makes.
+    state = torch.load(tmp_path / "narrow" / "checkpoint.pt", weights_only=False)
+    state["config"] = OmegaConf.to_container(wide, resolve=True)
+    (tmp_path / "wide").mkdir()
+    torch.save(state, tmp_path / "wide" / "checkpoint.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"wide/checkpoint.pt does not fit this model: conv1.weight "
+                                                         r"has shape \[4, 3, 3, 3\] there and \[8, 3, 3, 3\] in this "
+                                                         r"model .*Move it away to start this run afresh"):
+        train(wide, tmp_path / "wide")
+    assert torch.equal(torch.load(tmp_path / "wide" / "checkpoint.pt", weights_only=False)["model"]["conv1.weight"],
+                       state["model"]["conv1.weight"])  # left as it was
+
+
 def test_a_foreign_checkpoint_is_refused(tmp_path, cifar_root):
     (tmp_path / "run").mkdir()
     torch.save({"model": {}}, tmp_path / "run" / "checkpoint.pt")
@@ -245,14 +366,21 @@ def test_a_foreign_checkpoint_is_refused(tmp_path, cifar_root):
 
 
 def test_one_run_per_directory_and_a_dead_holder_does_not_block(tmp_path, cifar_root):
-    with RunDirectory(tmp_path / "run"):
-        busy = rf"{tmp_path / 'run'} is in use by another run \(PID {os.getpid()}\)"
-        with pytest.raises(RunDirectoryBusy, match=busy):
-            _cifar_run(cifar_root, tmp_path / "run")
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gnp.runs import RunDirectory; "
+                               "RunDirectory(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
+                               str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryBusy, match=rf"{run} is in use by another run \(PID {holder.pid}\)"):
+            _cifar_run(cifar_root, run)
+    finally:
+        holder.kill()
+        holder.wait()
     # The lock file of a process that died is still there, but nobody holds the lock.
-    assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
-    _, summary = _cifar_run(cifar_root, tmp_path / "run")
-    assert summary["status"] == "finished"
+    assert (run / ".lock").read_text().strip() == str(holder.pid)
+    _, summary = _cifar_run(cifar_root, run)
+    assert summary["status"] == "finished" and not (run / ".lock").exists()
 
 
 def test_temporaries_of_interrupted_writes_are_removed_at_start(tmp_path, cifar_root):
@@ -275,11 +403,22 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, cifa
 
     monkeypatch.setattr(io.os, "fsync", disk_full_after_the_first_epoch)
     with pytest.raises(io.OutputError, match=r"cannot write .*run/checkpoint.pt: No space left on device\. "
-                                             r"Free space or choose a writable run directory"):
+                                             r"Free space or choose a writable folder"):
         _cifar_run(cifar_root, tmp_path / "run", "train.epochs=2")
     run = tmp_path / "run"
     assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one, intact
     assert not list(run.glob(".*.tmp"))
+
+
+def test_torchs_own_error_for_a_full_disk_is_one_line_with_the_os_reason(tmp_path, cifar_root, monkeypatch):
+    full_disk_after_the_first_checkpoint(monkeypatch.setattr)
+    with pytest.raises(io.OutputError, match=r"cannot write .*run/checkpoint.pt: No space left on device\.") as raised:
+        _cifar_run(cifar_root, tmp_path / "run", "train.epochs=2")
+    assert "unexpected pos" in str(raised.value.__cause__)  # torch's zip writer raised it, after the ENOSPC
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one, intact
+    assert not list(run.glob(".*.tmp"))
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
 
 
 def test_an_unusable_run_directory_is_one_clear_error(tmp_path, cifar_root):

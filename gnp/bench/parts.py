@@ -3,16 +3,13 @@ as the loop builds them (model, data, method, optimizer, schedule), the loop's p
 evaluation, and a whole training run. Everything else in gnp.bench goes through this module."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig
 
 from gnp.data import BatchLoader
 from gnp.distributed import Context
 from gnp.methods import Method
-from gnp.training import EpochTotals, Trainer, evaluate, git_commit, train, use_channels_last
+from gnp.training import EpochTotals, build_parts, evaluate, git_commit, train, train_step, use_channels_last
 
 __all__ = ["Parts", "git_commit", "train", "use_channels_last"]
 
@@ -23,29 +20,28 @@ class Parts:
     optimizer) and the closure, loop step and evaluation the training loop uses."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        self._trainer = Trainer(cfg, Path(tempfile.gettempdir()), Context(0, 1, device))
-        self._trainer.build()
+        self._parts = build_parts(cfg, Context(0, 1, device))
         self.cfg = cfg
-        self.net: torch.nn.Module = self._trainer.net
-        self.method: Method = self._trainer.method
-        self.channels_last: bool = self._trainer.channels_last
+        self.net: torch.nn.Module = self._parts.net
+        self.method: Method = self._parts.method
+        self.channels_last: bool = self._parts.channels_last
         self._totals = EpochTotals(device)
 
     def first_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first training batch of epoch 0, augmented, in the memory format the model takes."""
-        images, target = next(self._trainer.train_loader.epoch(0))
+        images, target = next(self._parts.train_loader.epoch(0))
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images, target
 
     def loss_and_logits(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The closure each pass of a training step evaluates."""
-        return self._trainer.loss_and_logits(images, target)
+        return self._parts.loss_and_logits(images, target)
 
     def loop_step(self, images: torch.Tensor, target: torch.Tensor) -> None:
         """One step with the training loop's per-step work around it: the step's model seed, the
         learning-rate schedule and the epoch's running totals."""
-        self._trainer.train_step(self.method.steps_taken, images, target, self._totals)
+        train_step(self._parts, self.method.steps_taken, images, target, self._totals)
 
     def evaluate(self, loader: BatchLoader) -> dict[str, float]:
         """The loop's evaluation of the (compiled) model on `loader`, in the run's precision."""
-        t = self._trainer
-        return evaluate(t.forward, loader, t.autocast, t.channels_last)
+        p = self._parts
+        return evaluate(p.forward, loader, p.autocast, p.channels_last)

@@ -190,12 +190,13 @@ def matches(run: Run, plan: Plan) -> list[str]:
 
 
 # What a run directory holds, as scripts/reproduce.py sees it; LAUNCH: the states it (re)starts.
-LAUNCH = ("missing", "partial", "failed")
+LAUNCH = ("missing", "partial", "interrupted", "failed")
 
 
 def run_state(plan: Plan, seed: int) -> tuple[str, Run | None, str]:
-    """(state, run, detail) of the run directory of `seed`: missing, partial (interrupted: resumes),
-    failed (started again), finished, diverged (not restarted: it would diverge again), conflict
+    """(state, run, detail) of the run directory of `seed`: missing, partial (a checkpoint and no finished
+    summary: resumes), interrupted (stopped before its first checkpoint: started again), failed (started
+    again), finished, diverged (not restarted: it would diverge again), conflict
     (it holds a run with other settings), unreadable (a damaged file: left for you to look at) or
     not runnable."""
     if plan.expected is None:
@@ -213,8 +214,10 @@ def run_state(plan: Plan, seed: int) -> tuple[str, Run | None, str]:
         return run.status, run, run.summary.get("error") or ""
     if run.status == "failed":
         return "failed", run, run.summary.get("error") or ""
-    detail = f"{len(run.metrics())} epoch(s) done" + (f", {run.status}" if run.status != "no summary" else "")
-    return "partial", run, detail
+    status = f", {run.status}" if run.status != "no summary" else ""
+    if not (plan.run_dir(seed) / "checkpoint.pt").exists():
+        return "interrupted", run, f"no checkpoint to resume from: it starts again{status}"
+    return "partial", run, f"{len(run.metrics())} epoch(s) done{status}"
 
 
 # --- The options that would match runs found --------------------------------------------------------

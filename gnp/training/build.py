@@ -1,0 +1,176 @@
+"""The parts a run trains with, built from its config: `build_parts(cfg, ctx)` returns them as `Parts`.
+
+Data loaders on the device, the model (channels_last, compiled, in DDP with several replicas), the base
+optimizer and the config's method around it, the learning-rate schedule, the weight average, and the
+precision (autocast, loss scaling). Nothing here needs a run directory or a Trainer: a benchmark builds
+the same parts and steps them.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from gnp import distributed
+from gnp.augment import build_augmentation
+from gnp.config import ConfigError, build_method
+from gnp.data import BatchLoader, load_dataset, training_batch_problem
+from gnp.methods import Method
+from gnp.models import build_model, count_parameters
+from gnp.runs import log
+from gnp.training.ema import WeightAverage
+
+CNN_PREFIXES = ("resnet", "wrn", "pyramidnet")  # the models that channels_last speeds up
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Parts:
+    """Everything a run steps and evaluates. `net` is the model itself (its weights are what a checkpoint
+    saves), `forward` the same model compiled with train.compile, and `model` what a training step calls:
+    `forward`, in DDP when there are several replicas."""
+    cfg: DictConfig
+    ctx: distributed.Context
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    data_verified: bool
+    net: nn.Module
+    forward: nn.Module
+    model: nn.Module
+    method: Method
+    lr_factor: Callable[[int], float]
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: WeightAverage | None
+    # Each replica keeps its own BatchNorm statistics, as the authors' code; they are averaged for
+    # evaluation and checkpoints only.
+    replica_stats: list[torch.Tensor]
+    precision: str
+    autocast: Callable[[], ContextManager]
+    channels_last: bool
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.net)
+
+    def loss_and_logits(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closure each pass of a step evaluates: the loss in float32, and the logits."""
+        with self.autocast():
+            logits = self.model(images)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.train.label_smoothing), logits
+
+
+def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
+    """Data, model, method, schedule and weight average as the config says, on `ctx.device`."""
+    t, d, device = cfg.train, cfg.dataset, ctx.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    precision = resolve_precision(cfg.precision, device)
+    warn_if_slow(precision, device)
+    dtype = AUTOCAST_DTYPES.get(precision)
+
+    # Data: the main process fetches/extracts first, the others then read the finished files.
+    data = distributed.main_first(lambda: load_dataset(d.name, d.root, download=d.download, verify=d.verify,
+                                                       limit_train=d.limit_train, limit_test=d.limit_test), device)
+    problem = training_batch_problem(t.batch_size, len(data.train_labels), ctx.world_size)
+    if problem:
+        raise ConfigError(problem)
+    train_loader = BatchLoader(
+        data.train_images, data.train_labels, batch_size=t.batch_size, device=device, mean=d.mean, std=d.std,
+        train=True, augment=build_augmentation(cfg.aug, mean=d.mean), num_classes=d.num_classes,
+        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    test_loader = BatchLoader(data.test_images, data.test_labels, batch_size=t.eval_batch_size, device=device,
+                              mean=d.mean, std=d.std, train=False, rank=ctx.rank, world_size=ctx.world_size)
+    steps_per_epoch = len(train_loader)
+
+    # Model: identical initial weights on every replica, from init_seed (default: seed).
+    torch.manual_seed(init_seed(cfg))
+    net = build_model(cfg.model.name, d.num_classes, **{k: v for k, v in cfg.model.items() if k != "name"})
+    channels_last = use_channels_last(t.channels_last, cfg.model.name, device)
+    if channels_last and device.type == "cpu":
+        log.warning("train.channels_last=true on the CPU: its NHWC BatchNorm kernel computes batch statistics "
+                    "less accurately than NCHW (README: Speed)")
+    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    forward = net if t.compile is False else torch.compile(net, mode=None if t.compile is True else t.compile)
+    model = distributed.wrap(forward, device) if ctx.world_size > 1 else forward
+
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    method = build_method(cfg, model, build_optimizer(cfg.optimizer, net, device), steps_per_epoch, scaler)
+    lr_factor = cosine_schedule(t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch))
+    ema = WeightAverage(net, t.ema_decay) if t.ema_decay else None
+    return Parts(
+        cfg=cfg, ctx=ctx, train_loader=train_loader, test_loader=test_loader, data_verified=data.verified,
+        net=net, forward=forward, model=model, method=method, lr_factor=lr_factor,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(method.base_optimizer, lr_factor), ema=ema,
+        replica_stats=distributed.running_stats(net, *([ema.model] if ema else [])), precision=precision,
+        autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
+        channels_last=channels_last)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast on CUDA and float32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def warn_if_slow(precision: str, device: torch.device) -> None:
+    """One line for a setting known to be much slower on this device than another; the run goes on."""
+    if precision == "fp16" and device.type == "cpu":
+        log.warning("precision=fp16 on the CPU trains about 70 times slower than fp32 (the digits demo: 3.5 against "
+                    "258 images/s; the CPU has few float16 kernels): use precision=fp32 (or auto) unless you are "
+                    "testing the loss scaling")
+
+
+def use_channels_last(setting: bool | str, model_name: str, device: torch.device) -> bool:
+    """`auto`: the CNNs on CUDA, where cuDNN's NHWC kernels are faster. On the CPU, NHWC is faster too
+    (5-16% for a ResNet-18 step on 2 cores) but BatchNorm's NHWC kernel computes the batch variance
+    less accurately (relative error 5.6e-5 against 1.8e-6 in NCHW, for inputs of mean 5 and std 0.1,
+    measured against float64; gradients 0.5% off on the digits task), so it is opt-in there."""
+    if setting == "auto":
+        return device.type == "cuda" and model_name.startswith(CNN_PREFIXES)
+    return bool(setting)
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The base optimizer. With `decay_norm_and_bias=false`, biases and normalisation weights (every
+    parameter with fewer than two dimensions, as the official `no_weight_decay_on_bn`) get neither
+    weight decay nor in-loss L2. With weight_decay_mode=loss the decay is the method's in-loss L2,
+    so the base optimizer gets none."""
+    weight_decay = cfg.weight_decay if cfg.weight_decay_mode == "optimizer" else 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_norm_and_bias:
+        groups = [{"params": params}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "l2": 0.0}]
+    fused = device.type == "cuda" if cfg.fused == "auto" else bool(cfg.fused)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=weight_decay,
+                             fused=fused)
+
+
+def init_seed(cfg: DictConfig) -> int:
+    """The seed of the model's initial weights: `init_seed`, by default `seed`."""
+    return cfg.seed if cfg.init_seed is None else cfg.init_seed
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor per step: linear warmup, then cosine decay towards zero (reached one step after the last)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor

@@ -1,0 +1,95 @@
+"""Saving and restoring the run's state, at an epoch's end or at any step within one.
+
+The model is saved with the replicas' BatchNorm statistics averaged, each replica's own statistics
+beside it, and the partial epoch's sums of every replica, so that a run resumed at any step, in one
+process or under DDP, continues every replica exactly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gnp import checkpoint, distributed
+from gnp.runs import first_line, log
+from gnp.training.build import Parts
+from gnp.training.epoch import EpochTotals
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run continues: epoch `epoch` (0-based) from its step `step`, with this replica's sums of
+    the steps of that epoch already taken (None at an epoch's start)."""
+    epoch: int = 0
+    step: int = 0
+    totals: torch.Tensor | None = None
+
+
+class Checkpoints:
+    """The run directory's checkpoint.pt: written on the main process, with what every replica holds."""
+
+    def __init__(self, run_dir: Path, ctx: distributed.Context):
+        self.run_dir, self.ctx = run_dir, ctx
+        self.last_written = time.monotonic()
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / checkpoint.FILENAME
+
+    def kept(self) -> str:
+        """Which checkpoint a run that stops now leaves, in words."""
+        if self.path.exists():
+            return f"the last good checkpoint, {self.path}, is kept"
+        return "no checkpoint was written yet"
+
+    def due(self, minutes: float) -> bool:
+        """Whether a timed checkpoint is due (`train.checkpoint_minutes`, 0: never within an epoch)."""
+        return self.ctx.is_main and minutes > 0 and time.monotonic() - self.last_written >= 60 * minutes
+
+    def save(self, parts: Parts, epoch: int, step: int, totals: EpochTotals | None, record: dict) -> None:
+        """The state after step `step` of epoch `epoch` (0-based; step 0: the end of the previous epoch);
+        `record` holds what the run's records keep in it (config, history, W&B run id)."""
+        replica_stats = None
+        if self.ctx.world_size > 1 and parts.replica_stats:
+            replica_stats = distributed.all_gather(torch.cat([s.flatten() for s in parts.replica_stats])).cpu()
+        replica_totals = None if totals is None else distributed.all_gather(totals.sums).cpu()
+        with distributed.replica_averaged(parts.replica_stats):
+            distributed.on_main(lambda: self.write({
+                **record, "epoch": epoch, "step": step, "model": parts.net.state_dict(),
+                "optimizer": parts.method.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                "ema": parts.ema.model.state_dict() if parts.ema else None,
+                "replica_stats": replica_stats, "totals": replica_totals}), self.ctx.device)
+        if step:
+            log.info(f"checkpoint at step {step}/{parts.steps_per_epoch} of epoch {epoch + 1}")
+
+    def write(self, state: dict) -> None:
+        self.last_written = time.monotonic()
+        checkpoint.save(self.run_dir, state)
+
+    def restore(self, parts: Parts, state: dict) -> Start:
+        """Load the checkpoint's state into the parts; where to continue, with this replica's sums."""
+        checkpoint.load_into(parts.net, state["model"], self.path)
+        if parts.ema:
+            checkpoint.load_into(parts.ema.model, state["ema"], self.path, "weight average")
+        try:
+            parts.method.load_state_dict(state["optimizer"])
+            parts.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"{self.path} does not fit this run's optimizer ({first_line(e)}). "
+                                             f"{checkpoint.FIX}") from None
+        per_replica = state["replica_stats"]  # None for a single process: its model holds them
+        if per_replica is not None and len(per_replica) == self.ctx.world_size:
+            own = per_replica[self.ctx.rank].to(self.ctx.device)
+            torch._foreach_copy_(parts.replica_stats, list(own.split([s.numel() for s in parts.replica_stats])))
+        totals = state["totals"]
+        if totals is not None:
+            # Each replica continues its own sums; with another number of replicas the main one takes them all.
+            same = len(totals) == self.ctx.world_size
+            totals = totals[self.ctx.rank] if same else totals.sum(0) * float(self.ctx.is_main)
+        epoch, step = state["epoch"], state["step"]
+        where = f"epoch {epoch} of {parts.cfg.train.epochs}" if step == 0 else \
+            f"step {step}/{parts.steps_per_epoch} of epoch {epoch + 1}"
+        log.info(f"Resuming {self.run_dir} after {where}")
+        return Start(epoch, step, totals)
