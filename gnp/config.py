@@ -17,7 +17,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from gnp.augment import build_augmentation
-from gnp.data import DATASETS, TRAIN_SIZES
+from gnp.data import DATASETS, TRAIN_SIZES, training_batch_problem
 from gnp.methods import Method, SettingError
 from gnp.models import check_model_options
 from gnp.tracking import has_wandb_credentials
@@ -144,6 +144,11 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
         value = d[key]
         _check(value is None or (_is_int(value) and value >= 1), f"dataset.{key}", value,
                "must be null (all images) or an integer >= 1")
+    # The dataset's published size stands in for the one on disk, so a sweep's jobs are judged before
+    # any starts; the loop checks the images it loaded, and the split over its processes, with the same function.
+    problem = training_batch_problem(t.batch_size, _nominal_train_size(cfg))
+    if problem:
+        raise ConfigError(problem)
     check_method(cfg)
     _check(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, f"choose one of {', '.join(WANDB_MODES)}")
     try:  # the model registry and the augmentation check their own options
@@ -182,12 +187,15 @@ def method_class(method: Mapping) -> type[Method]:
     return cls
 
 
-def train_steps_per_epoch(cfg: DictConfig, train_size: int | None = None) -> int:
-    """Steps per epoch: floor(training images / global batch). `train_size` defaults to the published size."""
-    n = TRAIN_SIZES[cfg.dataset.name] if train_size is None else train_size
-    if cfg.dataset.limit_train is not None:
-        n = min(n, cfg.dataset.limit_train)
-    return n // cfg.train.batch_size
+def _nominal_train_size(cfg: DictConfig) -> int:
+    """The training images a run uses if its dataset has the published size, cut at dataset.limit_train."""
+    n = TRAIN_SIZES[cfg.dataset.name]
+    return n if cfg.dataset.limit_train is None else min(n, cfg.dataset.limit_train)
+
+
+def train_steps_per_epoch(cfg: DictConfig) -> int:
+    """Steps per epoch of a dataset of the published size: floor(training images / global batch)."""
+    return _nominal_train_size(cfg) // cfg.train.batch_size
 
 
 def method_settings(cfg: DictConfig, steps_per_epoch: int,

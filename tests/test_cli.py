@@ -75,6 +75,15 @@ def test_asking_for_a_gpu_without_one(capsys):
                                    "use device=auto or device=cpu"]
 
 
+def test_a_sweep_job_whose_batch_outgrows_the_training_set_is_listed_before_the_first_job(capsys):
+    code, lines = _check(capsys, "-m", "train.batch_size=32,128", "dataset.limit_train=64")
+    assert code == 2 and lines == [
+        "error: job 1 (train.batch_size=128 dataset.limit_train=64): train.batch_size=128 is invalid: larger than "
+        "the training set (64 images); lower it or raise dataset.limit_train",
+        "error: 1 of 2 jobs are invalid; no job was started",
+    ]
+
+
 def test_wandb_online_without_credentials(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
