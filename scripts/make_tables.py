@@ -164,6 +164,9 @@ def make_analysis(results: tables.Results, stem: str, counts: str, args) -> None
     if not any(r.stat(c).n for r in per_quantity for c in r.runs) and not args.force:
         warn(f"{stem}: no finished run has {', '.join(names)} in its analysis.json; no analysis table written")
         return
+    _, problem = tables.analysis_settings(runs)
+    if problem:
+        warn(f"{stem}-analysis: {problem}")
     written = write_table(f"{stem}-analysis", args, tables.render_analysis_markdown(per_quantity, counts),
                           "\n".join(tables.render_latex(r) for r in per_quantity), tables.render_csv(per_quantity))
     if not written:

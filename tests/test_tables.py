@@ -504,8 +504,15 @@ def test_the_gradient_norm_figure_has_one_line_per_alpha_and_a_panel_per_r():
     assert half.get_marker() != one.get_marker() != small_r.get_lines()[0].get_marker()
 
 
-def write_analysis(run, **quantities):
-    (run / "analysis.json").write_text(json.dumps({"format": "gnp-analysis/1", "quantities": quantities}))
+# the settings python -m gnp.analysis records (those that change a value, and two that do not)
+ANALYSED_WITH = {"subset": 500, "rho": 0.05, "top_k": 3, "trace_samples": 20, "ascent_steps": 5, "seed": 0,
+                 "dtype": "float32", "device": "cpu", "batch_size": 500}
+
+
+def write_analysis(run, settings=ANALYSED_WITH, **quantities):
+    """analysis.json as python -m gnp.analysis writes it (settings=None: without its settings)."""
+    analysis = {"format": "gnp-analysis/1", "quantities": quantities, **({"settings": settings} if settings else {})}
+    (run / "analysis.json").write_text(json.dumps(analysis))
 
 
 def test_the_analysis_table_and_its_scatter_figure(tmp_path, capsys):
@@ -555,6 +562,31 @@ def test_the_analysis_table_and_its_scatter_figure(tmp_path, capsys):
     fig = figures.scatter_figure("t", [("Hessian trace", {"SGD": points})])
     assert sorted(zip(*fig.axes[0].get_lines()[0].get_data())) == sorted(points)
     assert fig.axes[0].get_ylabel() == "test error (%)" and fig.axes[0].get_xlabel() == "Hessian trace"
+
+
+def test_the_analysis_table_says_its_options_and_when_they_differ_between_runs(tmp_path, capsys):
+    settings = {**ANALYSED_WITH, "dtype": "float64"}
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        for method in ("plain", "gnp"):
+            write_run(runs / f"{method}{seed}", DIGITS + DIGITS_METHODS[method], seed, 1.0 + seed)
+            write_analysis(runs / f"{method}{seed}", {**settings, "batch_size": 100 * (seed + 1)}, sam_sharpness=0.1)
+    _make(tmp_path, runs, "--table", "digits", "--analysis")
+    md = (tmp_path / "tables" / "digits-analysis.md").read_text()
+    # the batch size changes no value: the analyses compare
+    assert ("Analysed with `python -m gnp.analysis --subset 500 --rho 0.05 --top-k 3 --trace-samples 20 "
+            "--ascent-steps 5 --seed 0 --float64`.\n") in md and "Not comparable" not in md
+    assert capsys.readouterr().err == ""
+
+    write_analysis(runs / "gnp0", {**settings, "rho": 0.1, "dtype": "float32"}, sam_sharpness=0.3)
+    write_analysis(runs / "gnp1", None, sam_sharpness=0.3)  # an analysis.json without settings
+    _make(tmp_path, runs, "--table", "digits", "--analysis", "--force")
+    problem = ("the analyses were made with other options: --rho 0.05 (2 runs), 0.1 (1 run); --float64 yes (2 runs), "
+               "no (1 run); 1 run recorded no settings in analysis.json; analyse every run with the same ones")
+    assert problem in capsys.readouterr().err
+    md = (tmp_path / "tables" / "digits-analysis.md").read_text()
+    assert ("Analysed with `python -m gnp.analysis --subset 500 --top-k 3 --trace-samples 20 --ascent-steps 5 --seed 0`. "
+            f"**Not comparable**: {problem}") in md
 
 
 def test_chosen_analysis_quantities_and_runs_without_any(tmp_path, capsys):

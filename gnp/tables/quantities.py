@@ -3,6 +3,7 @@ quantity of its analysis.json (`python -m gnp.analysis`: flatness of the trained
 of the pipeline (collect, statistics, rendering) takes the quantity as a parameter."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from gnp.tables.runs import TEST_ERROR, Run, is_number
@@ -35,3 +36,38 @@ ANALYSIS_QUANTITIES = {q.name: q for q in (
     Quantity("hessian_trace", "Hessian trace", ".3g", True),
     Quantity("sam_sharpness", "SAM sharpness", ".3g", True),
 )}
+
+
+
+# analysis.json's settings that change a value (not the device or the batch size, beyond rounding),
+# by the option of python -m gnp.analysis that sets each.
+ANALYSIS_OPTIONS = {"subset": "--subset", "rho": "--rho", "top_k": "--top-k", "trace_samples": "--trace-samples",
+                    "ascent_steps": "--ascent-steps", "seed": "--seed", "dtype": "--float64"}
+
+
+def analysis_options(runs: list[Run]) -> tuple[list[str], dict[str, Counter], int]:
+    """What the analyses of `runs` were made with: the options they share ("--rho 0.05", ...), for
+    each option on which they differ the runs with each value ({"--rho": {"0.05": 6, "0.1": 3}}),
+    and how many analysis.json files recorded no settings. Values made with other options do not
+    compare."""
+    values: dict[str, Counter] = {option: Counter() for option in ANALYSIS_OPTIONS.values()}
+    unrecorded = 0
+    for run in runs:
+        if run.analysis is None:
+            continue
+        if run.analysis_settings is None:
+            unrecorded += 1
+            continue
+        for key, option in ANALYSIS_OPTIONS.items():
+            values[option][_shown(key, run.analysis_settings.get(key))] += 1
+    shared = []
+    for option, counter in values.items():
+        if len(counter) == 1 and (shown := next(iter(counter))) != "no":
+            shared.append(option if shown == "yes" else f"{option} {shown}")
+    return shared, {option: counter for option, counter in values.items() if len(counter) > 1}, unrecorded
+
+
+def _shown(key: str, value) -> str:
+    if key == "dtype":  # --float64 is a switch
+        return "yes" if value == "float64" else "no"
+    return f"{value:g}" if is_number(value) else str(value)

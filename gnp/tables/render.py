@@ -8,7 +8,8 @@ import io as _io
 
 from gnp.tables.estimates import Cost
 from gnp.tables.published import NOT_COVERED, published_value
-from gnp.tables.quantities import Quantity
+from gnp.tables.quantities import Quantity, analysis_options
+from gnp.tables.runs import Run
 from gnp.tables.spec import Source, Table, TableError
 from gnp.tables.stats import (CONFIDENCE, SIGNIFICANCE, Results, Stat, Versus, best_methods, cell_groups,
                               heatmap_grids)
@@ -109,6 +110,8 @@ def render_analysis_markdown(results: list[Results], counts: str) -> str:
     what = ("Each quantity of the runs' analysis.json (`python -m gnp.analysis RUN_DIR`: on a fixed subset of the "
             "training set, with the model in evaluation mode)")
     lines += [legend(results[0], what).replace("Bold:", "**Bold**:"), ""]
+    made_with, problem = analysis_settings([run for runs in results[0].runs.values() for run in runs])
+    lines += [" ".join(filter(None, [made_with, problem and f"**Not comparable**: {problem}."])), ""]
     for r in results:
         lines += [f"## {r.quantity.label} (`{r.quantity.name}`)", "", *_markdown_grid(r), ""]
         lacking = [run.source for runs in r.runs.values() for run in runs if r.quantity.value(run) is None]
@@ -120,6 +123,25 @@ def render_analysis_markdown(results: list[Results], counts: str) -> str:
     if devices:
         lines.append(f"Hardware of the training runs: {', '.join(devices)}.")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def analysis_settings(runs: list[Run]) -> tuple[str, str | None]:
+    """What the analyses of `runs` were made with, and the problem when they were made with other
+    options (their values do not compare) or some did not record theirs."""
+    shared, differing, unrecorded = analysis_options(runs)
+    made_with = f"Analysed with `python -m gnp.analysis {' '.join(shared)}`." if shared else ""
+    problems = ["; ".join(f"{option} " + ", ".join(f"{value} ({_runs(n)})" for value, n in counter.most_common())
+                          for option, counter in differing.items())] if differing else []
+    if unrecorded:
+        problems.append(f"{_runs(unrecorded)} recorded no settings in analysis.json")
+    if not problems:
+        return made_with, None
+    return made_with, (f"the analyses were made with other options: {'; '.join(problems)}; analyse every run "
+                       f"with the same ones (python -m gnp.analysis redoes a run analysed with other settings)")
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
 
 
 def _markdown_grid(results: Results) -> list[str]:

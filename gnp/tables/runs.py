@@ -35,6 +35,7 @@ class Run:
     problem: str | None = None        # status unreadable: the damaged file and what is wrong with it
     analysis: dict | None = None      # analysis.json's quantities; None: no (readable) analysis.json
     analysis_problem: str | None = None  # a damaged analysis.json: the file and what is wrong with it
+    analysis_settings: dict | None = None  # the options the analysis ran with; None: not recorded
 
     @property
     def seed(self) -> Any:
@@ -79,7 +80,7 @@ def read_run(directory: Path) -> Run | None:
     run = Run(str(directory), status, config, summary, lambda: metrics)
     if (directory / ANALYSIS_FILE).exists():  # a damaged one costs the run its analysis quantities only
         try:
-            run.analysis = _read_analysis(directory / ANALYSIS_FILE)
+            run.analysis, run.analysis_settings = _read_analysis(directory / ANALYSIS_FILE)
         except Damaged as e:
             run.analysis_problem = str(e)
     return run
@@ -107,7 +108,8 @@ def _read_summary(path: Path) -> dict:
     return summary
 
 
-def _read_analysis(path: Path) -> dict:
+def _read_analysis(path: Path) -> tuple[dict, dict | None]:
+    """analysis.json's quantities and settings."""
     try:
         analysis = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
@@ -116,7 +118,8 @@ def _read_analysis(path: Path) -> dict:
         raise Damaged(f"{display_path(path)}: not a {ANALYSIS_FORMAT} file")
     if not isinstance(analysis.get("quantities"), dict):
         raise Damaged(f"{display_path(path)}: has no quantities")
-    return analysis["quantities"]
+    settings = analysis.get("settings")
+    return analysis["quantities"], settings if isinstance(settings, dict) else None
 
 
 def _read_config(path: Path, required: bool) -> dict:
