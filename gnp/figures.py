@@ -135,16 +135,22 @@ def scatter(stem: Path, title: str, panels: list[tuple[str, dict[str, list[tuple
 
 
 def scatter_figure(title: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]]):
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), sharey=True, squeeze=False)
+    """One panel per quantity, at most 3 to a row, all sharing the test error axis."""
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.0 * columns, 3.3 * rows + 0.5), sharey=True, squeeze=False)
     methods = list(dict.fromkeys(m for _, points in panels for m in points))
-    for ax, (label, points) in zip(axes[0], panels):
+    for ax, (label, points) in zip(axes.flat, panels):
         for method, xy in points.items():
             s = style(methods.index(method))
             ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle="none", marker=s["marker"], color=s["color"],
                     markerfacecolor="none", markersize=7, label=f"{method} ({len(xy)} runs)")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test error (%)")
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    for row in axes:
+        row[0].set_ylabel("test error (%)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Test error against each analysis quantity, one point per run\n{title}", fontsize=9)
     fig.tight_layout()

@@ -562,6 +562,9 @@ def test_the_analysis_table_and_its_scatter_figure(tmp_path, capsys):
     fig = figures.scatter_figure("t", [("Hessian trace", {"SGD": points})])
     assert sorted(zip(*fig.axes[0].get_lines()[0].get_data())) == sorted(points)
     assert fig.axes[0].get_ylabel() == "test error (%)" and fig.axes[0].get_xlabel() == "Hessian trace"
+    four = figures.scatter_figure("t", [(f"q{i}", {"SGD": points}) for i in range(4)])  # 3 to a row: 2 rows
+    assert [ax.get_xlabel() for ax in four.axes] == ["q0", "q1", "q2", "q3"]
+    assert [ax.get_ylabel() for ax in four.axes] == ["test error (%)", "", "", "test error (%)"]
 
 
 def test_the_analysis_table_says_its_options_and_when_they_differ_between_runs(tmp_path, capsys):
