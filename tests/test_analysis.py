@@ -399,6 +399,20 @@ def test_a_killed_analysis_resumes_with_what_it_had(run, monkeypatch):
     assert _strict((run / "analysis.json").read_text())["quantities"].keys() == {"train_loss", "sam_sharpness"}
 
 
+def test_the_file_names_the_commit_checked_out_when_the_analysis_began(run, monkeypatch):
+    head = {"commit": "a" * 40}
+    monkeypatch.setattr("gnp.analysis.run.git_commit", lambda: head["commit"])
+    train_loss = Analysis.train_loss
+
+    def checkout_meanwhile(analysis):  # changes HEAD, not the code that is running
+        head["commit"] = "b" * 40
+        return train_loss(analysis)
+
+    monkeypatch.setattr(Analysis, "train_loss", checkout_meanwhile)
+    assert main([str(run), *FAST, "--only", "train_loss,train_grad_norm"]) == 0
+    assert _strict((run / "analysis.json").read_text())["environment"]["commit"] == "a" * 40
+
+
 def _lines(capsys):
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err

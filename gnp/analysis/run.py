@@ -182,6 +182,7 @@ class Analysis:
 
     def __init__(self, run: Run, options: Options, device: torch.device):
         self.run, self.options, self.device = run, options, device
+        self.commit = git_commit()  # the code that does the work: read before it starts, not when it is written
         self.dtype = torch.float64 if options.float64 else torch.float32
         self.net = build_network(run, device, self.dtype)
         self.other = self._other_weights() if options.between else None
@@ -285,7 +286,7 @@ class Analysis:
             "loss": describe_loss(self.label_smoothing, self.l2, self.net),
             "run": {"dir": str(self.run.dir), "epoch": self.run.state["epoch"],
                     "test_error": self.run.summary.get("test_error")},
-            "environment": {"commit": git_commit(), "device": device_name, "torch_version": torch.__version__},
+            "environment": {"commit": self.commit, "device": device_name, "torch_version": torch.__version__},
             "notes": notes,
         }
 
