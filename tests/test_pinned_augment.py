@@ -112,7 +112,9 @@ def test_each_autoaugment_operation_equals_the_pinned_one_bit_for_bit(style):
 
 
 if __name__ == "__main__":
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # "-dirty": the pins were made by uncommitted changes to that commit (committed with them)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                            text=True).stdout.strip()
     PINNED.parent.mkdir(exist_ok=True)
     record = {"commit": commit, "torch": str(torch.__version__),
               "cases": {name: run(name) for name in CASES},

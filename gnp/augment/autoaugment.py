@@ -100,6 +100,29 @@ def argument_of(name: str, operations: Sequence[str], operation: torch.Tensor, a
     return torch.where(operation == operations.index(name), argument, 0.0)
 
 
+def affine_nearest(images: torch.Tensor, matrix: torch.Tensor, fill: int,
+                   rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Nearest-neighbour resampling with per-image 2x3 maps from output to input pixel coordinates
+    (pixel centres at integers): each output pixel takes the source pixel at its mapped coordinates
+    rounded by `rounding`, or `fill` when that pixel lies outside the image. The coordinates are
+    element-wise products and sums, each rounded once as IEEE says, not a matrix product (whose
+    summation order and fused multiply-adds are the hardware's choice): a coordinate that falls on
+    a half in exact arithmetic (a shear of 1/15 maps row 7 to x + 0.5) then rounds the same way on
+    every CPU and GPU."""
+    b, c, h, w = images.shape
+    device = images.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    xs, ys = xs.reshape(1, h * w), ys.reshape(1, h * w)
+    source_x = matrix[:, 0, 0:1] * xs + matrix[:, 0, 1:2] * ys + matrix[:, 0, 2:3]
+    source_y = matrix[:, 1, 0:1] * xs + matrix[:, 1, 1:2] * ys + matrix[:, 1, 2:3]
+    col, row = rounding(source_x), rounding(source_y)
+    covered = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
+    index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()
+    pixels = images.reshape(b, c, h * w).gather(2, index[:, None, :].expand(b, c, h * w))
+    return torch.where(covered[:, None, :], pixels, fill).view(b, c, h, w)
+
+
 # --- the pixel operations both styles share ---------------------------------------------------------
 
 def blend(degenerate: torch.Tensor | float, images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from gnp.augment.autoaugment import (
     SHARED_PIXEL_OPERATIONS,
     AutoAugment,
     PixelOperation,
+    affine_nearest,
     argument_of,
     blend,
     sharpness_degenerate,
@@ -91,7 +92,8 @@ def _geometric_then_cutout(images: torch.Tensor, operation: torch.Tensor, argume
     argument each side of its centre: every image draws a centre from `generator`, used only where
     it does Cutout."""
     h, w = images.shape[-2:]
-    images = _affine_nearest_half_away(images, _affine_matrices(operation, argument, h, w), fill)
+    # TensorFlow's ImageProjectiveTransform rounds the coordinates half away from zero
+    images = affine_nearest(images, _affine_matrices(operation, argument, h, w), fill, _round_half_away)
     half_side = argument_of("Cutout", OPERATIONS, operation, argument)  # 0: no hole
     return cutout(images, 2 * half_side, fill, generator)
 
@@ -112,24 +114,6 @@ def _affine_matrices(operation: torch.Tensor, argument: torch.Tensor, height: in
         torch.stack([cos, only("ShearX") - sin, offset_x + only("TranslateX")], dim=-1),
         torch.stack([only("ShearY") + sin, cos, offset_y + only("TranslateY")], dim=-1),
     ], dim=1)
-
-
-def _affine_nearest_half_away(images: torch.Tensor, matrix: torch.Tensor, fill: int) -> torch.Tensor:
-    """Nearest-neighbour resampling as TensorFlow's ImageProjectiveTransform: each output pixel
-    takes the source pixel at its mapped coordinates rounded half away from zero, or `fill` when
-    that pixel lies outside the image."""
-    b, c, h, w = images.shape
-    device = images.device
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-    xs, ys = xs.reshape(1, h * w), ys.reshape(1, h * w)
-    source_x = matrix[:, 0, 0:1] * xs + matrix[:, 0, 1:2] * ys + matrix[:, 0, 2:3]
-    source_y = matrix[:, 1, 0:1] * xs + matrix[:, 1, 1:2] * ys + matrix[:, 1, 2:3]
-    col, row = _round_half_away(source_x), _round_half_away(source_y)
-    covered = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
-    index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()
-    pixels = images.reshape(b, c, h * w).gather(2, index[:, None, :].expand(b, c, h * w))
-    return torch.where(covered[:, None, :], pixels, fill).view(b, c, h, w)
 
 
 def _round_half_away(values: torch.Tensor) -> torch.Tensor:

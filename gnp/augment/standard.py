@@ -1,13 +1,12 @@
 """The standard style's AutoAugment, the common PyTorch conventions: torchvision's CIFAR-10 policy
 with the AutoAugment paper's magnitude ranges (10 bins, random signs) and torchvision's operations;
-geometric steps resample the nearest pixel (grid_sample, halves to even) and fill with grey.
+geometric steps resample the nearest pixel (halves to even, as grid_sample) and fill with grey.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
 from gnp.augment.autoaugment import (
@@ -15,6 +14,7 @@ from gnp.augment.autoaugment import (
     SHARED_PIXEL_OPERATIONS,
     AutoAugment,
     PixelOperation,
+    affine_nearest,
     argument_of,
     blend,
     sharpness_degenerate,
@@ -63,7 +63,7 @@ OPERATIONS = GEOMETRIC_OPERATIONS + tuple(PIXEL_OPERATIONS)
 def _geometric(images: torch.Tensor, operation: torch.Tensor, magnitude: torch.Tensor,
                generator: torch.Generator, fill: int) -> torch.Tensor:
     """The five geometric operations in one resampling (they draw nothing)."""
-    return _affine_nearest(images, _affine_matrices(operation, magnitude, *images.shape[-2:]), fill)
+    return affine_nearest(images, _affine_matrices(operation, magnitude, *images.shape[-2:]), fill, torch.round)
 
 
 def _affine_matrices(operation: torch.Tensor, magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -84,24 +84,6 @@ def _affine_matrices(operation: torch.Tensor, magnitude: torch.Tensor, height: i
         torch.stack([shear_y + sin, cos, 0.5 * shear_y - only("TranslateY")
                      + centre_y - sin * centre_x - cos * centre_y], dim=-1),
     ], dim=1)
-
-
-def _affine_nearest(images: torch.Tensor, matrix: torch.Tensor, fill: int) -> torch.Tensor:
-    """Nearest-neighbour resampling with per-image affine maps; pixels mapped from outside the
-    image get `fill`. Identity maps reproduce the image exactly."""
-    b, c, h, w = images.shape
-    device = images.device
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-    output_coords = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
-    source = output_coords @ matrix.transpose(1, 2)
-    # grid_sample's normalised coordinates (align_corners=False): pixel centre i sits at (2i + 1) / size - 1
-    grid = torch.stack([(source[..., 0] + 0.5) * (2.0 / w) - 1.0,
-                        (source[..., 1] + 0.5) * (2.0 / h) - 1.0], dim=-1).view(b, h, w, 2)
-    with_coverage = torch.cat([images.float(), torch.ones(b, 1, h, w, device=device)], dim=1)
-    sampled = nnf.grid_sample(with_coverage, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    covered = sampled[:, -1:] > 0.5
-    return torch.where(covered, sampled[:, :-1], float(fill)).to(torch.uint8)
 
 
 STANDARD = AutoAugment(policy=CIFAR10_POLICY, operations=OPERATIONS, argument=_magnitude, spatial=_geometric,
