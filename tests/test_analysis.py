@@ -2,8 +2,10 @@
 Hessian, a full-batch gradient in one pass, the closed-form sharpness of a quadratic, a loss
 recomputed by hand; and end to end on real runs trained through train.py: the file's layout,
 resume after a kill, files left untouched and every bad input as one line."""
+import copy
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -239,6 +241,27 @@ def test_a_surface_is_the_loss_at_each_point_and_leaves_the_weights(dense):
             assert grid[i][j] == pytest.approx(oracle(theta + alpha * flat[0] + beta * flat[1]).item(), rel=1e-12)
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), theta)
     assert landscape.interpolation_coordinates(5) == [-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def test_the_line_between_two_states_clamps_the_running_variances_it_extrapolates_below_zero(dense):
+    model, images, labels, _, _, _ = dense
+    other = {name: value.clone() for name, value in model.state_dict().items()}
+    other["1.running_var"] = model[1].running_var / 4  # at t = 1.5: 1.5 * v/4 - 0.5 * v < 0
+    other["0.weight"] = model[0].weight * 0.9
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    line = landscape.interpolation(_tiny_loss(model, images, labels), model, other, [0.5, 1.5])
+    for t, value in zip((0.5, 1.5), line["loss"]):
+        state = {name: torch.lerp(before[name], other[name], t) if before[name].is_floating_point() else before[name]
+                 for name in before}
+        assert (state["1.running_var"] < 0).all() == (t == 1.5)
+        state["1.running_var"] = state["1.running_var"].clamp_min(0)
+        oracle = copy.deepcopy(model)
+        oracle.load_state_dict(state)
+        weights = [p for p in oracle.parameters() if p.ndim > 1]
+        expected = F.cross_entropy(oracle(images), labels, label_smoothing=SMOOTHING) + \
+            0.5 * WEIGHT_DECAY * sum(p.pow(2).sum() for p in weights)
+        assert math.isfinite(value) and value == pytest.approx(expected.item(), rel=1e-12)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
 
 
 # --- end to end: runs trained through train.py ---------------------------------------------------

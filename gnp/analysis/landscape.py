@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -66,8 +67,9 @@ def surface(loss: SubsetLoss, directions: list[Vector], coords: list[float]) -> 
 @torch.no_grad()
 def interpolation(loss: SubsetLoss, model: nn.Module, other: dict[str, torch.Tensor], coords: list[float]) -> dict:
     """Loss and error (%) of (1 - t) * theta_A + t * theta_B for each t in `coords`: every floating-point
-    entry of the state (parameters and BatchNorm running statistics) is interpolated. `model` holds
-    theta_A and ends exactly as it was."""
+    entry of the state (parameters and BatchNorm running statistics) is interpolated, the running
+    variances clamped at 0 (beyond the ends a line can take them below, and the loss to NaN).
+    `model` holds theta_A and ends exactly as it was."""
     live = model.state_dict()
     own = {name: value.clone() for name, value in live.items()}
     ends = {name: other[name].to(value) for name, value in own.items() if value.is_floating_point()}
@@ -76,6 +78,8 @@ def interpolation(loss: SubsetLoss, model: nn.Module, other: dict[str, torch.Ten
         for t in coords:
             for name, end in ends.items():
                 live[name].copy_(torch.lerp(own[name], end, t))
+                if name.endswith("running_var"):
+                    live[name].clamp_min_(0)
             value, error = loss.evaluate()
             losses.append(value)
             errors.append(error)
@@ -99,6 +103,7 @@ def plot_landscape(stem, title: str, landscape: dict) -> list:
     line.set_xlabel("step along the direction d1 (α)")
     line.set_ylabel("training loss L(θ + α d1)")
     line.set_yscale("log")
+    line.xaxis.set_major_locator(MaxNLocator(5))
     line.grid(alpha=0.3)
     grid = np.array(landscape["2d"]["loss"], dtype=float)
     # Log-spaced levels: the loss far from theta would otherwise take every level and hide the basin.
@@ -124,6 +129,7 @@ def plot_interpolation(stem, title: str, result: dict) -> list:
     ax.plot(result["t"], result["loss"], marker=".", color="C0", label="training loss")
     ax.set_xlabel("t: weights (1 - t) θ_A + t θ_B")
     ax.set_ylabel("training loss", color="C0")
+    ax.set_yscale("log")  # far beyond the ends the loss grows by orders of magnitude
     for t, name in ((0, "A"), (1, "B")):
         ax.axvline(t, color="0.5", linewidth=0.8, linestyle="--")
         ax.annotate(name, (t, 1), xycoords=("data", "axes fraction"), ha="center", va="bottom")

@@ -342,8 +342,9 @@ class Analysis:
 
     def title(self) -> str:
         s = self.run.summary
-        return (f"{s.get('dataset')} {s.get('model')} {s.get('method')} r={s.get('r')} α={s.get('alpha')} "
-                f"seed {s.get('seed')}: {self.run.dir}")
+        settings = " ".join(f"{key}={s[key]:g}" for key in ("r", "alpha") if s.get(key) is not None)
+        return " ".join(filter(None, [s.get("dataset"), s.get("model"), s.get("method"), settings,
+                                      f"seed {s.get('seed')}: {self.run.dir}"]))
 
 
 def read_other_run(path: Path) -> Run:
