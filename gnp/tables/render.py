@@ -130,8 +130,8 @@ def analysis_settings(runs: list[Run]) -> tuple[str, str | None]:
     options (their values do not compare) or some did not record theirs."""
     shared, differing, unrecorded = analysis_options(runs)
     made_with = f"Analysed with `python -m gnp.analysis {' '.join(shared)}`." if shared else ""
-    problems = ["; ".join(f"{option} " + ", ".join(f"{value} ({_runs(n)})" for value, n in counter.most_common())
-                          for option, counter in differing.items())] if differing else []
+    problems = [f"{option} " + ", ".join(f"{value} ({_runs(n)})" for value, n in counter.most_common())
+                for option, counter in differing.items()]
     if unrecorded:
         problems.append(f"{_runs(unrecorded)} recorded no settings in analysis.json")
     if not problems:
