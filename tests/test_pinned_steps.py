@@ -1,9 +1,12 @@
-"""Pins the optimisation steps of the plain, SAM and GNP updates bit for bit across refactors.
+"""Pins the optimisation steps of the plain, SAM and GNP updates across refactors.
 
 `tests/pinned/steps.pt` holds the parameters and optimizer state after a few float64 steps of each
 method on a small network with BatchNorm and dropout, in one CPU thread (the commit that wrote it is
-inside: the one class of all three methods, before they became plug-ins). The steps
-must stay exactly these: any change to the arithmetic of a method shows here first. Rewrite the file
+inside: the one class of all three methods, before they became plug-ins). The steps must stay these
+to within ATOL: on the CPU that wrote the file they are equal bit for bit, while another CPU's BLAS
+kernels add in another order (an Intel Xeon against the AMD EPYC that wrote it: at most 3e-11, in
+AdamW's update of a bias whose gradient BatchNorm leaves at rounding noise, elsewhere 3e-16), and
+any change to a method's arithmetic moves them far more (alpha 0.8 to 0.81: 1e-3). Rewrite the file
 only for an intended change of the update: `python tests/test_pinned_steps.py`.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from gnp.methods import GNP, SAM, Plain
 
 PINNED = Path(__file__).parent / "pinned" / "steps.pt"
 STEPS = 4
+ATOL = 1e-9  # float64: rounding of other CPUs stays under it, a change of the update does not
 # name -> (base optimizer, method, its settings): one-pass, SAM, GNP in both first-term forms, with
 # in-loss L2, clipping, GR warmup and hybrid steps. (The file was written when all three were one class.)
 CASES = {
@@ -72,12 +76,14 @@ def _steps(name: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_steps_equal_the_pinned_ones_bit_for_bit(name):
+def test_steps_equal_the_pinned_ones_to_rounding(name):
     pinned = torch.load(PINNED, weights_only=True)["cases"][name]
     now = run(name)
     assert now.keys() == pinned.keys()
     for key, value in pinned.items():
-        assert torch.equal(now[key], value), f"{name}: {key} differs from the pinned step"
+        assert now[key].dtype == value.dtype and now[key].shape == value.shape, f"{name}: {key} changed its kind"
+        difference = (now[key].double() - value.double()).abs().max().item() if value.numel() else 0.0
+        assert difference <= ATOL, f"{name}: {key} differs from the pinned step by {difference:.3g}"
 
 
 if __name__ == "__main__":
