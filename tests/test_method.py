@@ -7,6 +7,7 @@ import math
 import os
 import random
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -897,6 +898,185 @@ def test_final_grad_norm_is_the_norm_the_base_optimizer_received(clip, scaled):
     assert opt.last_step.skipped.dtype == torch.bool and not opt.last_step.skipped.item()
 
 
+# --- shards: one step over several shards of its batch ---------------------------------------------
+
+SHARDS = 4
+
+
+def shard_closures(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shards: int = SHARDS) -> list:
+    """One closure per shard, each returning (loss, logits)."""
+    def closure(xs, ys):
+        logits = model(xs)
+        return F.cross_entropy(logits, ys), logits
+    return [partial(closure, xs, ys) for xs, ys in zip(x.tensor_split(shards), y.tensor_split(shards))]
+
+
+def reference_synced_direction(model: nn.Module, x, y, r: float, alpha: float, shards: int = SHARDS) -> torch.Tensor:
+    """GNP with one perturbation for the whole batch, written with torch.func: g1 and g2 the means of the
+    shards' gradients (each shard normalised with its own batch statistics)."""
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def mean_gradient(params):
+        grads = []
+        for xs, ys in zip(x.tensor_split(shards), y.tensor_split(shards)):
+            def loss(p, xs=xs, ys=ys):
+                fresh = {n: b.clone() for n, b in buffers.items()}
+                return F.cross_entropy(functional_call(model, (p, fresh), (xs,)), ys)
+            grads.append(grad(loss)(params))
+        return {n: torch.stack([g[n] for g in grads]).mean(0) for n in params}
+
+    g1 = mean_gradient(theta)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in g1.values()))
+    g2 = mean_gradient({n: theta[n] + r * g1[n] / norm for n in theta})
+    return torch.cat([((1 - alpha) * g1[n] / norm + alpha * g2[n]).reshape(-1) for n in theta])
+
+
+def shard_mean(reference, model: nn.Module, x, y, *args, shards: int = SHARDS) -> torch.Tensor:
+    """The mean over the shards of a one-batch reference gradient."""
+    return torch.stack([reference(model, xs, ys, *args)
+                        for xs, ys in zip(x.tensor_split(shards), y.tensor_split(shards))]).mean(0)
+
+
+def plain_gradient_of(model: nn.Module, x, y) -> torch.Tensor:
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss(params):
+        fresh = {n: b.clone() for n, b in buffers.items()}
+        return F.cross_entropy(functional_call(model, (params, fresh), (x,)), y)
+    g = grad(loss)(theta)
+    return torch.cat([g[n].reshape(-1) for n in theta])
+
+
+@pytest.mark.parametrize("method, settings, reference, args", [
+    (GNP, dict(r=0.1, alpha=0.8), reference_direction, (0.1, 0.8)),
+    (GNP, dict(r=0.1, alpha=0.8, normalize_first_grad=False), reference_direction, (0.1, 0.8, False)),
+    (SAM, dict(r=0.05), reference_direction, (0.05, 1.0)),
+    (ASAM, dict(r=0.5, eta=0.01), reference_asam_gradient, (0.5, 0.01)),
+    (Plain, dict(), plain_gradient_of, ()),
+])
+def test_a_step_of_shards_is_the_mean_of_each_shards_own_step(method, settings, reference, args):
+    """Each shard perturbs with its own g1 and normalises with its own batch statistics (BatchNorm in
+    train mode); the step takes the mean of the shards' gradients, each written from its formula."""
+    model = small_net(batchnorm=True)
+    x, y = make_batch(0, n=16)
+    expected = flat_params(model) - 0.1 * shard_mean(reference, model, x, y, *args)
+    with torch.no_grad():  # each shard's first pass
+        logits = torch.cat([copy.deepcopy(model)(xs) for xs in x.tensor_split(SHARDS)])
+    opt = method(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+    loss = opt.step(shard_closures(model, x, y))
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(opt.last_step.first_pass_output, logits, rtol=1e-12, atol=1e-12)
+    expected_loss = torch.stack([F.cross_entropy(logits_s, ys) for logits_s, ys in
+                                 zip(logits.tensor_split(SHARDS), y.tensor_split(SHARDS))]).mean()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+    # The shards differ: their mean is not the full batch's step.
+    assert not torch.allclose(expected, flat_params(small_net(batchnorm=True)) - 0.1 * reference(model, x, y, *args))
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_a_synced_perturbation_is_one_for_the_whole_batch_of_shards(batchnorm):
+    """sync_perturbation: the mean g1 of the shards, one perturbation, the mean g2. Without BatchNorm
+    that is the full batch's step exactly."""
+    model = small_net(batchnorm=batchnorm)
+    x, y = make_batch(0, n=16)
+    if batchnorm:
+        expected = flat_params(model) - 0.1 * reference_synced_direction(model, x, y, 0.1, 0.8)
+    else:
+        expected = flat_params(model) - 0.1 * reference_direction(model, x, y, 0.1, 0.8)
+    opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.8, sync_perturbation=True)
+    opt.step(shard_closures(model, x, y))
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, settings", [(Plain, {}), (GNP, dict(r=0.5, alpha=0.8)),
+                                              (GNP, dict(r=0.5, alpha=0.8, sync_perturbation=True))])
+def test_running_statistics_after_a_step_of_shards_are_the_mean_of_each_shards_update(method, settings):
+    """What k devices' running statistics average to: each shard's first pass updates them from where the
+    step found them (momentum 0.1: the update is linear); the perturbed passes' updates are dropped."""
+    model = small_net(batchnorm=True)
+    x, y = make_batch(0, n=16)
+    model(x)  # running statistics that are not the initial ones
+    updated = []
+    for xs in x.tensor_split(SHARDS):
+        shard = copy.deepcopy(model)
+        shard(xs)
+        updated.append(shard[1])
+    opt = method(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+    opt.step(shard_closures(model, x, y))
+    bn = model[1]
+    for name in ("running_mean", "running_var"):
+        expected = torch.stack([getattr(u, name) for u in updated]).mean(0)
+        torch.testing.assert_close(getattr(bn, name), expected, rtol=1e-14, atol=1e-15, msg=name)
+    assert bn.num_batches_tracked.item() == 2  # once per step, as on every device
+
+
+def test_a_list_of_one_closure_is_the_plain_step_bit_for_bit():
+    steps = []
+    for as_list in (False, True):
+        model = small_net(batchnorm=True, dropout=0.3)
+        opt = GNP(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), r=0.1, alpha=0.8, l2=1e-3)
+        for step in range(3):
+            x, y = make_batch(step)
+            torch.manual_seed(step)
+            closure = closure_for(model, x, y)
+            opt.step([closure] if as_list else closure)
+        steps.append([flat_params(model), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*steps))
+
+
+def test_a_method_that_says_only_its_direction_takes_steps_of_shards():
+    """A plug-in gets the shards without code of its own: here SAM written as a direction alone."""
+    class MySAM(TwoPassMethod):
+        def __init__(self, model, base_optimizer, r=0.05, **settings):
+            super().__init__(model, base_optimizer, r, **settings)
+
+        def direction(self, params, g1, g1_norm):
+            return [g / g1_norm for g in g1]
+
+    model = small_net(batchnorm=True)
+    x, y = make_batch(2, n=16)
+    expected = flat_params(model) - 0.1 * shard_mean(reference_direction, model, x, y, 0.05, 1.0)
+    MySAM(model, torch.optim.SGD(model.parameters(), lr=0.1)).step(shard_closures(model, x, y))
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_mode_averages_each_shards_exact_gradient_and_refuses_a_synced_perturbation():
+    model = small_net()
+    x, y = make_batch(0, n=16)
+    per_shard = []
+    for xs, ys in zip(x.tensor_split(SHARDS), y.tensor_split(SHARDS)):  # one exact step of each shard, lr 1
+        shard = copy.deepcopy(model)
+        GNP(shard, torch.optim.SGD(shard.parameters(), lr=1.0), exact=True).step(closure_for(shard, xs, ys))
+        per_shard.append(flat_params(model) - flat_params(shard))
+    GNP(model, torch.optim.SGD(model.parameters(), lr=1.0), exact=True).step(shard_closures(model, x, y))
+    torch.testing.assert_close(flat_params(model), flat_params(small_net()) - torch.stack(per_shard).mean(0),
+                               rtol=1e-12, atol=1e-12)
+    synced = GNP(model, torch.optim.SGD(model.parameters(), lr=1.0), exact=True, sync_perturbation=True)
+    with pytest.raises(ValueError, match=r"^sync_perturbation=True is invalid: sync_perturbation must be False with "
+                                         r"exact=True and several shards"):
+        synced.step(shard_closures(model, x, y))
+
+
+@pytest.mark.parametrize("method", [GNP, SAM])
+def test_an_fp16_overflow_in_one_shard_skips_the_step(method):
+    model, spare, opt, scaler = _scaled_trainer(method=method, l2=0.0)
+    x, y = make_batch(0, n=32, dtype=torch.float32)
+    params = flat_params(model)
+    shards = [_overflowing_closure(model, spare, xs, ys, bad_pass=2 if i == 2 else None)
+              for i, (xs, ys) in enumerate(zip(x.tensor_split(SHARDS), y.tensor_split(SHARDS)))]
+    opt.step(shards)
+    assert opt.last_step.skipped.item() and torch.equal(flat_params(model), params)
+    assert scaler.get_scale() == 2.0**15
+
+
+def test_a_step_needs_at_least_one_closure():
+    model = small_net()
+    with pytest.raises(ValueError, match="step needs a closure"):
+        GNP(model, torch.optim.SGD(model.parameters(), lr=0.1)).step([])
+
+
 # --- DDP (gloo, 2 processes on CPU) --------------------------------------------------------------
 
 DDP_SETTINGS = {"synced": dict(r=0.05, alpha=0.8, sync_perturbation=True),
@@ -905,6 +1085,9 @@ DDP_SETTINGS = {"synced": dict(r=0.05, alpha=0.8, sync_perturbation=True),
 # Settings run again with a GradScaler (float64, so exact), and where (rank, step) a second pass overflows.
 DDP_SCALED = {"local scaled": ("local", None), "plain scaled": ("plain", None), "overflow": ("local", (1, 0))}
 DDP_SETTINGS.update({name: DDP_SETTINGS[like] for name, (like, _) in DDP_SCALED.items()})
+# Settings run again with 2 shards on each replica: the step of 4 shards.
+DDP_SHARDED = {"local 2 shards": "local", "synced 2 shards": "synced", "plain 2 shards": "plain"}
+DDP_SETTINGS.update({name: DDP_SETTINGS[like] for name, like in DDP_SHARDED.items()})
 DDP_STEPS, DDP_LR = 2, 0.1
 
 
@@ -926,6 +1109,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 x, y = make_batch(step)
                 shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
                 closure = closure_for(model, x[shard], y[shard])
+                if name in DDP_SHARDED:
+                    closure = shard_closures(model, x[shard], y[shard], shards=2)
                 if name in DDP_SCALED and DDP_SCALED[name][1] == (rank, step):
                     closure = _inf_in_second_pass(closure)
                 opt.step(closure)
@@ -961,7 +1146,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_oracle(settings: dict, world_size: int, skipped_step: int | None = None) -> torch.Tensor:
+def _ddp_oracle(settings: dict, shards: int, skipped_step: int | None = None) -> torch.Tensor:
     """The expected parameters: full-batch formula (synced, plain) or mean of per-shard formulas,
     then clipped."""
     model = small_net(seed=5)
@@ -975,7 +1160,7 @@ def _ddp_oracle(settings: dict, world_size: int, skipped_step: int | None = None
         else:
             direction = torch.stack([
                 reference_direction(model, xs, ys, *formula)
-                for xs, ys in zip(x.chunk(world_size), y.chunk(world_size))
+                for xs, ys in zip(x.chunk(shards), y.chunk(shards))
             ]).mean(0)
         if settings.get("max_grad_norm"):  # clip the averaged gradient, as torch does
             assert direction.norm() > settings["max_grad_norm"], "clipping must bind to be tested"
@@ -991,7 +1176,8 @@ def test_ddp_matches_full_batch_and_per_shard_oracles(tmp_path):
     mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     # An overflow on one replica skips the step on every replica (and halves every scale once).
-    oracles = {name: _ddp_oracle(settings, world_size, skipped_step=0 if name == "overflow" else None)
+    oracles = {name: _ddp_oracle(settings, world_size * (2 if name in DDP_SHARDED else 1),
+                                 skipped_step=0 if name == "overflow" else None)
                for name, settings in DDP_SETTINGS.items()}
     scales = {name: 2.0**15 if name == "overflow" else 2.0**16 if name in DDP_SCALED else None for name in DDP_SETTINGS}
     for name in DDP_SETTINGS:
@@ -999,10 +1185,12 @@ def test_ddp_matches_full_batch_and_per_shard_oracles(tmp_path):
         torch.testing.assert_close(ranks[0][name], oracles[name], rtol=1e-10, atol=1e-12, msg=name)
         assert ranks[0][name + " skipped"] == ranks[1][name + " skipped"] == [name == "overflow", False], name
         assert ranks[0][name + " scale"] == ranks[1][name + " scale"] == scales[name], name
-    # DDP synchronises only the first pass, and only where it is shared (one bucket here); the
-    # perturbed pass is always local and averaged once afterwards.
+    # DDP synchronises only the first pass, and only where it is shared (one bucket here) by a replica's
+    # only shard; the perturbed pass, and every pass of several shards, stays local, averaged once afterwards.
     expected_synced = {"synced": DDP_STEPS, "local": 0, "plain": DDP_STEPS,
-                       "local scaled": 0, "plain scaled": DDP_STEPS, "overflow": 0}
+                       "local scaled": 0, "plain scaled": DDP_STEPS, "overflow": 0,
+                       "local 2 shards": 0, "synced 2 shards": 0, "plain 2 shards": 0}
     assert {name: ranks[0][name + " synced passes"] for name in DDP_SETTINGS} == expected_synced
-    # The two perturbation modes must be distinguishable for the test to mean anything.
+    # The two perturbation modes, and 2 and 4 shards, must be distinguishable for the test to mean anything.
     assert not torch.allclose(oracles["synced"], oracles["local"], rtol=1e-6, atol=0)
+    assert not torch.allclose(oracles["local 2 shards"], oracles["local"], rtol=1e-6, atol=0)

@@ -1,9 +1,10 @@
 """What every method shares: one `step(closure)` around a base optimizer.
 
 A method says how it computes the gradient of a step (`gradient`); everything else is here once:
-zeroing, the forward/backward pass with its in-loss L2 term, float16 loss scaling with a GradScaler,
-the average over DDP replicas, clipping of the final gradient, the base optimizer's step, the step
-count that schedules depend on, and the per-step report (`last_step`) that a training loop reads.
+zeroing, the forward/backward pass with its in-loss L2 term, the shards of a step (gradient
+accumulation: each shard treated as one device's share of the batch), float16 loss scaling with a
+GradScaler, the average over DDP replicas, clipping of the final gradient, the base optimizer's step,
+the step count that schedules depend on, and the per-step report (`last_step`) that a training loop reads.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,11 @@ class StepReport:
     """What one step did. Tensors are detached 0-dim tensors on the device, made without host synchronisation.
 
     first_pass_loss, first_pass_output: the closure's loss and aux at theta (aux: None if it returned a loss only).
+        With several shards: the mean of their losses, and their auxes concatenated in shard order (a list
+        of them where they are not tensors).
     perturbed_loss, perturbed_output: the same at the perturbed point (the first pass's for a one-pass step).
-    g1_norm: ||grad L(theta)||, in-loss L2 included (under DDP without a synced perturbation, this replica's).
+    g1_norm: ||grad L(theta)||, in-loss L2 included: each shard's own, averaged over this replica's shards
+        (the norm of the batch's mean g1 with a synced perturbation).
     final_grad_norm: the norm of the gradient handed to the base optimizer, after the DDP average and the clip.
     skipped: bool tensor, True when a float16 step was skipped for an inf or NaN.
     two_pass: whether the step ran two passes.
@@ -104,6 +108,13 @@ class Method:
     computes the loss (it may return `(loss, aux)`) and never calls backward. Parameters that get no
     gradient are treated as having a zero gradient. `steps_taken` counts the calls of `step` (skipped
     float16 steps too, like a learning-rate scheduler) and `last_step` reports the latest one.
+
+    `step([closure_0, ..., closure_k-1])` takes one step on k equal shards of the batch, each treated as
+    one device's share of it under data parallelism (gradient accumulation): each shard runs its own
+    passes with its own BatchNorm batch statistics and its own perturbation, the step's gradient is the
+    mean of the shards' (then averaged over DDP replicas, clipped and applied once), and BatchNorm's
+    running statistics end at the mean of the shards' updates, which is what k devices' running
+    statistics average to. One shard is the plain `step(closure)`, bit for bit.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, l2: float = 0.0,
@@ -145,12 +156,42 @@ class Method:
         return names
 
     def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
-        """Leave the update direction of this step in each `p.grad`."""
+        """Leave the update direction of this step's batch (or of one shard of it) in each `p.grad`."""
         raise NotImplementedError
+
+    def shards_gradient(self, shards: list[Closure], params: list[nn.Parameter],
+                        scale: torch.Tensor | None) -> Gradient:
+        """Leave the step's update direction in each `p.grad`: the mean of each shard's `gradient`."""
+        if len(shards) == 1:
+            return self.gradient(shards[0], params, scale)
+        return self.mean_over_shards(shards, params, lambda closure: self.gradient(closure, params, scale))
+
+    def mean_over_shards(self, shards: list[Closure], params: list[nn.Parameter],
+                         gradient: Callable[[Closure], Gradient]) -> Gradient:
+        """`gradient` of each shard in turn, their mean left in each `p.grad`, their reports merged. Every
+        shard's passes start from the BatchNorm running statistics the step found, which end at the mean
+        of the shards' updates (an update is linear in the statistics: k devices' average is the same)."""
+        statistics = ShardStatistics(self.model, len(shards))
+        total: list[torch.Tensor] | None = None
+        results = []
+        for index, closure in enumerate(shards):
+            statistics.before(index)
+            results.append(gradient(closure))
+            statistics.after(index)
+            total = accumulate(total, params)
+        torch._foreach_div_(total, len(shards))
+        statistics.average()
+        for p, g in zip(params, total):
+            p.grad = g
+        first = merge_passes([r.first for r in results], total)
+        one_pass = all(r.perturbed is r.first for r in results)
+        perturbed = first if one_pass else merge_passes([r.perturbed for r in results], total)
+        g1_norm = torch.stack([r.g1_norm for r in results]).mean()
+        return Gradient(first, perturbed, g1_norm, self.ddp, results[0].schedule)
 
     def plain_gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None,
                        schedule: dict[str, float] | None = None) -> Gradient:
-        """g = g1: one ordinary pass, synchronised by DDP as in plain training."""
+        """g = g1: one ordinary pass, synchronised by DDP as in plain training (when it is the step's only shard)."""
         first = self.forward_backward(closure, params, sync=True, scale=scale)
         return Gradient(first, first, global_norm(first.grads), replicas_differ=False, schedule=schedule or {})
 
@@ -161,16 +202,24 @@ class Method:
     # --- the step ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Closure) -> torch.Tensor:
-        """Take one step on the batch the closure evaluates; return the first pass's loss (detached)."""
+    def step(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
+        """Take one step on the batch the closure evaluates, or on the shards a list of closures evaluate;
+        return the first pass's loss (detached; the mean over the shards)."""
+        shards = list(closure) if isinstance(closure, (list, tuple)) else [closure]
+        if not shards:
+            raise ValueError("step needs a closure, or a list of closures (one per shard of the batch)")
+        self.check_shards(len(shards))
         params = self.parameters()
         device = params[0].device
         scale = self._loss_scale(device)
         self.zero_grad()
-        result = self.gradient(closure, params, scale)
-        if result.replicas_differ:
-            self._average_over_replicas(params)
+        # Several shards accumulate on this replica; their mean is averaged over the replicas once.
+        local = self.model.no_sync() if self.ddp and len(shards) > 1 else nullcontext()
+        with local:
+            result = self.shards_gradient(shards, params, scale)
         grads = [p.grad for p in params]
+        if result.replicas_differ:
+            self.average_over_replicas(grads)
         if scale is not None:
             # GradScaler looks for inf/NaN (and so decides the skip) in the gradients it unscales itself:
             # hand it the final gradient in scaled units. Scales are powers of two, so this is exact.
@@ -192,6 +241,9 @@ class Method:
         self.last_step = StepReport(first.loss, first.output, perturbed.loss, perturbed.output, result.g1_norm,
                                     final_grad_norm, skipped, perturbed is not first, result.schedule)
         return first.loss
+
+    def check_shards(self, shards: int) -> None:
+        """Raise SettingError if this method cannot take a step of `shards` shards (default: any number)."""
 
     def forward_backward(self, closure: Closure, params: list[nn.Parameter], sync: bool,
                          scale: torch.Tensor | None) -> Pass:
@@ -278,13 +330,13 @@ class Method:
             return None
         return self.grad_scaler.scale(torch.ones((), device=device))
 
-    def _average_over_replicas(self, params: list[nn.Parameter]) -> None:
-        """Average `p.grad` over DDP replicas: one all-reduce per (device, dtype) bucket."""
+    def average_over_replicas(self, tensors: list[torch.Tensor]) -> None:
+        """Average the tensors (gradients) over DDP replicas in place: one all-reduce per (device, dtype) bucket."""
         group = self.model.process_group
         world_size = dist.get_world_size(group)
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for p in params:
-            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for t in tensors:
+            buckets.setdefault((t.device, t.dtype), []).append(t)
         for grads in buckets.values():
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=group)
@@ -313,6 +365,65 @@ def detach(value: Any) -> Any:
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all tensors together, computed on the device (no host synchronisation)."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    copied = [torch.empty_like(t) for t in tensors]
+    if tensors:
+        torch._foreach_copy_(copied, tensors)
+    return copied
+
+
+def accumulate(total: list[torch.Tensor] | None, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Add the parameters' gradients to `total` (the first shard's become it) and clear them for the next shard."""
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    if total is None:
+        return grads
+    torch._foreach_add_(total, grads)
+    return total
+
+
+def merge_passes(passes: list[Pass], grads: list[torch.Tensor]) -> Pass:
+    """The shards' passes as one: the mean loss, the auxes concatenated (a list where they are not tensors)."""
+    outputs = [p.output for p in passes]
+    if all(isinstance(o, torch.Tensor) and o.ndim > 0 for o in outputs):
+        output: Any = torch.cat(outputs)
+    else:
+        output = None if all(o is None for o in outputs) else outputs
+    return Pass(torch.stack([p.loss for p in passes]).mean(), output, grads)
+
+
+class ShardStatistics:
+    """BatchNorm running statistics over the k shards of a step: `before(i)` puts back where the step found
+    them (for every shard but the first), `after(i)` adds shard i's update, `average()` leaves the mean.
+    Does nothing for one shard."""
+
+    def __init__(self, model: nn.Module, shards: int):
+        self.shards = shards
+        self.stats = [s for s in running_statistics(model) if s.is_floating_point()] if shards > 1 else []
+        self.counters = [s for s in running_statistics(model) if not s.is_floating_point()] if shards > 1 else []
+        self.start = copies(self.stats + self.counters)
+        self.total: list[torch.Tensor] | None = None
+
+    def before(self, index: int) -> None:
+        if index and self.start:
+            torch._foreach_copy_(self.stats + self.counters, self.start)
+
+    def after(self, index: int) -> None:
+        if not self.stats:
+            return
+        if self.total is None:
+            self.total = copies(self.stats)
+        else:
+            torch._foreach_add_(self.total, self.stats)
+
+    def average(self) -> None:
+        """The mean of the shards' statistics (the batch counters advance once, as on each device)."""
+        if self.total is not None:
+            torch._foreach_div_(self.total, self.shards)
+            torch._foreach_copy_(self.stats, self.total)
 
 
 def running_statistics(model: nn.Module) -> list[torch.Tensor]:

@@ -27,7 +27,8 @@ class GNP(SAM):
         alpha: weight of the perturbed gradient, in [0, 1]; the penalty coefficient is lambda = alpha * r.
         normalize_first_grad: the (1 - alpha) term uses g1 / ||g1|| (True, the authors' code) or g1 (False).
         exact: the true gradient of L + lambda * ||grad L|| by double backward (one process, no float16
-            scaler; slow: meant for small models and as a reference). normalize_first_grad does not apply.
+            scaler; slow: meant for small models and as a reference). normalize_first_grad does not apply;
+            a step of several shards averages each shard's exact gradient.
         warmup: also "lambda": alpha * f with r fixed, during the warmup.
     """
 
@@ -46,6 +47,11 @@ class GNP(SAM):
         self.alpha = float(alpha)
         self.normalize_first_grad = bool(normalize_first_grad)
         self.exact = bool(exact)
+
+    def check_shards(self, shards: int) -> None:
+        if self.exact and self.sync_perturbation and shards > 1:
+            raise SettingError("sync_perturbation", True, "False with exact=True and several shards (exact mode "
+                                                          "penalises each shard's own gradient norm)")
 
     def schedule(self, step: int) -> tuple[dict[str, float], bool]:
         schedule, two_pass = super().schedule(step)

@@ -3,19 +3,22 @@
 A method of the family says two things (see sam.py, gnp.py, asam.py): the `direction` of its
 perturbation (theta' = theta + r * direction) and how it `combine`s the two gradients. Everything else
 is here once: both passes draw the same random numbers (dropout, stochastic depth, ShakeDrop), BatchNorm
-running statistics keep the first pass's update, the parameters come back bit for bit, the first pass
-stays on its DDP replica unless the perturbation is synced, and the schedules (GR warmup, hybrid steps)
-decide which steps take two passes.
+running statistics keep the first pass's update, the parameters come back bit for bit, each shard of a
+step (each DDP replica's share of the batch, or each shard of a step that accumulates) perturbs with its
+own g1 unless the perturbation is synced, and the schedules (GR warmup, hybrid steps) decide which steps
+take two passes.
 """
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-from gnp.methods.base import (NORM_FLOOR, Closure, Gradient, Method, SettingError, check_number, global_norm,
-                              is_int, running_statistics)
+from gnp.methods.base import (NORM_FLOOR, Closure, Gradient, Method, SettingError, ShardStatistics, accumulate,
+                              check_number, copies, global_norm, is_int, merge_passes, running_statistics)
 
 RngState = tuple[torch.Tensor, dict[int, torch.Tensor]]
 
@@ -25,9 +28,12 @@ class TwoPassMethod(Method):
 
     Args (beyond Method's l2, max_grad_norm and grad_scaler):
         r: perturbation radius (>= 0); 0 is plain training with the base optimizer (one pass).
-        sync_perturbation: under DDP, average the first pass's gradient over replicas before perturbing
-            (True: the single-process full-batch step) or let each replica perturb with its own shard's
-            (False, the authors' code; SAM's "m-sharpness"). The final gradient is averaged once either way.
+        sync_perturbation: False (the authors' code; SAM's "m-sharpness"): each shard of the step (each DDP
+            replica's share of the batch, or each shard of `step([...])`) perturbs with its own g1 and
+            combines its own two gradients; the step's gradient is their mean. True: the whole batch is one
+            group: g1 is the mean over every shard of every replica, one perturbation is taken from it, g2 is
+            the mean over every shard at that point, and they combine once: the full-batch step (BatchNorm
+            still normalises each shard with its own batch statistics).
         warmup: GR warmup (Zhao, Zhang and Hu, ICML 2024) over the first `warmup_steps` steps, with
             f = min(1, step / warmup_steps) and steps counted from 0: "r" uses r * f, "zero" takes plain
             steps (one pass, g = g1) while f < 1; "none" (default) has none. GNP adds "lambda".
@@ -107,41 +113,105 @@ class TwoPassMethod(Method):
             return True
         return random.Random(f"{self.seed}:{step}").random() < self.two_pass_probability
 
+    def shards_gradient(self, shards: list[Closure], params: list[nn.Parameter],
+                        scale: torch.Tensor | None) -> Gradient:
+        schedule, two_pass = self.schedule(self.steps_taken)
+        if two_pass and self.sync_perturbation and (self.ddp or len(shards) > 1):
+            return self.synced_gradient(shards, params, scale, schedule)
+        return super().shards_gradient(shards, params, scale)
+
     def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
+        """The step of one shard: its first pass, its own perturbation, its second pass, combined."""
         schedule, two_pass = self.schedule(self.steps_taken)
         if not two_pass:
             return self.plain_gradient(closure, params, scale, schedule)
-        local_first_pass = self.ddp and not self.sync_perturbation
         rng_before = _rng_state(params)
-        first = self.forward_backward(closure, params, sync=not local_first_pass, scale=scale)
+        first = self.forward_backward(closure, params, sync=False, scale=scale)
         g1_norm = global_norm(first.grads)
         direction = self.direction(params, first.grads, g1_norm)
         if not self.needs_second_pass(schedule):
-            return Gradient(first, first, g1_norm, local_first_pass, schedule)
+            return Gradient(first, first, g1_norm, self.ddp, schedule)
 
         rng_after = _rng_state(params)
-        saved_params = _copies(params)
+        with self.perturbed(params, direction, schedule):
+            for p in params:
+                p.grad = None  # the first pass's gradients live on in `direction` where the method needs them
+            _set_rng_state(rng_before)
+            perturbed = self.forward_backward(closure, params, sync=False, scale=scale)
+            _set_rng_state(rng_after)
+        self.combine(perturbed.grads, direction, g1_norm, schedule)
+        self.keep_first_pass_overflow(perturbed.grads, g1_norm, scale)
+        return Gradient(first, perturbed, g1_norm, self.ddp, schedule)
+
+    def synced_gradient(self, shards: list[Closure], params: list[nn.Parameter], scale: torch.Tensor | None,
+                        schedule: dict[str, float]) -> Gradient:
+        """sync_perturbation: the whole batch is one group. g1 is the mean over every shard of every replica,
+        the one perturbation is taken from it, g2 is the mean over every shard at that point, and they
+        combine once; the result is the same on every replica."""
+        lone = len(shards) == 1  # DDP averages a lone shard's first pass itself, during its backward
+        statistics = ShardStatistics(self.model, len(shards))
+        firsts, rng_states, g1 = [], [], None
+        for index, closure in enumerate(shards):
+            statistics.before(index)
+            rng_before = _rng_state(params)
+            firsts.append(self.forward_backward(closure, params, sync=lone, scale=scale))
+            rng_states.append((rng_before, _rng_state(params)))
+            statistics.after(index)
+            g1 = accumulate(g1, params)
+        statistics.average()
+        if not lone:
+            torch._foreach_div_(g1, len(shards))
+            if self.ddp:
+                self.average_over_replicas(g1)
+        g1_norm = global_norm(g1)
+        direction = self.direction(params, g1, g1_norm)
+        first = merge_passes(firsts, g1)
+        if not self.needs_second_pass(schedule):
+            _set_grads(params, direction)
+            return Gradient(first, first, g1_norm, False, schedule)
+
+        seconds, g2 = [], None
+        with self.perturbed(params, direction, schedule):
+            for closure, (rng_before, _) in zip(shards, rng_states):
+                _set_rng_state(rng_before)
+                seconds.append(self.forward_backward(closure, params, sync=False, scale=scale))
+                g2 = accumulate(g2, params)
+            _set_rng_state(rng_states[-1][1])
+        if not lone:
+            torch._foreach_div_(g2, len(shards))
+        if self.ddp:
+            self.average_over_replicas(g2)
+        self.combine(g2, direction, g1_norm, schedule)
+        self.keep_first_pass_overflow(g2, g1_norm, scale)
+        _set_grads(params, g2)
+        return Gradient(first, merge_passes(seconds, g2), g1_norm, False, schedule)
+
+    @contextmanager
+    def perturbed(self, params: list[nn.Parameter], direction: list[torch.Tensor],
+                  schedule: dict[str, float]) -> Iterator[None]:
+        """Inside: the parameters at theta + r * direction. Afterwards they, and BatchNorm's running
+        statistics (which the passes inside update), are back bit for bit."""
+        saved_params = copies(params)
         running_stats = running_statistics(self.model)
-        saved_stats = _copies(running_stats)
+        saved_stats = copies(running_stats)
         torch._foreach_add_(params, direction, alpha=schedule["r"])
         # An autocast region around `step` caches low-precision copies of the weights and would hand the
         # second pass (and whatever follows the step) copies of weights no longer current.
         torch.clear_autocast_cache()
-        for p in params:
-            p.grad = None  # the first pass's gradients live on in `direction` where the method needs them
-        _set_rng_state(rng_before)
-        perturbed = self.forward_backward(closure, params, sync=False, scale=scale)
-        _set_rng_state(rng_after)
-        torch._foreach_copy_(params, saved_params)
-        torch.clear_autocast_cache()
-        if running_stats:
-            torch._foreach_copy_(running_stats, saved_stats)
-        self.combine(perturbed.grads, direction, g1_norm, schedule)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(params, saved_params)
+            torch.clear_autocast_cache()
+            if running_stats:
+                torch._foreach_copy_(running_stats, saved_stats)
+
+    def keep_first_pass_overflow(self, final: list[torch.Tensor], g1_norm: torch.Tensor,
+                                 scale: torch.Tensor | None) -> None:
+        """GradScaler skips a step on an inf or NaN in the final gradient: a first pass's overflow must reach
+        it even where the combination drops g1 (SAM's g = g2). 0 * ||g1|| is 0 or NaN."""
         if scale is not None:
-            # GradScaler skips a step on an inf or NaN in the final gradient: a first pass's overflow must
-            # reach it even where the combination drops g1 (SAM's g = g2). 0 * ||g1|| is 0 or NaN.
-            perturbed.grads[0].add_(g1_norm * 0)
-        return Gradient(first, perturbed, g1_norm, self.ddp, schedule)
+            final[0].add_(g1_norm * 0)
 
 
 def unit(g1: list[torch.Tensor], g1_norm: torch.Tensor) -> list[torch.Tensor]:
@@ -150,11 +220,9 @@ def unit(g1: list[torch.Tensor], g1_norm: torch.Tensor) -> list[torch.Tensor]:
     return g1
 
 
-def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    copies = [torch.empty_like(t) for t in tensors]
-    if tensors:
-        torch._foreach_copy_(copies, tensors)
-    return copies
+def _set_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
 
 
 def _rng_state(params: list[nn.Parameter]) -> RngState:
