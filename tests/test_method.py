@@ -1012,6 +1012,20 @@ def test_running_statistics_after_a_step_of_shards_are_the_mean_of_each_shards_u
     assert bn.num_batches_tracked.item() == 2  # once per step, as on every device
 
 
+def test_g1_norm_of_shards_is_each_shards_own_for_two_passes_and_the_steps_for_one():
+    """A two-pass step reports the mean of the norms its shards' perturbations divide by; a one-pass step
+    the norm of its gradient (the shards' mean): so neither depends on how the shards are laid out."""
+    x, y = make_batch(4, n=16)
+    shard_norms = torch.stack([plain_gradient_of(small_net(batchnorm=True), xs, ys).norm()
+                               for xs, ys in zip(x.tensor_split(SHARDS), y.tensor_split(SHARDS))])
+    for method, expected in ((GNP, shard_norms.mean()),
+                             (Plain, shard_mean(plain_gradient_of, small_net(batchnorm=True), x, y).norm())):
+        model = small_net(batchnorm=True)
+        opt = method(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        opt.step(shard_closures(model, x, y))
+        torch.testing.assert_close(opt.last_step.g1_norm, expected, rtol=1e-12, atol=0)
+
+
 def test_a_list_of_one_closure_is_the_plain_step_bit_for_bit():
     steps = []
     for as_list in (False, True):

@@ -54,8 +54,10 @@ class StepReport:
         With several shards: the mean of their losses, and their auxes concatenated in shard order (a list
         of them where they are not tensors).
     perturbed_loss, perturbed_output: the same at the perturbed point (the first pass's for a one-pass step).
-    g1_norm: ||grad L(theta)||, in-loss L2 included: each shard's own, averaged over this replica's shards
-        (the norm of the batch's mean g1 with a synced perturbation).
+    g1_norm: ||grad L(theta)||, in-loss L2 included. A two-pass step's is each shard's own (the norm its
+        perturbation divides by), averaged over this replica's shards (with a synced perturbation: the norm
+        of the mean g1 of every shard); a one-pass step's is the norm of its gradient, the mean over every
+        shard of every replica, before clipping. Either way it does not depend on the processes.
     final_grad_norm: the norm of the gradient handed to the base optimizer, after the DDP average and the clip.
     skipped: bool tensor, True when a float16 step was skipped for an inf or NaN.
     two_pass: whether the step ran two passes.
@@ -83,7 +85,7 @@ class Gradient(NamedTuple):
     """What a method's `gradient` did; the final gradient itself is in each `p.grad`."""
     first: Pass
     perturbed: Pass                   # the first pass again for a one-pass step
-    g1_norm: torch.Tensor
+    g1_norm: torch.Tensor | None      # None: the norm of the step's final gradient before clipping (one pass)
     replicas_differ: bool             # the gradients still differ between DDP replicas: average them
     schedule: dict[str, float]
 
@@ -186,14 +188,15 @@ class Method:
         first = merge_passes([r.first for r in results], total)
         one_pass = all(r.perturbed is r.first for r in results)
         perturbed = first if one_pass else merge_passes([r.perturbed for r in results], total)
-        g1_norm = torch.stack([r.g1_norm for r in results]).mean()
+        norms = [r.g1_norm for r in results]
+        g1_norm = None if norms[0] is None else torch.stack(norms).mean()
         return Gradient(first, perturbed, g1_norm, self.ddp, results[0].schedule)
 
     def plain_gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None,
                        schedule: dict[str, float] | None = None) -> Gradient:
         """g = g1: one ordinary pass, synchronised by DDP as in plain training (when it is the step's only shard)."""
         first = self.forward_backward(closure, params, sync=True, scale=scale)
-        return Gradient(first, first, global_norm(first.grads), replicas_differ=False, schedule=schedule or {})
+        return Gradient(first, first, None, replicas_differ=False, schedule=schedule or {})
 
     def expected_passes(self, total_steps: int) -> float:
         """Mean forward/backward passes per step over a run of `total_steps` steps (for cost estimates)."""
@@ -220,6 +223,7 @@ class Method:
         grads = [p.grad for p in params]
         if result.replicas_differ:
             self.average_over_replicas(grads)
+        g1_norm = global_norm(grads) if result.g1_norm is None else result.g1_norm
         if scale is not None:
             # GradScaler looks for inf/NaN (and so decides the skip) in the gradients it unscales itself:
             # hand it the final gradient in scaled units. Scales are powers of two, so this is exact.
@@ -238,7 +242,7 @@ class Method:
             skipped = self._loss_scale(device) < scale
         self.steps_taken += 1
         first, perturbed = result.first, result.perturbed
-        self.last_step = StepReport(first.loss, first.output, perturbed.loss, perturbed.output, result.g1_norm,
+        self.last_step = StepReport(first.loss, first.output, perturbed.loss, perturbed.output, g1_norm,
                                     final_grad_norm, skipped, perturbed is not first, result.schedule)
         return first.loss
 
