@@ -132,7 +132,8 @@ def _check_same_run(run_dir: Path, overrides: list[str]) -> None:
         saved = OmegaConf.to_container(OmegaConf.load(record))
     except (OSError, OmegaConfBaseException, ValueError):
         return  # the run itself reads its checkpoint, and says what is wrong with it
-    check_resumable(saved, OmegaConf.to_container(compose_config(*overrides), resolve=True), run_dir)
+    check_resumable(saved, OmegaConf.to_container(compose_config(*overrides), resolve=True), run_dir,
+                    distributed.detect_launch().world_size)
 
 
 def _check_jobs(jobs: list[list[str]], check_environment: bool) -> list[tuple[int, str]]:

@@ -17,15 +17,15 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from gnp.augment import build_augmentation
-from gnp.data import DATASETS, TRAIN_SIZES, training_batch_problem
+from gnp.data import DATASETS, TRAIN_SIZES, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
-from gnp.models import check_model_options
+from gnp.models import check_model_options, normalises_with_batch_statistics
 from gnp.tracking import has_wandb_credentials
 
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_DECAY_MODES = ("loss", "optimizer")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AUTO_OR_BOOL = "auto, true or false"
 
@@ -34,7 +34,7 @@ AUTO_OR_BOOL = "auto, true or false"
 SCHEMA: dict[str, frozenset[str]] = {
     "": frozenset({"seed", "init_seed", "device", "precision", "train", "wandb", "dataset", "model", "method",
                    "optimizer", "aug"}),
-    "train": frozenset({"epochs", "batch_size", "label_smoothing", "warmup_epochs", "eval_batch_size", "progress",
+    "train": frozenset({"epochs", "batch_size", "shards", "label_smoothing", "warmup_epochs", "eval_batch_size", "progress",
                         "checkpoint_minutes", "sync_every", "ema_decay", "channels_last", "compile"}),
     "wandb": frozenset({"mode", "project", "entity", "group", "tags", "silent"}),
     "dataset": frozenset({"name", "num_classes", "root", "download", "verify", "limit_train", "limit_test", "mean",
@@ -102,6 +102,8 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     t, o, d = cfg.train, cfg.optimizer, cfg.dataset
     _check(_is_int(t.epochs) and t.epochs >= 1, "train.epochs", t.epochs, "must be an integer >= 1")
     _check(_is_int(t.batch_size) and t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
+    _check(t.shards == "auto" or (_is_int(t.shards) and t.shards >= 1), "train.shards", t.shards,
+           "must be auto (one shard per process) or an integer >= 1")
     _check(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
            "must be an integer >= 1")
     _check(_is_number(t.warmup_epochs) and 0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs",
@@ -156,6 +158,10 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
         build_augmentation(cfg.aug, mean=d.mean)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if t.shards != "auto":  # the processes that take the shards are checked when they start
+        problem = shards_problem(t.shards, t.batch_size, normalises_with_batch_statistics(**model_options(cfg)))
+        if problem:
+            raise ConfigError(problem)
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {', '.join(PRECISIONS)}")
     _check(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
     _check(cfg.init_seed is None or (_is_int(cfg.init_seed) and cfg.init_seed >= 0), "init_seed", cfg.init_seed,
@@ -254,6 +260,16 @@ def check_method(cfg: DictConfig) -> Method:
 def method_passes(cfg: DictConfig) -> float:
     """Mean forward/backward passes per step of the config's method over its whole run (cost estimates)."""
     return check_method(cfg).expected_passes(cfg.train.epochs * train_steps_per_epoch(cfg))
+
+
+def model_options(cfg: DictConfig) -> dict:
+    """The model's name and its builder's options, from the config's `model` section."""
+    return {"name": cfg.model.name, **{k: v for k, v in cfg.model.items() if k != "name"}}
+
+
+def resolve_shards(cfg: DictConfig, world_size: int) -> int:
+    """train.shards as a number: `auto` is one shard per process."""
+    return world_size if cfg.train.shards == "auto" else cfg.train.shards
 
 
 def check_device(device: str, check_environment: bool = True) -> None:

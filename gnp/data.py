@@ -221,13 +221,14 @@ def _load_digits() -> Splits:
 class Stream(IntEnum):
     """The independent random streams of a run; each draw is keyed by (seed, stream, step, ...)."""
     ORDER = 0  # the permutation of one epoch's training set
-    AUGMENT = 1  # one batch's augmentation on one replica
-    MODEL = 2  # one step's dropout, stochastic depth and ShakeDrop draws on one replica
+    AUGMENT = 1  # the augmentation of one shard of one batch
+    MODEL = 2  # the dropout, stochastic depth and ShakeDrop draws of one shard of one step
 
 
 def random_seed(seed: int, stream: Stream, *keys: int) -> int:
     """A 63-bit seed for one draw of `stream` that depends only on the run's seed and `keys` (an
-    epoch, or a step and a replica), so a run resumed at any step repeats every draw exactly."""
+    epoch, or a step and a shard), so a run resumed at any step repeats every draw exactly, whichever
+    process runs the shard."""
     state = np.random.SeedSequence([seed, int(stream), *keys]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
@@ -244,13 +245,33 @@ def training_batch_problem(batch_size: int, train_size: int, world_size: int = 1
     return None
 
 
+def shards_problem(shards: int, batch_size: int, batch_norm: bool, world_size: int | None = None) -> str | None:
+    """What is wrong with splitting a global batch of `batch_size` into `shards` (train.shards) laid out
+    over `world_size` processes (None: not known yet), as one line naming the key and the fix; None when
+    it is fine. `batch_norm`: the model normalises with batch statistics in training, which one image
+    cannot give."""
+    if batch_size % shards:
+        return (f"train.shards={shards} is invalid: it must divide train.batch_size={batch_size} into equal "
+                f"shards; use a divisor of {batch_size}")
+    if world_size is not None and shards % world_size:
+        return (f"train.shards={shards} is invalid: each of the {world_size} processes takes an equal number "
+                f"of shards; use a multiple of {world_size}, or train.shards=auto (one shard per process)")
+    if batch_norm and batch_size // shards < 2:
+        return (f"train.shards={shards} is invalid: a shard of {batch_size // shards} image cannot give BatchNorm "
+                f"batch statistics; use at most {batch_size // 2} shards for train.batch_size={batch_size}")
+    return None
+
+
 class BatchLoader:
     """Yields normalised float batches from a uint8 dataset held on `device`.
 
-    Shuffling is a permutation drawn on the device; augmentation runs on whole batches there. The
-    draws of epoch e's batch b depend only on (seed, e, b, rank), so a run resumed at any step sees
-    the same batches. Under DDP every replica draws the same permutation and takes its own slice of
-    each global batch.
+    Shuffling is a permutation drawn on the device; augmentation runs on whole batches there. A
+    training batch is split into `shards` equal shards, each augmented as one device's share of it
+    (a batch-level draw, such as the official cutout's hole or mixup's weight, is one per shard); the
+    draws of shard j of epoch e's batch b depend only on (seed, e, b, j), so a run resumed at any step
+    sees the same batches, and a shard is the same whichever process takes it. Every process draws the
+    same permutation; under DDP each takes its own consecutive shards of each global batch (of the
+    test set: its own slice).
     """
 
     def __init__(
@@ -268,16 +289,22 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        shards: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
-        problem = training_batch_problem(batch_size, len(labels), world_size) if train else None
+        shards = world_size if shards is None else shards
+        problem = (training_batch_problem(batch_size, len(labels), world_size) or
+                   shards_problem(shards, batch_size, False, world_size)) if train else None
         if problem:
             raise ValueError(problem)
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.augment, self.num_classes = augment, num_classes
+        self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
+        self.augment, self.num_classes, self.dtype = augment, num_classes, dtype
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        per_process = shards // world_size
+        self.shards, self.local_shards = shards, range(rank * per_process, (rank + 1) * per_process)
 
     def __len__(self) -> int:
         """Batches per epoch: training drops the last partial batch (as the official recipes)."""
@@ -285,7 +312,7 @@ class BatchLoader:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
+        return (images.to(self.dtype) - self.mean) / self.std
 
     def generator(self, stream: Stream, *keys: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(random_seed(self.seed, stream, *keys))
@@ -301,14 +328,23 @@ class BatchLoader:
             order = torch.arange(n, device=self.device)
         for b in range(start, len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            index = index.tensor_split(self.world_size)[self.rank]
-            images, labels = self.images[index], self.labels[index]
-            if self.train and self.augment is not None:
-                rng = self.generator(Stream.AUGMENT, epoch, b, self.rank)  # replicas augment independently
-                images = self.normalize(self.augment(images, rng))
-                yield self.augment.mix(images, labels, self.num_classes, rng)
-            else:
-                yield self.normalize(images), labels
+            if not self.train:
+                index = index.tensor_split(self.world_size)[self.rank]
+                yield self.normalize(self.images[index]), self.labels[index]
+                continue
+            split = index.tensor_split(self.shards)
+            images, targets = zip(*(self.training_shard(epoch, b, j, split[j]) for j in self.local_shards))
+            yield (images[0], targets[0]) if len(images) == 1 else (torch.cat(images), torch.cat(targets))
+
+    def training_shard(self, epoch: int, batch: int, shard: int,
+                       index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shard `shard` of a training batch (the images at `index`), augmented with that shard's own draws."""
+        images, labels = self.images[index], self.labels[index]
+        if self.augment is None:
+            return self.normalize(images), labels
+        rng = self.generator(Stream.AUGMENT, epoch, batch, shard)
+        images = self.normalize(self.augment(images, rng))
+        return self.augment.mix(images, labels, self.num_classes, rng)
 
 
 # --- synthetic data in the real format ----------------------------------------------------------

@@ -284,11 +284,13 @@ def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tm
         "_target_: sign_sam.SignSAM\nname: sign_sam\nr: 0.02\nmax_grad_norm: 5.0\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
-    done = _train(search, *DIGITS, "method=sign_sam", "train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    # With 4 shards in one process: the shards come with the machinery, not with the method's code.
+    done = _train(search, *DIGITS, "method=sign_sam", "train.epochs=1", "train.shards=4",
+                  f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["status"], summary["method"], summary["method_settings"]) == (
-        "finished", "sign_sam", {"r": 0.02, "max_grad_norm": 5.0})
+    assert (summary["status"], summary["method"], summary["method_settings"], summary["shards"]) == (
+        "finished", "sign_sam", {"r": 0.02, "max_grad_norm": 5.0}, 4)
     (epoch,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epoch["r"] == 0.02 and epoch["perturbed_loss"] != epoch["first_pass_loss"]  # its two passes ran
     # Its settings are checked by its class before anything runs.

@@ -56,10 +56,22 @@ def test_default_is_the_official_gnp_recipe():
     ("optimizer=adamw optimizer.betas=[0.9,1.0]", r"optimizer.betas=\[0.9, 1.0\] is invalid: must be two numbers"),
     ("optimizer=adamw optimizer.betas=0.9", "optimizer.betas=0.9 is invalid: must be two numbers in"),
     ("optimizer=adamw optimizer.eps=0", "optimizer.eps=0 is invalid: must be a number > 0"),
+    ("train.shards=0", "train.shards=0 is invalid: must be auto .one shard per process. or an integer >= 1"),
+    ("train.shards=some", "train.shards='some' is invalid: must be auto"),
+    ("train.shards=3", "train.shards=3 is invalid: it must divide train.batch_size=256 into equal shards; use a "
+                       "divisor of 256"),
+    ("train.shards=256", "train.shards=256 is invalid: a shard of 1 image cannot give BatchNorm batch statistics; "
+                         "use at most 128 shards for train.batch_size=256"),
+    ("precision=fp8", "precision='fp8' is invalid: choose one of auto, fp32, bf16, fp16, fp64"),
 ])
 def test_bad_values_name_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(*override.split()))
+
+
+def test_shards_of_one_image_are_refused_only_where_batchnorm_needs_two():
+    validate(compose_config("model=vit_ti", "train.shards=256"))  # LayerNorm normalises each image on its own
+    validate(compose_config("train.shards=128"))
 
 
 def test_a_method_takes_the_keys_of_its_class_only():

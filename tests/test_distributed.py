@@ -1,5 +1,6 @@
 """train.py under torchrun (gloo, CPU): two processes give the single-process result, on one node
-or two; a run stopped mid-epoch resumes exactly; every replica evaluates one model, the one saved."""
+or two; a run stopped mid-epoch resumes exactly; every replica evaluates one model, the one saved;
+a run's result depends on its train.shards, never on the number of processes that take them."""
 import json
 import os
 import signal
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import ROOT
+from gnp.compose import compose_config
 from gnp.data import load_dataset
 from gnp.models import build_model
+from gnp.training import train
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TIMING = {"seconds", "images_per_second", "wall_seconds"}
@@ -189,3 +193,62 @@ def test_when_one_process_dies_the_other_stops_with_one_line_and_records_which(t
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith(f"ProcessDied: process {victim} (PID ")
     assert summary["epochs_completed"] >= 1
+
+
+# --- the layout: train.shards on 1, 2 or 4 processes ------------------------------------------------
+
+# float64 (precision=fp64): in float32 a narrow ResNet's BatchNorm over 4-image shards amplifies the
+# rounding of another summation order (another thread count) to 1e-4 within a step, which would hide
+# what this test looks for; in float64 the layouts agree to 1e-13.
+LAYOUT_RUN = ("dataset=digits", "precision=fp64", "train.shards=4",
+              "train.batch_size=16", "dataset.limit_train=64", "dataset.limit_test=50", "train.eval_batch_size=50",
+              "train.epochs=2", "optimizer.lr=0.05", "wandb.mode=disabled", "device=cpu", "train.progress=false")
+LAYOUT_JOBS = {method: (f"method={method}", "model.width=4", "aug=cutout") for method in ("plain", "sam", "asam", "gnp")}
+# ShakeDrop's gates and coefficients, AutoAugment, mixup and the batch's cutout hole: every draw of a shard.
+LAYOUT_JOBS["gnp shakedrop"] = ("method=gnp", "model=pyramidnet272", "model.depth=11", "model.alpha=8",
+                                "aug=autoaugment_mixcut", "dataset.limit_train=32", "train.epochs=1")
+# (processes, the ranks of the 4 spawned ones that run them): two layouts run at once in the second round.
+LAYOUTS = {4: (0, 1, 2, 3), 2: (0, 1), 1: (2,)}
+
+
+def _layout_worker(rank: int, root: str, ports: dict) -> None:
+    torch.set_num_threads(1)
+    for world_size, members in LAYOUTS.items():
+        if rank not in members:
+            continue
+        local = members.index(rank)
+        for name, overrides in LAYOUT_JOBS.items():
+            os.environ.update(WORLD_SIZE=str(world_size), RANK=str(local), LOCAL_RANK=str(local),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[world_size, name]))
+            if world_size == 1:
+                for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+                    del os.environ[key]
+            train(compose_config(*LAYOUT_RUN, *overrides), Path(root) / f"{name} on {world_size}")
+
+
+@pytest.mark.slow
+def test_a_run_depends_on_its_shards_never_on_the_processes_that_take_them(tmp_path):
+    """train.shards=4 on 1, 2 and 4 processes (each process taking 4, 2 or 1 shards one after another):
+    the same weights, running statistics and metrics, for every method and for a model whose shards
+    draw random numbers (ShakeDrop), augmented per shard."""
+    ports = {(w, name): _free_port() for w in LAYOUTS for name in LAYOUT_JOBS}
+    mp.spawn(_layout_worker, args=(str(tmp_path), ports), nprocs=4)
+    for name in LAYOUT_JOBS:
+        runs = {w: tmp_path / f"{name} on {w}" for w in LAYOUTS}
+        summaries = {w: json.loads((run / "summary.json").read_text()) for w, run in runs.items()}
+        assert {w: (s["status"], s["shards"], s["world_size"]) for w, s in summaries.items()} == \
+            {w: ("finished", 4, w) for w in LAYOUTS}, name
+        metrics = {w: _strip(_metrics(run)) for w, run in runs.items()}
+        states = {w: torch.load(run / "checkpoint.pt", weights_only=False)["model"] for w, run in runs.items()}
+        for w in (2, 4):
+            for one, other in zip(metrics[1], metrics[w], strict=True):
+                assert one.keys() == other.keys()
+                for key in one:
+                    assert other[key] == pytest.approx(one[key], rel=1e-9, abs=1e-9), (name, w, key)
+            for key, value in states[1].items():  # the weights and the (averaged) running statistics
+                torch.testing.assert_close(states[w][key], value, rtol=1e-9, atol=1e-11, msg=f"{name} {w}: {key}")
+    # Another number of shards is another step: the layouts above agree because they are one method.
+    one_shard = tmp_path / "one shard"
+    train(compose_config(*LAYOUT_RUN, *LAYOUT_JOBS["gnp"], "train.shards=1"), one_shard)
+    assert _metrics(one_shard)[-1]["perturbed_loss"] != pytest.approx(_metrics(tmp_path / "gnp on 1")[-1]["perturbed_loss"],
+                                                                      rel=1e-3)

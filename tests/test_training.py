@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import OmegaConf
 
 from conftest import compose_config, full_disk_after_the_first_checkpoint, signal_at_step
-from gnp import checkpoint, io, training
+from gnp import checkpoint, distributed, io, training
 from gnp.config import ConfigError
 from gnp.data import load_dataset, write_synthetic_cifar
 from gnp.models import build_model
@@ -122,6 +123,8 @@ RESUMABLE = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout
     ("plain", ()), ("sam", ()), ("asam", ()), ("gnp", ()),
     ("gnp", ("train.channels_last=true", "train.ema_decay=0.9")),
     ("gnp", ("method.warmup=r", "method.warmup_epochs=2", "method.two_pass_probability=0.5")),  # stopped mid-warmup
+    ("gnp", ("train.shards=4", "aug=cutout")),  # 4 shards of 4 images, each its own cutout hole, one after another
+    ("sam", ("train.shards=2", "method.sync_perturbation=true")),
 ])
 def test_a_run_stopped_mid_epoch_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch,
                                                                                  method, options):
@@ -194,6 +197,35 @@ def test_resuming_with_different_settings_is_refused_and_the_run_is_left_as_it_w
         _cifar_run(cifar_root, tmp_path / "run", "method.alpha=0.5")
     assert outputs() == before
     assert json.loads(before["summary.json"])["status"] == "finished"
+
+
+def test_the_shards_a_run_resolves_to_are_recorded_and_resume_compares_them(tmp_path, cifar_root):
+    """train.shards=auto is one shard per process, written as the number; a run with 2 shards is another
+    run, refused as such; an explicit 1 is the same run as auto in one process."""
+    cfg, summary = _cifar_run(cifar_root, tmp_path / "run")
+    assert cfg.train.shards == "auto" and summary["shards"] == 1 and summary["world_size"] == 1
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["shards"] == 1
+    with pytest.raises(ConfigError, match=r"different run \(train.shards: 1 -> 2\)"):
+        _cifar_run(cifar_root, tmp_path / "run", "train.shards=2")
+    _, again = _cifar_run(cifar_root, tmp_path / "run", "train.shards=1")
+    assert again == summary
+
+
+def test_a_shard_per_process_that_the_processes_cannot_share_is_refused_before_training(tmp_path, cifar_root):
+    """3 shards for 2 processes; the check runs when the processes are known (here a context of 2 that
+    needs no process group: the check comes first)."""
+    cfg = compose_config(f"dataset.root={cifar_root}", "dataset.verify=false", *TINY, "model.width=4",
+                         "train.batch_size=24", "train.shards=3")
+    with pytest.raises(ConfigError, match=r"^train.shards=3 is invalid: each of the 2 processes takes an equal number "
+                                          r"of shards; use a multiple of 2, or train.shards=auto"):
+        build.build_parts(cfg, distributed.Context(0, 2, torch.device("cpu")))
+
+
+def test_float64_runs_in_float64_end_to_end(tmp_path, cifar_root):
+    cfg, summary = _cifar_run(cifar_root, tmp_path / "run", "precision=fp64")
+    assert summary["precision"] == "fp64" and summary["status"] == "finished"
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float64}
 
 
 def test_batch_larger_than_the_training_set_is_refused(tmp_path, cifar_root):

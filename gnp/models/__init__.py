@@ -4,7 +4,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable
 
+import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from gnp.models.pyramidnet import pyramidnet110, pyramidnet272
 from gnp.models.resnet import resnet18, resnet101
@@ -46,3 +48,11 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def normalises_with_batch_statistics(name: str, **kwargs: Any) -> bool:
+    """Whether model `name` (with these builder options) has BatchNorm layers, which normalise with the
+    batch's own statistics in training. Built on the meta device: no memory, no weights."""
+    with torch.device("meta"):
+        model = build_model(name, 10, **kwargs)
+    return any(isinstance(module, _BatchNorm) for module in model.modules())

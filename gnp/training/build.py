@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, ContextManager
 
 import torch
@@ -19,15 +20,16 @@ from omegaconf import DictConfig
 
 from gnp import distributed
 from gnp.augment import build_augmentation
-from gnp.config import ConfigError, build_method
-from gnp.data import BatchLoader, load_dataset, training_batch_problem
-from gnp.methods import Method
-from gnp.models import build_model, count_parameters
+from gnp.config import ConfigError, build_method, model_options, resolve_shards
+from gnp.data import BatchLoader, Stream, load_dataset, random_seed, shards_problem, training_batch_problem
+from gnp.methods import Method, SettingError
+from gnp.models import build_model, count_parameters, normalises_with_batch_statistics
 from gnp.runs import log
 from gnp.training.ema import WeightAverage
 
 CNN_PREFIXES = ("resnet", "wrn", "pyramidnet")  # the models that channels_last speeds up
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PARAMETER_DTYPES = {"fp64": torch.float64}  # float32 otherwise
 
 
 @dataclass
@@ -47,8 +49,8 @@ class Parts:
     lr_factor: Callable[[int], float]
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: WeightAverage | None
-    # Each replica keeps its own BatchNorm statistics, as the authors' code; they are averaged for
-    # evaluation and checkpoints only.
+    # Each replica keeps its own BatchNorm statistics (the mean of its shards'), as the authors' code
+    # keeps them per device; they are averaged for evaluation and checkpoints only.
     replica_stats: list[torch.Tensor]
     precision: str
     autocast: Callable[[], ContextManager]
@@ -63,10 +65,23 @@ class Parts:
         return count_parameters(self.net)
 
     def loss_and_logits(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The closure each pass of a step evaluates: the loss in float32, and the logits."""
+        """The closure each pass of a step evaluates: the loss in float32 (float64 with precision=fp64), and the logits."""
         with self.autocast():
             logits = self.model(images)
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.train.label_smoothing), logits
+        return F.cross_entropy(at_least_float32(logits), target, label_smoothing=self.cfg.train.label_smoothing), logits
+
+    def shard_closures(self, step: int, images: torch.Tensor, target: torch.Tensor) -> list[Callable]:
+        """The closures of this process's shards of step `step` (0-based, counted over the run): each
+        seeds the shard's dropout, stochastic depth and ShakeDrop draws from (seed, step, shard), so a
+        shard draws the same numbers whichever process runs it, then evaluates its images."""
+        shards = self.train_loader.local_shards
+        return [partial(self._shard_loss, step, shard, x, y)
+                for shard, x, y in zip(shards, images.tensor_split(len(shards)), target.tensor_split(len(shards)))]
+
+    def _shard_loss(self, step: int, shard: int, images: torch.Tensor,
+                    target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(random_seed(self.cfg.seed, Stream.MODEL, step, shard))
+        return self.loss_and_logits(images, target)
 
 
 def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
@@ -77,34 +92,42 @@ def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
     precision = resolve_precision(cfg.precision, device)
     warn_if_slow(precision, device)
     dtype = AUTOCAST_DTYPES.get(precision)
+    parameter_dtype = PARAMETER_DTYPES.get(precision, torch.float32)
 
     # Data: the main process fetches/extracts first, the others then read the finished files.
     data = distributed.main_first(lambda: load_dataset(d.name, d.root, download=d.download, verify=d.verify,
                                                        limit_train=d.limit_train, limit_test=d.limit_test), device)
-    problem = training_batch_problem(t.batch_size, len(data.train_labels), ctx.world_size)
+    shards = resolve_shards(cfg, ctx.world_size)
+    problem = training_batch_problem(t.batch_size, len(data.train_labels), ctx.world_size) or shards_problem(
+        shards, t.batch_size, normalises_with_batch_statistics(**model_options(cfg)), ctx.world_size)
     if problem:
         raise ConfigError(problem)
     train_loader = BatchLoader(
         data.train_images, data.train_labels, batch_size=t.batch_size, device=device, mean=d.mean, std=d.std,
         train=True, augment=build_augmentation(cfg.aug, mean=d.mean), num_classes=d.num_classes,
-        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, shards=shards, dtype=parameter_dtype)
     test_loader = BatchLoader(data.test_images, data.test_labels, batch_size=t.eval_batch_size, device=device,
-                              mean=d.mean, std=d.std, train=False, rank=ctx.rank, world_size=ctx.world_size)
+                              mean=d.mean, std=d.std, train=False, rank=ctx.rank, world_size=ctx.world_size,
+                              dtype=parameter_dtype)
     steps_per_epoch = len(train_loader)
 
     # Model: identical initial weights on every replica, from init_seed (default: seed).
     torch.manual_seed(init_seed(cfg))
-    net = build_model(cfg.model.name, d.num_classes, **{k: v for k, v in cfg.model.items() if k != "name"})
+    net = build_model(num_classes=d.num_classes, **model_options(cfg))
     channels_last = use_channels_last(t.channels_last, cfg.model.name, device)
     if channels_last and device.type == "cpu":
         log.warning("train.channels_last=true on the CPU: its NHWC BatchNorm kernel computes batch statistics "
                     "less accurately than NCHW (README: Speed)")
-    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    net = net.to(device, parameter_dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     forward = net if t.compile is False else torch.compile(net, mode=None if t.compile is True else t.compile)
     model = distributed.wrap(forward, device) if ctx.world_size > 1 else forward
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     method = build_method(cfg, model, build_optimizer(cfg.optimizer, net, device), steps_per_epoch, scaler)
+    try:
+        method.check_shards(len(train_loader.local_shards))
+    except SettingError as e:
+        raise ConfigError(f"method.{e}") from None
     lr_factor = cosine_schedule(t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch))
     ema = WeightAverage(net, t.ema_decay) if t.ema_decay else None
     return Parts(
@@ -114,6 +137,11 @@ def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
         replica_stats=distributed.running_stats(net, *([ema.model] if ema else [])), precision=precision,
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
         channels_last=channels_last)
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: float16 and bfloat16 ones (autocast's) in float32, float64 ones as they are."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -12,7 +12,6 @@ import torch
 from tqdm import tqdm
 
 from gnp import distributed
-from gnp.data import Stream, random_seed
 from gnp.methods import StepReport
 from gnp.signals import StopSignals
 from gnp.training.build import Parts
@@ -61,9 +60,7 @@ def train_step(parts: Parts, global_step: int, images: torch.Tensor, target: tor
     learning-rate schedule, the weight average and the epoch's sums."""
     if parts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    # Dropout, stochastic depth and ShakeDrop draws of this step on this replica.
-    torch.manual_seed(random_seed(parts.cfg.seed, Stream.MODEL, global_step, parts.ctx.rank))
-    parts.method.step(lambda: parts.loss_and_logits(images, target))
+    parts.method.step(parts.shard_closures(global_step, images, target))
     parts.scheduler.step()
     if parts.ema:
         parts.ema.update()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from gnp import distributed
 from gnp.data import BatchLoader
+from gnp.training.build import at_least_float32
 
 
 @torch.inference_mode()
@@ -27,7 +28,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, autocast=nullcontext,
             logits = model(images)
         classes = logits.shape[1]
         top5 = logits.topk(min(5, classes), dim=1).indices
-        totals += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum").double(),
+        totals += torch.stack([F.cross_entropy(at_least_float32(logits), labels, reduction="sum").double(),
                                (logits.argmax(1) != labels).sum().double(),
                                (top5 != labels[:, None]).all(1).sum().double()])
     model.train(was_training)

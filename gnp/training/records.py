@@ -43,7 +43,7 @@ class RunRecords:
         def read() -> tuple[dict | None, dict | None]:
             state = checkpoint.load(self.run_dir)
             if state:
-                check_resumable(state["config"], self.config, self.run_dir)
+                check_resumable(state["config"], self.config, self.run_dir, self.ctx.world_size)
                 self.history, self.wandb_run_id = state["history"], state["wandb_run_id"]
             return state, self.finished_summary(state)
 
@@ -105,6 +105,7 @@ class RunRecords:
             "seed": cfg.seed, "init_seed": init_seed(cfg),
             "epochs": cfg.train.epochs, "epochs_completed": len(history),
             "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size,
+            "shards": cfg.train.shards,
             "precision": resolve_precision(cfg.precision, device),
             "num_parameters": self.parts.num_parameters if self.parts else None,
             "test_error": last.get("test_error") if finished else None,
@@ -177,8 +178,10 @@ def epoch_line(row: dict, epochs: int) -> str:
     return line + f"  {row['images_per_second']:.0f} img/s"
 
 
-def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """Refuse to resume a checkpoint made with other settings than those of RESUMABLE_CHANGES."""
+def check_resumable(saved: dict, current: dict, run_dir: Path, world_size: int) -> None:
+    """Refuse to resume a checkpoint made with other settings than those of RESUMABLE_CHANGES, in a launch
+    of `world_size` processes. train.shards is compared as the number it resolves to: `auto`, and a
+    checkpoint from before the setting existed, are one shard per process."""
     def flatten(d: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in d.items():
@@ -189,6 +192,9 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
         return out
 
     old, new = flatten(saved), flatten(current)
+    for config in (old, new):
+        if config.get("train.shards", "auto") == "auto":
+            config["train.shards"] = world_size
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

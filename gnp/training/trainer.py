@@ -7,10 +7,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gnp import distributed
-from gnp.config import validate
+from gnp.config import resolve_shards, validate
 from gnp.runs import RunDirectory, error_line, log, remove_stub, setup_console
 from gnp.signals import StopSignals, exit_code
 from gnp.training.build import Parts, build_parts
@@ -34,6 +34,7 @@ def train(cfg: DictConfig, run_dir: str | Path, signals: StopSignals | None = No
     (default: a new StopSignals) are the stop requests the run obeys; the caller may read them after."""
     validate(cfg)
     ctx = distributed.setup(cfg.device)
+    cfg = OmegaConf.merge(cfg, {"train": {"shards": resolve_shards(cfg, ctx.world_size)}})  # recorded as a number
     setup_console(ctx.is_main)
     try:
         # Under torchrun every process composed its own (timestamped) run directory: the main one's wins.
