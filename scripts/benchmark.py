@@ -43,7 +43,7 @@ from gnp.bench.run import run
 from gnp.bench.settings import ANALYSIS_MODELS, CPU_DEFAULT_MODELS, CUDA_DEFAULT_MODELS, parse_model
 from gnp.tables import TableError
 
-STAGES = ("memory", "evaluation", "exact", "loader", "loop", "analysis")  # what --skip can leave out
+STAGES = ("memory", "evaluation", "shards", "exact", "loader", "loop", "analysis")  # what --skip can leave out
 
 
 def positive(text: str) -> int:

@@ -184,6 +184,21 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     assert "checks" not in data and data["checks_failed"] == []
 
 
+def test_a_tiny_run_records_the_cost_of_each_layout(tiny_run):
+    """Batch 8 of a BatchNorm model: 1, 2 and 4 shards (8 would be shards of one image); each one's time is
+    paired with one shard's by round, its peak memory divided by one shard's."""
+    _, data = tiny_run
+    layout = data["shards"]
+    assert (layout["model"], layout["batch_size"], layout["method"]) == ("resnet18", 8, "gnp")
+    assert list(layout["shards"]) == ["1", "2", "4"]
+    one = layout["shards"]["1"]
+    for record in layout["shards"].values():
+        per_round = [a / b for a, b in zip(record["ms_per_step"]["samples"], one["ms_per_step"]["samples"])]
+        assert record["time/one_shard"] == pytest.approx(statistics.median(per_round))
+        assert record["peak_bytes"] > 0 and record["memory/one_shard"] == pytest.approx(
+            record["peak_bytes"] / one["peak_bytes"])
+
+
 def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
     _, data = tiny_run
     analysis = data["analysis"]

@@ -116,6 +116,37 @@ def test_statistics_bold_and_left_out_runs(tmp_path, digits_runs, capsys):
     assert rows["gnp"]["ci95_low"] == ""  # one seed: no interval
 
 
+def test_runs_of_different_layouts_are_never_pooled_in_a_cell(tmp_path, capsys):
+    """A cell keeps the layout most of its runs have; the others are counted apart and named. A run from
+    before train.shards took one shard per process (its summary's world_size); a table that fixes
+    train.shards takes that layout only."""
+    runs = tmp_path / "runs"
+    plain = DIGITS + DIGITS_METHODS["plain"]
+    for seed, error in enumerate((2.0, 4.0)):
+        write_run(runs / f"one_shard{seed}", plain + ("train.shards=1",), seed, error)
+    write_run(runs / "four_shards", plain + ("train.shards=4",), 2, 9.0)
+    write_run(runs / "before_shards", plain, 3, 9.0)  # recorded no train.shards, and ran on 4 processes
+    config = (runs / "before_shards" / "config.yaml")
+    config.write_text(config.read_text().replace("  shards: auto\n", ""))
+    summary = json.loads((runs / "before_shards" / "summary.json").read_text())
+    (runs / "before_shards" / "summary.json").write_text(json.dumps({**summary, "world_size": 4}))
+    table = tables.load_table("digits")
+    found = tables.read_runs([runs])
+    results = tables.collect(table, tables.make_plans(table, root=tmp_path / "runs", seeds=(0, 1, 2, 3)), found)
+    (cell,) = [c for c in results.runs if c.method == "plain"]
+    assert sorted(r.seed for r in results.runs[cell]) == [0, 1] and results.stat(cell).mean == pytest.approx(3.0)
+    assert results.other_layouts == {4: 2}
+    assert "2 finished runs of another layout than their cell's, counted apart (train.shards=4: 2)" in \
+        tables.describe_counts(results)
+    # Fixed at 4 shards: the two runs of 4 shards are the cell's, and the markdown says the layout.
+    fixed = tables.collect(table, tables.make_plans(table, root=tmp_path / "runs", seeds=(0, 1, 2, 3),
+                                                    extra=("train.shards=4",)), found)
+    assert sorted(r.seed for r in fixed.runs[cell]) == [2, 3] and fixed.other_layouts == {1: 2}
+    md = tables.render_markdown(fixed, tables.describe_counts(fixed), "")
+    assert "Layout: 4 shards a step (train.shards; a cell's runs share one)." in md
+    assert "Layout" not in tables.render_markdown(results, tables.describe_counts(results), "")
+
+
 @pytest.mark.parametrize("a,b,p", [
     # n = 2 each with equal variances: Welch's df is 2, where the t distribution's tail is closed-form:
     # p = 1 - |t| / √(2 + t²); here t = -4 / √2

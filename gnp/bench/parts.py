@@ -36,6 +36,10 @@ class Parts:
         """The closure each pass of a training step evaluates."""
         return self._parts.loss_and_logits(images, target)
 
+    def shard_closures(self, images: torch.Tensor, target: torch.Tensor) -> list:
+        """The closures of a training step's shards (train.shards), as the training loop makes them."""
+        return self._parts.shard_closures(self.method.steps_taken, images, target)
+
     def loop_step(self, images: torch.Tensor, target: torch.Tensor) -> None:
         """One step with the training loop's per-step work around it: the step's model seed, the
         learning-rate schedule and the epoch's running totals."""

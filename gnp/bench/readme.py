@@ -7,6 +7,7 @@ from pathlib import Path
 from gnp import io
 from gnp.augment import PRESETS
 from gnp.bench import files
+from gnp.bench.stages.shards import SHARDS
 from gnp.tables.render import marked, replace_marked
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -31,7 +32,7 @@ def current(text: str) -> str:
 
 def tables(folder: Path = files.BENCHMARK_DIR) -> str:
     """The Markdown tables of README.md's "Speed" section, from every benchmark file in `folder`."""
-    step_rows, path_rows, loop_rows, loader_rows, analysis_rows, check_lines = [], [], [], [], [], []
+    step_rows, path_rows, loop_rows, loader_rows, analysis_rows, shard_rows, check_lines = [], [], [], [], [], [], []
     for path, data in files.read_all(folder):
         where = _where(path.name, data)
         if "checks" in data:
@@ -63,6 +64,8 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
                               _loop_cell(loop, "gnp"), "–"])
         if "analysis" in data:
             analysis_rows.append([where, *_analysis_cells(data["analysis"])])
+        if "shards" in data:
+            shard_rows.append([where, *_shard_cells(data["shards"])])
         if "loader" in data:
             first = data["models"][0]["label"] if data["models"] else None
             for style, presets in data["loader"]["styles"].items():
@@ -94,6 +97,11 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         "÷ one training epoch of it, the median of the epochs after the first):",
         "",
         *_markdown(["measured on", "model, batch", "HVP ÷ step", "default analysis", "÷ one epoch"], analysis_rows),
+        "",
+        "The layout: one process taking each GNP step's batch in 1, 2, 4 and 8 shards one after another "
+        "(`train.shards`): step time and peak memory ÷ those of 1 shard (time paired by round):",
+        "",
+        *_markdown(["measured on", "model, batch", *(f"{k} shards" for k in SHARDS[1:])], shard_rows),
         *(["", "End-to-end checks (training runs of every model family and, except in the files of an earlier "
                "commit, no host synchronisation in a step or a loader batch):", "", *check_lines]
           if check_lines else []),
@@ -167,6 +175,15 @@ def _analysis_cells(analysis: dict) -> list[str]:
             f"{_x(hvp['hvp/step'])} ({ms['hvp']['median']:.3g} vs {ms['step']['median']:.3g} ms)",
             f"{run['analysis_seconds']:,.0f} s ({run['analysis_settings']['subset']:,} of {run['images']:,} images, "
             f"{run['hvp_count']} products{extra})", f"{run['analysis/epoch']:,.0f}×"]
+
+
+def _shard_cells(layout: dict) -> list[str]:
+    cells = [f"{_model_label(layout['model'], layout['options'])}, {layout['batch_size']}"]
+    for k in SHARDS[1:]:
+        r = layout["shards"].get(str(k))
+        memory = f", memory {r['memory/one_shard']:.2f}×" if r and "memory/one_shard" in r else ""
+        cells.append(f"time {r['time/one_shard']:.2f}×{memory}" if r else "–")
+    return cells
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:

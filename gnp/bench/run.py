@@ -19,7 +19,7 @@ import torch
 from gnp.bench import files
 from gnp.bench.parts import git_commit
 from gnp.bench.settings import DataPaths, ModelSpec, resolve
-from gnp.bench.stages import analysis, cuda, exact, loader, loop, methods
+from gnp.bench.stages import analysis, cuda, exact, loader, loop, methods, shards
 from gnp.distributed import pick_device
 from gnp.runs import error_line
 
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace, command: str) -> int:
                 report["models"].append(model)
             save()
         stages = [
+            ("shards", "shards" not in args.skip, lambda: shards.measure(args.models[0], args, device, data),
+             shards.show),
             ("exact", "exact" not in args.skip, lambda: exact.measure(args, device, data), exact.show),
             ("loader", "loader" not in args.skip, lambda: loader.measure(args, device, data, report["models"]),
              lambda result: loader.show(result, device)),

@@ -13,8 +13,8 @@ from gnp.bench.parts import Parts
 class SuiteStep:
     """One training step of the suite's own code on a fixed batch: the model (channels_last,
     compiled), the method and its fused base optimizer exactly as the training loop builds them from
-    the config, and a closure of the training loop's shape. `two_pass` records, per call, whether the
-    step took two passes (as the method reports it)."""
+    the config, and the training loop's closures (one per shard, each seeding its shard's draws).
+    `two_pass` records, per call, whether the step took two passes (as the method reports it)."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.parts = Parts(cfg, device)
@@ -26,7 +26,7 @@ class SuiteStep:
 
     def __call__(self) -> None:
         method = self.parts.method
-        method.step(self.closure)
+        method.step(self.parts.shard_closures(self.images, self.target))
         self.two_pass.append(method.last_step.two_pass)
 
     def loop_step(self) -> None:

@@ -18,7 +18,7 @@ from gnp.training import RESUMABLE_CHANGES
 # A run counts for a cell only if it recorded the cell's values of these settings (prefixes), and of
 # every key the table's overrides set. Where and how a run was logged does not count.
 RESULT_KEYS = ("dataset.name", "dataset.limit_train", "dataset.limit_test", "model", "aug", "method", "optimizer",
-               "train.epochs", "train.batch_size", "train.warmup_epochs", "train.label_smoothing")
+               "train.epochs", "train.batch_size", "train.shards", "train.warmup_epochs", "train.label_smoothing")
 NOT_RESULT_KEYS = (*RESUMABLE_CHANGES, "seed", "hydra")
 SAFE_PATH = re.compile(r"^[\w./:+@-]+$")  # run directories go into Hydra overrides unquoted
 

@@ -94,6 +94,9 @@ def render_markdown(results: Results, counts: str, reproduce: str) -> str:
     devices = results.devices(results.runs)
     if devices:
         lines.append(f"Hardware: {', '.join(devices)}.")
+    layouts = results.layouts(results.runs)
+    if layouts and layouts != [1]:  # one shard a step, the plain single-device step, goes without saying
+        lines.append(f"Layout: {' or '.join(map(str, layouts))} shards a step (train.shards; a cell's runs share one).")
     if t.heatmap:
         lines += ["", *_markdown_heatmaps(results)]
     lines += ["", *_markdown_missing(results, reproduce)]

@@ -181,11 +181,26 @@ def _status(summary: dict) -> str:
     return status
 
 
-def matches(run: Run, plan: Plan) -> list[str]:
+SHARDS = "train.shards"  # the layout: the number of shards of a step, recorded as a number
+
+
+def run_shards(run: Run) -> int:
+    """The shards of a run's steps; a run from before train.shards took one per process."""
+    recorded = run.settings.get(SHARDS)
+    return recorded if isinstance(recorded, int) else run.summary.get("world_size") or 1
+
+
+def matches(run: Run, plan: Plan, layout: bool = True) -> list[str]:
     """The pinned settings in which `run` differs from `plan` ([] when it counts for the plan's cell).
-    A key the run does not record predates it: the run used what is now its default."""
+    A key the run does not record predates it: the run used what is now its default. The layout
+    (train.shards) counts where the plan fixes it (`layout`: compare it at all); a plan's `auto` takes
+    the runs of any layout, and the table keeps one layout a cell (stats.collect)."""
     differences = []
     for key, value in plan.expected.items():
+        if key == SHARDS:
+            if layout and value != "auto" and run_shards(run) != value:
+                differences.append(f"{key}: {run_shards(run)!r} -> {value!r}")
+            continue
         recorded = run.settings.get(key, plan.defaults.get(key))
         if not _same(recorded, value):
             differences.append(f"{key}: {recorded!r} -> {value!r}")

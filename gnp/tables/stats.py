@@ -13,7 +13,7 @@ from typing import Iterable
 
 from gnp.tables.plans import Cell, Plan
 from gnp.tables.quantities import TEST_ERROR_QUANTITY, Quantity
-from gnp.tables.runs import Run, matches
+from gnp.tables.runs import SHARDS, Run, matches, run_shards
 from gnp.tables.spec import Table
 
 SIGNIFICANCE = 0.05                   # two-sided p below this: more than seed noise
@@ -80,6 +80,7 @@ class Results:
     duplicates: int                   # finished runs of a seed already counted (e.g. a folder and W&B)
     other: int                        # finished runs that are in no cell of this table
     other_seeds: int                  # finished runs of a cell, of a seed the table (or --seeds) does not list
+    other_layouts: Counter            # finished runs of a cell made with other train.shards, by their shards
     quantity: Quantity = TEST_ERROR_QUANTITY
 
     def of(self, quantity: Quantity) -> Results:
@@ -112,10 +113,17 @@ class Results:
     def devices(self, cells: Iterable[Cell]) -> list[str]:
         return sorted({str(run.summary.get("device")) for cell in cells for run in self.runs[cell]})
 
+    def layouts(self, cells: Iterable[Cell]) -> list[int]:
+        """The shards of a step (train.shards) of the cells' runs."""
+        return sorted({run_shards(run) for cell in cells for run in self.runs[cell]})
+
 
 def collect(table: Table, plans: list[Plan], runs: Iterable[Run], quantity: Quantity = TEST_ERROR_QUANTITY) -> Results:
+    """The finished runs of each cell: one run a seed, of one layout. A cell whose plan fixes train.shards
+    takes that layout; one whose plan says auto, the layout most of its runs have (the fewer shards on a
+    tie). Runs of a cell's other layouts are counted apart, never pooled with it."""
     by_cell: dict[Cell, list[Run]] = {plan.cell: [] for plan in plans}
-    ignored, unreadable, duplicates, other, other_seeds = Counter(), [], 0, 0, 0
+    ignored, unreadable, duplicates, other, other_seeds, other_layouts = Counter(), [], 0, 0, 0, Counter()
     runnable = [plan for plan in plans if plan.expected is not None]
     for run in runs:
         if run.status != "finished":
@@ -123,16 +131,28 @@ def collect(table: Table, plans: list[Plan], runs: Iterable[Run], quantity: Quan
             if run.problem:
                 unreadable.append(run.problem)
             continue
-        plan = next((p for p in runnable if not matches(run, p)), None)
+        plan = next((p for p in runnable if not matches(run, p, layout=False)), None)
         if plan is None:
             other += 1
         elif run.seed not in plan.seeds:
             other_seeds += 1
-        elif any(r.seed == run.seed for r in by_cell[plan.cell]):
-            duplicates += 1
         else:
             by_cell[plan.cell].append(run)
-    return Results(table, plans, by_cell, ignored, unreadable, duplicates, other, other_seeds, quantity)
+    for plan in runnable:
+        layouts = Counter(map(run_shards, by_cell[plan.cell]))
+        wanted = plan.expected.get(SHARDS, "auto")
+        if wanted == "auto" and layouts:
+            wanted = min(layouts, key=lambda shards: (-layouts[shards], shards))
+        kept = []
+        for run in by_cell[plan.cell]:
+            if run_shards(run) != wanted:
+                other_layouts[run_shards(run)] += 1
+            elif any(r.seed == run.seed for r in kept):
+                duplicates += 1
+            else:
+                kept.append(run)
+        by_cell[plan.cell] = kept
+    return Results(table, plans, by_cell, ignored, unreadable, duplicates, other, other_seeds, other_layouts, quantity)
 
 
 def describe_counts(results: Results) -> str:
@@ -154,6 +174,10 @@ def describe_counts(results: Results) -> str:
         text += f"; {results.other} finished runs belong to no cell of this table"
     if results.other_seeds:
         text += f"; {results.other_seeds} finished runs of seeds this table does not list (--seeds adds them)"
+    if results.other_layouts:
+        layouts = ", ".join(f"train.shards={shards}: {n}" for shards, n in sorted(results.other_layouts.items()))
+        text += (f"; {sum(results.other_layouts.values())} finished runs of another layout than their cell's, counted "
+                 f"apart ({layouts})")
     return text
 
 
