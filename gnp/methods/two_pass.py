@@ -7,7 +7,7 @@ running statistics keep the first pass's update, the parameters come back bit fo
 step (each DDP replica's share of the batch, or each shard of a step that accumulates) perturbs with its
 own g1 unless the perturbation is synced, and the schedules (GR warmup, hybrid steps) decide which steps
 perturb. A method that takes more passes than two (GAM) defines `gradient` itself from the same parts
-(`forward_backward`, `perturbed`, the random-state rewind) and sets `passes`.
+(`forward_backward`, `perturbed_pass`, the random-state rewind) and sets `passes`.
 """
 from __future__ import annotations
 
