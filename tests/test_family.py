@@ -342,7 +342,9 @@ def test_a_resumed_method_continues_bit_for_bit(method, settings):
         assert not torch.allclose(flat_params(forgetful[0]), flat_params(resumed[0]), rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("method, settings", STATEFUL)
+@pytest.mark.parametrize("method, settings", STATEFUL + [
+    (FriendlySAM, dict(r=0.2, lmbda=0.6, sync_perturbation=True)), (WSAM, dict(r=0.05, sync_perturbation=True)),
+    (GSAM, dict(r=0.1, r_min=0.02, sync_perturbation=True))])
 def test_two_equal_shards_take_the_step_of_one(method, settings):
     """Each shard's own quantities are the batch's, so their mean is too: state kept across steps (g_v, the
     average, the sharpness step) must be the mean over the shards, not their sum or the last one's."""
@@ -359,7 +361,8 @@ def test_two_equal_shards_take_the_step_of_one(method, settings):
 
 
 SHARDED = [(LookSAM, dict(r=0.1, k=2)), (FriendlySAM, dict(r=0.2, lmbda=0.6)), (WSAM, dict(r=0.05)),
-           (GSAM, dict(r=0.1)), (GAM, {})]
+           (GSAM, dict(r=0.1)), (GAM, {}), (FriendlySAM, dict(r=0.2, lmbda=0.6, sync_perturbation=True)),
+           (WSAM, dict(r=0.05, sync_perturbation=True))]
 DDP_STEPS = 4
 
 
@@ -382,21 +385,21 @@ def _ddp_family_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        torch.save({method.__name__: _sharded_run(method, settings, rank) for method, settings in SHARDED},
+        torch.save([_sharded_run(method, settings, rank) for method, settings in SHARDED],
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ddp_replicas_take_the_step_of_two_shards_on_one_process(tmp_path):
-    """k shards of a step on one process are k devices: each shard perturbs with its own g1 and the state kept
-    across steps is one for the batch, the same on every replica."""
+    """k shards of a step on one process are k devices: each shard perturbs with its own g1 (or, synced, the
+    batch perturbs once) and the state kept across steps is one for the batch, the same on every replica."""
     mp.spawn(_ddp_family_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    for method, settings in SHARDED:
-        name = method.__name__
-        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: replicas diverged"
-        torch.testing.assert_close(ranks[0][name], _sharded_run(method, settings), rtol=0, atol=1e-12, msg=name)
+    for index, (method, settings) in enumerate(SHARDED):
+        name = f"{method.__name__} {settings}"
+        assert torch.equal(ranks[0][index], ranks[1][index]), f"{name}: replicas diverged"
+        torch.testing.assert_close(ranks[0][index], _sharded_run(method, settings), rtol=0, atol=1e-12, msg=name)
 
 
 def _overflow_on_call(closure, bad_call: int):
