@@ -20,6 +20,7 @@ from gnp.augment import build_augmentation
 from gnp.data import DATASETS, TRAIN_SIZES, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
 from gnp.models import check_model_options, normalises_with_batch_statistics
+from gnp.runs import first_line
 from gnp.tracking import has_wandb_credentials
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -172,7 +173,8 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
                           "or log locally with wandb.mode=offline")
 
 
-# What the run gives a method besides its own config keys, if its constructor takes them.
+# What the run gives a method besides its own config keys, matched by the name of a constructor argument (its
+# own or a base's): the in-loss L2 coefficient, the run's seed, the float16 GradScaler and the GR warmup's steps.
 RUN_SETTINGS = {"l2": "optimizer.weight_decay_mode=loss", "seed": "seed", "grad_scaler": "precision=fp16",
                 "warmup_steps": "method.warmup_epochs"}
 _METHOD_KEYS = ("_target_", "name")  # the config's own keys of a method: its class, and its name in outputs
@@ -236,10 +238,13 @@ def method_settings(cfg: DictConfig, steps_per_epoch: int,
 
 def build_method(cfg: DictConfig, model: nn.Module, base_optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                  grad_scaler: torch.amp.GradScaler | None = None) -> Method:
-    """The config's method around `base_optimizer`; a setting its constructor refuses is a ConfigError."""
+    """The config's method around `base_optimizer`. Whatever its constructor refuses is a one-line ConfigError:
+    a SettingError names the key; any other ValueError or TypeError (a plug-in's own check, a class that breaks
+    the contract of gnp.methods) names the method and says what the constructor said."""
+    cls = method_class(cfg.method)
+    settings = method_settings(cfg, steps_per_epoch, grad_scaler)
     try:
-        return method_class(cfg.method)(model, base_optimizer,
-                                        **method_settings(cfg, steps_per_epoch, grad_scaler))
+        return cls(model, base_optimizer, **settings)
     except SettingError as e:
         if e.name != "warmup_steps":
             raise ConfigError(f"method.{e}") from None
@@ -247,6 +252,8 @@ def build_method(cfg: DictConfig, model: nn.Module, base_optimizer: torch.optim.
         raise ConfigError(f"method.warmup_epochs={epochs} is invalid: " + (
             f"it rounds to 0 of the {steps_per_epoch} steps per epoch; use at least {1 / steps_per_epoch:.3g}"
             if epochs else f"must be > 0 with method.warmup={cfg.method.warmup}")) from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method={cfg.method.name} ({cls.__name__}) refused its settings: {first_line(e)}") from None
 
 
 def check_method(cfg: DictConfig) -> Method:

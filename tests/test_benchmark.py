@@ -5,6 +5,7 @@ tables are what the generator makes of the committed JSON. No timing is asserted
 import copy
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from dataclasses import asdict
@@ -18,9 +19,10 @@ from gnp import tables
 from gnp.analysis import __main__ as analysis_command
 from gnp.augment import PRESETS, STYLES
 from gnp.bench import files, readme, timing
-from gnp.bench.settings import FastPaths, ModelSpec, parse_model
+from gnp.bench.settings import FastPaths, ModelSpec, compose_config, parse_model, run_overrides
 from gnp.bench.stages import loop as loop_stage, methods
 from gnp.bench.steps import two_pass_step
+from gnp.config import train_steps_per_epoch
 from gnp.methods import GNP
 from gnp.models import MODELS
 from conftest import ROOT
@@ -106,7 +108,7 @@ def test_each_fast_path_pair_differs_in_that_path_alone(device):
         else:
             assert on[pair["path"]] is True and off[pair["path"]] is False
     compiled = [name for name, v in variants.items() if v.paths.compile]
-    main_setting = {"plain", "sam", "gnp", "asam", "hybrid", "two_pass", "gnp[fused=off]"}
+    main_setting = {*methods.METHODS, "two_pass", "gnp[fused=off]"}
     assert set(compiled) == (main_setting if device == "cuda" else set())
 
 
@@ -122,8 +124,9 @@ def tiny_run(tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
-def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
+def test_a_tiny_run_records_its_measurements_consistently(tiny_run, tmp_path):
     _, data = tiny_run
+    tmp_data = tmp_path
     assert data["format"] == files.FORMAT and data["complete"] is True
     assert {"device", "device_name", "device_count", "cpu_threads", "torch", "cuda"} <= data["environment"].keys()
     assert data["environment"]["device"] == "cpu" and "--steps 1" in data["command"]
@@ -131,14 +134,25 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
     [model] = data["models"]
     assert (model["model"], model["options"], model["batch_size"]) == ("resnet18", {"width": 2}, 8)
     assert model["parameters"] == sum(p.numel() for p in MODELS["resnet18"](width=2).parameters())
-    assert set(model["variants"]) == {"plain", "sam", "gnp", "asam", "hybrid", "two_pass", "gnp[channels_last=on]",
-                                      "gnp[fused=on]"}
+    # every method of conf/method/ but those built on another's config (gnp_warmup), and GNP with hybrid steps
+    assert set(methods.METHODS) == {"plain", "sam", "gnp", "asam", "gsam", "gam", "looksam", "friendlysam", "wsam",
+                                    "hybrid"}
+    assert set(model["variants"]) == {*methods.METHODS, "two_pass", "gnp[channels_last=on]", "gnp[fused=on]"}
     assert {name for name, v in model["variants"].items() if v["role"] == "method"} == set(methods.METHODS)
     assert model["variants"]["two_pass"]["role"] == "reference"
     assert all(v["role"] == "fast_path" for name, v in model["variants"].items() if name.startswith("gnp["))
     # what each method says it costs (its expected passes), and what its steps reported
+    cfg = compose_config(run_overrides(ModelSpec("resnet18", {"width": 2}, 8, 1), "looksam",
+                                       FastPaths(**model["main"]), torch.device("cpu"), tmp_data))
+    total_steps = cfg.train.epochs * train_steps_per_epoch(cfg)
+    looksam = 1 + math.ceil(total_steps / 5) / total_steps  # a SAM step every 5 steps of its run, the first one
     assert {name: v["passes_per_step"] for name, v in model["variants"].items() if v["role"] == "method"} == {
-        "plain": 1, "sam": 2, "gnp": 2, "asam": 2, "hybrid": 1.5}
+        "plain": 1, "sam": 2, "gnp": 2, "asam": 2, "gsam": 2, "friendlysam": 2, "wsam": 2, "gam": 4,
+        "looksam": pytest.approx(looksam), "hybrid": 1.5}
+    assert {name: v["label"] for name, v in model["variants"].items() if v["role"] == "method"} == {
+        "plain": "Plain", "sam": "SAM", "gnp": "GNP", "asam": "ASAM", "gsam": "GSAM", "friendlysam": "FriendlySAM",
+        "wsam": "WSAM", "gam": "GAM", "looksam": "LookSAM", "hybrid": "GNP"}
+    assert model["variants"]["gam"]["passes_taken"] == 4
     for v in model["variants"].values():
         timing = v["ms_per_step"]
         assert len(timing["samples"]) == 2 and timing["median"] == statistics.median(timing["samples"])
@@ -146,18 +160,27 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run):
         if "mean_ms_per_step" not in v:  # hybrid's rate is its mean's (below)
             assert v["images_per_second"] == pytest.approx(8 * 1000 / timing["median"])
     assert model["variants"]["plain"]["two_pass_fraction"] == 0
-    assert all(model["variants"][name]["two_pass_fraction"] == 1 for name in ("sam", "gnp", "asam", "two_pass"))
+    assert all(model["variants"][name]["two_pass_fraction"] == 1
+               for name in ("sam", "gnp", "asam", "gsam", "gam", "friendlysam", "wsam", "two_pass"))
+    assert model["variants"]["looksam"]["passes_taken"] == 1 + model["variants"]["looksam"]["two_pass_fraction"]
     hybrid = model["variants"]["hybrid"]
     assert hybrid["two_pass_fraction"] in (0, 0.5, 1)  # over its 2 timed steps
     assert hybrid["images_per_second"] == pytest.approx(8000 / hybrid["mean_ms_per_step"])
     samples = {name: v["ms_per_step"]["samples"] for name, v in model["variants"].items()}
     median = {name: v["ms_per_step"]["median"] for name, v in model["variants"].items()}
-    pairs = [("gnp", "plain"), ("gnp", "two_pass"), ("sam", "plain"), ("asam", "plain"), ("asam", "two_pass")]
+    perturbing = ["sam", "gnp", "asam", "gsam", "gam", "looksam", "friendlysam", "wsam"]
+    pairs = [(name, "plain") for name in [*perturbing, "two_pass"]] + [(name, "two_pass") for name in perturbing]
+    assert set(model["ratios"]) == {f"{a}/{b}" for a, b in pairs} | {"hybrid/plain", "hybrid_expected/plain"}
     for a, b in pairs:  # paired by round, median of 2 rounds
         per_round = [samples[a][r] / samples[b][r] for r in range(2)]
         assert model["ratios"][f"{a}/{b}"] == pytest.approx(sum(per_round) / 2)
     assert model["ratios"]["hybrid/plain"] == pytest.approx(hybrid["mean_ms_per_step"] / median["plain"])
-    assert model["limits"] == {"gnp/plain": 2.05, "gnp/two_pass": 1.02, "asam/two_pass": 1.05}
+    # each method's limit against the two-pass step: its passes over 2, plus its class's element-wise allowance
+    overhead = {"sam": 0, "gnp": 0, "asam": 0.05, "gsam": 0.05, "gam": 0.05, "looksam": 0.05, "friendlysam": 0.05,
+                "wsam": 0.05}
+    assert model["limits"] == {"gnp/plain": 2.05, **{
+        f"{name}/two_pass": pytest.approx(1.02 * model["variants"][name]["passes_per_step"] / 2 + overhead[name])
+        for name in perturbing}}
     assert model["within_limits"] == {key: model["ratios"][key] <= limit for key, limit in model["limits"].items()}
     channels_last = next(p for p in model["fast_paths"] if p["path"] == "channels_last")
     off, on = samples["gnp"], samples["gnp[channels_last=on]"]  # on the CPU the suite's choice is off
@@ -239,9 +262,14 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     text = readme.tables(out.parent)
     row = next(line for line in text.splitlines() if "ResNet-18 (width 2), 8 |" in line)
     assert f"| {model['variants']['plain']['ms_per_step']['median']:.3g} |" in row
-    cells = row.split(" | ")
-    assert [cells[i] for i in range(4, 10) if i != 7] == [f"{model['ratios'][key]:.2f}×" for key in (
-        "sam/plain", "gnp/plain", "asam/plain", "gnp/two_pass", "asam/two_pass")]
+    header = next(line for line in text.splitlines() if line.startswith("| measured on | model, batch | setting"))
+    cells = dict(zip(header.split(" | "), row.split(" | ")))
+    for key, ratio in model["ratios"].items():  # a column per method and per comparison, labelled by its class
+        name, _, against = key.partition("/")
+        if name in ("two_pass", "hybrid_expected"):
+            continue
+        label = "hybrid p=0.5" if name == "hybrid" else model["variants"][name]["label"]
+        assert cells[f"{label} ÷ {'plain' if against == 'plain' else 'two-pass'}"].startswith(f"{ratio:.2f}×"), key
     assert sum(line.startswith(f"| {data['environment']['cpu_threads']} CPU thread") for line in text.splitlines()) == 6
     analysis = next(line for line in text.splitlines() if "products" in line and "CPU thread" in line)
     assert f"| {data['analysis']['hvp']['hvp/step']:.2f}× (" in analysis
@@ -257,7 +285,7 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     [epoch] = [t for t in tables.read_throughput(out.parent) if t.upper_bound]  # a failed run is no measurement
     assert (epoch.model, epoch.method, epoch.images_per_second) == ("pyramidnet272", "gnp", 100.0)
     measured = {t.method: t for t in tables.read_throughput(out.parent) if not t.upper_bound}
-    assert set(measured) == {"plain", "sam", "gnp", "asam", "hybrid"}
+    assert set(measured) == set(methods.METHODS)
     assert {m: t.passes for m, t in measured.items()} == {
         m: 1 + model["variants"][m]["two_pass_fraction"] for m in measured} and measured["gnp"].passes == 2
     for method, t in measured.items():

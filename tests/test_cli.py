@@ -48,7 +48,8 @@ def _check(capsys, *argv):
     (["+model.depth=20"], "model 'resnet18' has no option(s) depth; its options are: width"),
     (["+aug.cutot_size=8"], "aug has no option(s) cutot_size"),
     (["+train.epochs=3"], "train.epochs exists already: set it without the + (train.epochs=3)"),
-    (["method=gpn"], "method=gpn is not a choice of method: choose one of asam, gnp, gnp_warmup, plain, sam"),
+    (["method=gpn"], "method=gpn is not a choice of method: choose one of asam, friendlysam, gam, gnp, gnp_warmup, gsam, "
+                       "looksam, plain, sam, wsam"),
     (["method=sgd"], "method=sgd is now method=plain: one pass per step with the base optimizer, whatever it is"),
     (["model=resnet18", "model=resnet20"], "model=resnet20 is not a choice of model: choose one of pyramidnet110, "
                                            "pyramidnet272, resnet101, resnet18, vit, vit_b, vit_s, vit_ti, wrn28_10"),

@@ -5,7 +5,7 @@ reader of those files, shared by README's speed tables (gnp.bench.readme) and th
 A file is one JSON object with `"format": FORMAT`, the environment it was measured in, its settings
 and a record per stage (`models`, `exact`, `loader`, `loop`, `checks`, `analysis`); a stage that did
 not run is absent. Each step variant of a model says what it is (`role`): one of the suite's methods
-at the main setting (named `plain`, `sam`, `gnp`, `asam`, `hybrid`), the hand-written two-pass
+at the main setting (named by its config in conf/method/, and `hybrid`), the hand-written two-pass
 reference step (`two_pass`) or GNP with a fast path flipped (`gnp[channels_last=off]`, ...).
 """
 from __future__ import annotations

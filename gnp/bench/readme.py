@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from gnp import io
 from gnp.augment import PRESETS
 from gnp.bench import files
 from gnp.bench.stages.shards import SHARDS
+from gnp.methods import BASELINE, REFERENCE
 from gnp.tables.render import marked, replace_marked
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -33,7 +35,9 @@ def current(text: str) -> str:
 def tables(folder: Path = files.BENCHMARK_DIR) -> str:
     """The Markdown tables of README.md's "Speed" section, from every benchmark file in `folder`."""
     step_rows, path_rows, loop_rows, loader_rows, analysis_rows, shard_rows, check_lines = [], [], [], [], [], [], []
-    for path, data in files.read_all(folder):
+    benchmarks = files.read_all(folder)
+    columns = _step_columns([m for _, data in benchmarks for m in data["models"]])
+    for path, data in benchmarks:
         where = _where(path.name, data)
         if "checks" in data:
             checks = _count_checks(data)
@@ -42,13 +46,9 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
                                                                    if failed else "all passed"))
         loops = {loop["label"]: loop for loop in data.get("loop", [])}
         for m in data["models"]:  # files of earlier commits lack the variants and stages added since
-            r, v = m["ratios"], m["variants"]
-            hybrid = _x(r["hybrid/plain"]) + f" ({100 * v['hybrid']['two_pass_fraction']:.0f}% two-pass)" \
-                if "hybrid" in v else "–"
             step_rows.append([where, f"{_model_label(m['model'], m['options'])}, {m['batch_size']}", m["main_label"],
-                              f"{_median(m, 'plain'):.3g}", *(_ratio(r, f"{name}/plain") for name in ("sam", "gnp",
-                                                                                                     "asam")),
-                              hybrid, _ratio(r, "gnp/two_pass"), _ratio(r, "asam/two_pass"), _memory(m.get("memory"))])
+                              f"{_median(m, BASELINE):.3g}", *(cell(m) for _, cell in columns),
+                              _memory(m.get("memory"))])
             if m["fast_paths"]:
                 speedups = {p["path"]: _x(p["speedup"]) for p in m["fast_paths"]}
                 path_rows.append([where, _model_label(m["model"], m["options"]),
@@ -57,11 +57,11 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
             evaluation = m.get("evaluation", {}).get("images_per_second")
             loop = loops.pop(m["label"], None)
             if loop or evaluation:
-                loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, "plain"),
-                                  _loop_cell(loop, "gnp"), _count(evaluation) if evaluation else "–"])
+                loop_rows.append([where, _model_label(m["model"], m["options"]), _loop_cell(loop, BASELINE),
+                                  _loop_cell(loop, REFERENCE), _count(evaluation) if evaluation else "–"])
         for loop in loops.values():  # a loop without a step measurement of its model
-            loop_rows.append([where, _model_label(loop["model"], loop["options"]), _loop_cell(loop, "plain"),
-                              _loop_cell(loop, "gnp"), "–"])
+            loop_rows.append([where, _model_label(loop["model"], loop["options"]), _loop_cell(loop, BASELINE),
+                              _loop_cell(loop, REFERENCE), "–"])
         if "analysis" in data:
             analysis_rows.append([where, *_analysis_cells(data["analysis"])])
         if "shards" in data:
@@ -75,8 +75,7 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         "round; hybrid: its mean step time, with the share of two-pass steps it drew; two-pass: the hand-written "
         "two-pass step):",
         "",
-        *_markdown(["measured on", "model, batch", "setting", "plain ms/step", "SAM ÷ plain", "GNP ÷ plain",
-                    "ASAM ÷ plain", "hybrid p=0.5 ÷ plain", "GNP ÷ two-pass", "ASAM ÷ two-pass",
+        *_markdown(["measured on", "model, batch", "setting", "plain ms/step", *(label for label, _ in columns),
                     "peak memory plain → GNP (limit)"], step_rows),
         "",
         "Fast paths (a GNP step's time without the path ÷ with it, paired by round as above; precision: fp32 ÷ it):",
@@ -106,6 +105,42 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
                "commit, no host synchronisation in a step or a loader batch):", "", *check_lines]
           if check_lines else []),
     ])
+
+
+def _step_columns(models: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
+    """The method columns of the steps table, over every measured model in file order: each method ÷ the
+    baseline, each mixed variant (hybrid steps) with the share of two-pass steps it drew, then each method ÷ the
+    hand-written two-pass step. The labels are the methods' classes (the config name in upper case in files
+    that do not record it)."""
+    methods: dict[str, str] = {}
+    mixes: dict[str, str] = {}
+    against_two_pass: dict[str, str] = {}
+    for m in models:
+        for name, v in files.method_variants(m["variants"]).items():
+            override = v["settings"].get("override")
+            if override:
+                mixes.setdefault(name, f"{name} p={override.rpartition('=')[2]}")
+            elif name != BASELINE:
+                methods.setdefault(name, v.get("label", name.upper()))
+        for key in m["ratios"]:
+            name, _, against = key.partition("/")
+            if against == "two_pass" and name in m["variants"]:
+                against_two_pass.setdefault(name, m["variants"][name].get("label", name.upper()))
+
+    def ratio(key: str) -> Callable[[dict], str]:
+        return lambda m: _ratio(m["ratios"], key)
+
+    def mix(name: str) -> Callable[[dict], str]:
+        def cell(m: dict) -> str:
+            if name not in m["variants"]:
+                return "–"
+            share = 100 * m["variants"][name]["two_pass_fraction"]
+            return _x(m["ratios"][f"{name}/{BASELINE}"]) + f" ({share:.0f}% two-pass)"
+        return cell
+
+    return [*((f"{label} ÷ plain", ratio(f"{name}/{BASELINE}")) for name, label in methods.items()),
+            *((f"{label} ÷ plain", mix(name)) for name, label in mixes.items()),
+            *((f"{label} ÷ two-pass", ratio(f"{name}/two_pass")) for name, label in against_two_pass.items())]
 
 
 def _median(model: dict, variant: str) -> float:

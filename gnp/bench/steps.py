@@ -14,12 +14,12 @@ class SuiteStep:
     """One training step of the suite's own code on a fixed batch: the model (channels_last,
     compiled), the method and its fused base optimizer exactly as the training loop builds them from
     the config, and the training loop's closures (one per shard, each seeding its shard's draws).
-    `two_pass` records, per call, whether the step took two passes (as the method reports it)."""
+    `passes` records, per call, the forward/backward passes the step took (as the method reports them)."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.parts = Parts(cfg, device)
         self.images, self.target = self.parts.first_batch()
-        self.two_pass: list[bool] = []
+        self.passes: list[int] = []
 
     def closure(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.parts.loss_and_logits(self.images, self.target)
@@ -27,7 +27,7 @@ class SuiteStep:
     def __call__(self) -> None:
         method = self.parts.method
         method.step(self.parts.shard_closures(self.images, self.target))
-        self.two_pass.append(method.last_step.two_pass)
+        self.passes.append(method.last_step.passes)
 
     def loop_step(self) -> None:
         """The step with the training loop's per-step work around it."""
@@ -42,7 +42,7 @@ class TwoPassStep(SuiteStep):
         net, gnp = self.parts.net, self.parts.method
         two_pass_step([p for p in net.parameters() if p.requires_grad], list(net.buffers()), gnp.base_optimizer,
                       lambda: self.closure()[0], r=gnp.r, alpha=gnp.alpha, l2=gnp.l2, max_grad_norm=gnp.max_grad_norm)
-        self.two_pass.append(True)
+        self.passes.append(2)
 
 
 @torch.no_grad()

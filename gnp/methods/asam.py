@@ -2,8 +2,9 @@
 
     T = |theta| + eta (element-wise; 1 for biases),   e = r * T^2 g1 / ||T g1||,   g = grad L(theta + e)
 
-As the authors' code (SamsungLabs/ASAM): every parameter but the biases (names ending in "bias") is
-scaled, BatchNorm and LayerNorm weights included, and biases get T = 1. davda54/sam's `adaptive=True`
+As the authors' code (SamsungLabs/ASAM): a parameter is scaled when "weight" is in its name (conv, linear,
+BatchNorm and LayerNorm weights); every other parameter gets T = 1: biases, and a ViT's `cls_token` and
+`pos_embed`. (For the CNNs this is "every parameter but the biases".) davda54/sam's `adaptive=True`
 differs: T = |theta| for every parameter, with no eta. The paper's CIFAR radius with WRN-28-10 is
 r = 0.5 for CIFAR-10 and 1.0 for CIFAR-100.
 """
@@ -23,13 +24,15 @@ class ASAM(SAM):
     are perturbed too) and those of `TwoPassMethod` and `Method`.
     """
 
+    step_overhead = 0.05
+
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.5, *,
                  eta: float = 0.01, **settings):
         check_number("eta", eta, "a finite number >= 0", lambda v: v >= 0)
         super().__init__(model, base_optimizer, r, **settings)
         self.eta = float(eta)
         names = {id(p): name for name, p in model.named_parameters()}
-        self._scaled = [i for i, p in enumerate(self.parameters()) if not names.get(id(p), "").endswith("bias")]
+        self._scaled = [i for i, p in enumerate(self.parameters()) if "weight" in names.get(id(p), "")]
 
     def direction(self, params: list[nn.Parameter], g1: list[torch.Tensor],
                   g1_norm: torch.Tensor) -> list[torch.Tensor]:

@@ -5,6 +5,15 @@ zeroing, the forward/backward pass with its in-loss L2 term, the shards of a ste
 accumulation: each shard treated as one device's share of the batch), float16 loss scaling with a
 GradScaler, the average over DDP replicas, clipping of the final gradient, the base optimizer's step,
 the step count that schedules depend on, and the per-step report (`last_step`) that a training loop reads.
+
+The contract of a method (README, "Adding a method"): it defines `gradient` (or, in the SAM family,
+`direction` and perhaps `combine`, two_pass.py). It may set `passes` (the forward/backward passes of its
+full step) and `step_overhead` (its element-wise work beyond SAM's, for the benchmark's limits), and override
+`expected_passes` (the mean over a run, for cost estimates), `schedule` (the hyperparameters a step reports),
+`after_step` (state it keeps across steps, updated once the base optimizer has stepped), `check_shards`, and
+`state_dict` / `load_state_dict` for that state. A constructor refuses a bad setting with
+`SettingError(name, value, allowed)`; a class that defines neither `gradient` nor `direction` is refused when
+it is built.
 """
 from __future__ import annotations
 
@@ -60,7 +69,7 @@ class StepReport:
         shard of every replica, before clipping. Either way it does not depend on the processes.
     final_grad_norm: the norm of the gradient handed to the base optimizer, after the DDP average and the clip.
     skipped: bool tensor, True when a float16 step was skipped for an inf or NaN.
-    two_pass: whether the step ran two passes.
+    passes: the forward/backward passes the step ran (on each shard): 1 for a plain step, 2 for a SAM step.
     schedule: the method's hyperparameters in force at this step (e.g. r and alpha during a warmup).
     """
     first_pass_loss: torch.Tensor
@@ -70,8 +79,13 @@ class StepReport:
     g1_norm: torch.Tensor
     final_grad_norm: torch.Tensor
     skipped: torch.Tensor
-    two_pass: bool
+    passes: int
     schedule: dict[str, float]
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether the step ran more than its first pass (it perturbed)."""
+        return self.passes > 1
 
 
 class Pass(NamedTuple):
@@ -88,6 +102,7 @@ class Gradient(NamedTuple):
     g1_norm: torch.Tensor | None      # None: the norm of the step's final gradient before clipping (one pass)
     replicas_differ: bool             # the gradients still differ between DDP replicas: average them
     schedule: dict[str, float]
+    passes: int = 1                   # the forward/backward passes it ran
 
 
 class Method:
@@ -110,6 +125,7 @@ class Method:
     computes the loss (it may return `(loss, aux)`) and never calls backward. Parameters that get no
     gradient are treated as having a zero gradient. `steps_taken` counts the calls of `step` (skipped
     float16 steps too, like a learning-rate scheduler) and `last_step` reports the latest one.
+    `passes` is the number of forward/backward passes of the method's full step.
 
     `step([closure_0, ..., closure_k-1])` takes one step on k equal shards of the batch, each treated as
     one device's share of it under data parallelism (gradient accumulation): each shard runs its own
@@ -119,8 +135,13 @@ class Method:
     statistics average to. One shard is the plain `step(closure)`, bit for bit.
     """
 
+    passes: int = 1
+    # Element-wise work of a step beyond SAM's, as a fraction of a two-pass step: the benchmark's allowance.
+    step_overhead: float = 0.0
+
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, l2: float = 0.0,
                  max_grad_norm: float | None = None, grad_scaler: torch.amp.GradScaler | None = None):
+        self.check_contract()
         check_number("l2", l2, "a finite number >= 0 (0 turns the in-loss L2 term off)", lambda v: v >= 0)
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, "a number > 0, or None for no clipping", lambda v: v > 0)
@@ -157,6 +178,16 @@ class Method:
                 break
         return names
 
+    @classmethod
+    def check_contract(cls) -> None:
+        """Raise TypeError, naming what is missing, if the class does not say how it computes a gradient."""
+        if cls.gradient is Method.gradient:
+            raise TypeError(f"{cls.__name__} defines no gradient(closure, params, scale): a method says how it "
+                            f"computes a step's gradient (a TwoPassMethod its direction); README: Adding a method")
+        if not (is_int(cls.passes) and cls.passes >= 1):
+            raise TypeError(f"{cls.__name__}.passes={cls.passes!r} is invalid: the forward/backward passes of its "
+                            f"step, an integer >= 1")
+
     def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
         """Leave the update direction of this step's batch (or of one shard of it) in each `p.grad`."""
         raise NotImplementedError
@@ -190,7 +221,7 @@ class Method:
         perturbed = first if one_pass else merge_passes([r.perturbed for r in results], total)
         norms = [r.g1_norm for r in results]
         g1_norm = None if norms[0] is None else torch.stack(norms).mean()
-        return Gradient(first, perturbed, g1_norm, self.ddp, results[0].schedule)
+        return Gradient(first, perturbed, g1_norm, self.ddp, results[0].schedule, max(r.passes for r in results))
 
     def plain_gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None,
                        schedule: dict[str, float] | None = None) -> Gradient:
@@ -200,7 +231,12 @@ class Method:
 
     def expected_passes(self, total_steps: int) -> float:
         """Mean forward/backward passes per step over a run of `total_steps` steps (for cost estimates)."""
-        return 1.0
+        return float(self.passes)
+
+    def after_step(self, skipped: torch.Tensor | None) -> None:
+        """Update what the method keeps across steps, once the base optimizer has stepped. `skipped` is the
+        float16 step's skip flag (a bool device tensor; None without a scaler): a skipped step's gradients
+        hold an inf or NaN that state must not take in. Default: nothing."""
 
     # --- the step ----------------------------------------------------------------------------------------
 
@@ -240,10 +276,11 @@ class Method:
             self.grad_scaler.step(self.base_optimizer)
             self.grad_scaler.update()  # after a skip: scale * backoff_factor
             skipped = self._loss_scale(device) < scale
+        self.after_step(None if scale is None else skipped)
         self.steps_taken += 1
         first, perturbed = result.first, result.perturbed
         self.last_step = StepReport(first.loss, first.output, perturbed.loss, perturbed.output, g1_norm,
-                                    final_grad_norm, skipped, perturbed is not first, result.schedule)
+                                    final_grad_norm, skipped, result.passes, result.schedule)
         return first.loss
 
     def check_shards(self, shards: int) -> None:
@@ -371,6 +408,11 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
+def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """The inner product of two lists of tensors taken as one vector each, computed on the device."""
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
 def copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     copied = [torch.empty_like(t) for t in tensors]
     if tensors:
@@ -387,6 +429,47 @@ def accumulate(total: list[torch.Tensor] | None, params: list[nn.Parameter]) -> 
         return grads
     torch._foreach_add_(total, grads)
     return total
+
+
+class ShardMean:
+    """The mean over a step's shards, and over DDP replicas, of tensors that each shard adds: for state a
+    method keeps across steps, so that it is one state, the same on every replica and in a checkpoint (as
+    the step's gradient is one). `add` copies; `take` returns the mean and starts over (None if nothing was
+    added)."""
+
+    def __init__(self) -> None:
+        self.total: list[torch.Tensor] | None = None
+        self.count = 0
+
+    def add(self, tensors: list[torch.Tensor]) -> None:
+        if self.total is None:
+            self.total = copies(tensors)
+        else:
+            torch._foreach_add_(self.total, tensors)
+        self.count += 1
+
+    def take(self, method: "Method", across_replicas: bool) -> list[torch.Tensor] | None:
+        """The mean; averaged over DDP replicas too where `across_replicas` (one all-reduce)."""
+        total, count = self.total, self.count
+        self.total, self.count = None, 0
+        if total is None:
+            return None
+        if count > 1:
+            torch._foreach_div_(total, count)
+        if across_replicas and method.ddp:
+            method.average_over_replicas(total)
+        return total
+
+
+def keep_unless_skipped(old: list[torch.Tensor] | None, new: list[torch.Tensor],
+                        skipped: torch.Tensor | None) -> list[torch.Tensor] | None:
+    """`new`, or `old` where the float16 step was skipped (its tensors may hold an inf or NaN). Decided on the
+    device; only a skip before any state exists is read on the host (GradScaler reads that flag anyway)."""
+    if skipped is None:
+        return new
+    if old is None:
+        return None if skipped.item() else new
+    return [torch.where(skipped, o, n) for o, n in zip(old, new)]
 
 
 def merge_passes(passes: list[Pass], grads: list[torch.Tensor]) -> Pass:

@@ -54,10 +54,10 @@ class GNP(SAM):
                                                           "penalises each shard's own gradient norm)")
 
     def schedule(self, step: int) -> tuple[dict[str, float], bool]:
-        schedule, two_pass = super().schedule(step)
+        schedule, perturbs = super().schedule(step)
         alpha = self.alpha * self.warmup_progress(step) if self.warmup == "lambda" else self.alpha
         # alpha = 0 needs the first pass only, normalised or (the paper's formula) not.
-        return {**schedule, "alpha": alpha}, two_pass and (alpha > 0 or self.normalize_first_grad)
+        return {**schedule, "alpha": alpha}, perturbs and (alpha > 0 or self.normalize_first_grad)
 
     def needs_second_pass(self, schedule: dict[str, float]) -> bool:
         return schedule["alpha"] > 0
@@ -71,8 +71,8 @@ class GNP(SAM):
     def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
         if not self.exact:
             return super().gradient(closure, params, scale)
-        schedule, two_pass = self.schedule(self.steps_taken)
-        penalty = schedule["alpha"] * schedule["r"] if two_pass else 0.0
+        schedule, perturbs = self.schedule(self.steps_taken)
+        penalty = schedule["alpha"] * schedule["r"] if perturbs else 0.0
         with torch.enable_grad():
             loss, aux = loss_and_aux(closure())
             grads = torch.autograd.grad(loss + self.l2_term(), params, create_graph=penalty > 0,

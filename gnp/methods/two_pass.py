@@ -6,7 +6,8 @@ is here once: both passes draw the same random numbers (dropout, stochastic dept
 running statistics keep the first pass's update, the parameters come back bit for bit, each shard of a
 step (each DDP replica's share of the batch, or each shard of a step that accumulates) perturbs with its
 own g1 unless the perturbation is synced, and the schedules (GR warmup, hybrid steps) decide which steps
-take two passes.
+perturb. A method that takes more passes than two (GAM) defines `gradient` itself from the same parts
+(`forward_backward`, `perturbed_pass`, the random-state rewind) and sets `passes`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from gnp.methods.base import (NORM_FLOOR, Closure, Gradient, Method, SettingError, ShardStatistics, accumulate,
+from gnp.methods.base import (NORM_FLOOR, Closure, Gradient, Method, Pass, SettingError, ShardStatistics, accumulate,
                               check_number, copies, global_norm, is_int, merge_passes, running_statistics)
 
 RngState = tuple[torch.Tensor, dict[int, torch.Tensor]]
@@ -45,6 +46,7 @@ class TwoPassMethod(Method):
     """
 
     warmups: tuple[str, ...] = ("none", "r", "zero")
+    passes = 2
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float, *,
                  sync_perturbation: bool = False, warmup: str = "none", warmup_steps: int = 0,
@@ -69,6 +71,13 @@ class TwoPassMethod(Method):
 
     # --- what a method of the family says ------------------------------------------------------------
 
+    @classmethod
+    def check_contract(cls) -> None:
+        if cls.direction is TwoPassMethod.direction and cls.gradient is TwoPassMethod.gradient:
+            raise TypeError(f"{cls.__name__} defines no direction(params, g1, g1_norm): a TwoPassMethod says how it "
+                            f"perturbs (theta' = theta + r * direction); README: Adding a method")
+        super().check_contract()
+
     def direction(self, params: list[nn.Parameter], g1: list[torch.Tensor],
                   g1_norm: torch.Tensor) -> list[torch.Tensor]:
         """The perturbation's direction: theta' = theta + r * direction. It may reuse g1's tensors."""
@@ -76,14 +85,18 @@ class TwoPassMethod(Method):
 
     def combine(self, g2: list[torch.Tensor], direction: list[torch.Tensor], g1_norm: torch.Tensor,
                 schedule: dict[str, float]) -> None:
-        """Turn the second pass's gradient, in place, into the final one. Default: g = g2 (SAM)."""
+        """Turn the second pass's gradient, in place, into the final one. Default: g = g2 (SAM).
+
+        `direction` is what `direction` returned (for SAM's, g1 / ||g1|| in g1's own tensors: times
+        `g1_norm` gives g1 back) and `schedule` the step's hyperparameters."""
 
     def needs_second_pass(self, schedule: dict[str, float]) -> bool:
         """Whether the second pass contributes to this step's gradient (else the direction is the gradient)."""
         return True
 
     def schedule(self, step: int) -> tuple[dict[str, float], bool]:
-        """The hyperparameters in force at `step` (counted from 0), and whether it takes two passes."""
+        """The hyperparameters in force at `step` (counted from 0), as the step reports them (and metrics.jsonl
+        logs them), and whether the step perturbs (else it is a plain one-pass step)."""
         if self.warmup == "zero" and self.warmup_progress(step) < 1:
             return {"r": 0.0}, False
         r = self.r * self.warmup_progress(step) if self.warmup == "r" else self.r
@@ -101,7 +114,8 @@ class TwoPassMethod(Method):
         if not self.r or not self.needs_second_pass(schedule):
             return 1.0
         plain_warmup = min(total_steps, self.warmup_steps) if self.warmup == "zero" else 0
-        return 1.0 + self.two_pass_probability * (total_steps - plain_warmup) / max(total_steps, 1)
+        perturbing = self.two_pass_probability * (total_steps - plain_warmup) / max(total_steps, 1)
+        return 1.0 + (self.passes - 1) * perturbing
 
     def _draws_two_pass(self, step: int) -> bool:
         """The hybrid draw of `step`: True with probability `two_pass_probability`.
@@ -115,33 +129,29 @@ class TwoPassMethod(Method):
 
     def shards_gradient(self, shards: list[Closure], params: list[nn.Parameter],
                         scale: torch.Tensor | None) -> Gradient:
-        schedule, two_pass = self.schedule(self.steps_taken)
-        if two_pass and self.sync_perturbation and (self.ddp or len(shards) > 1):
+        schedule, perturbs = self.schedule(self.steps_taken)
+        if perturbs and self.sync_perturbation and (self.ddp or len(shards) > 1):
             return self.synced_gradient(shards, params, scale, schedule)
         return super().shards_gradient(shards, params, scale)
 
     def gradient(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None) -> Gradient:
         """The step of one shard: its first pass, its own perturbation, its second pass, combined."""
-        schedule, two_pass = self.schedule(self.steps_taken)
-        if not two_pass:
+        schedule, perturbs = self.schedule(self.steps_taken)
+        if not perturbs:
             return self.plain_gradient(closure, params, scale, schedule)
-        rng_before = _rng_state(params)
+        rng_before = rng_state(params)
         first = self.forward_backward(closure, params, sync=False, scale=scale)
         g1_norm = global_norm(first.grads)
         direction = self.direction(params, first.grads, g1_norm)
         if not self.needs_second_pass(schedule):
             return Gradient(first, first, g1_norm, self.ddp, schedule)
 
-        rng_after = _rng_state(params)
-        with self.perturbed(params, direction, schedule):
-            for p in params:
-                p.grad = None  # the first pass's gradients live on in `direction` where the method needs them
-            _set_rng_state(rng_before)
-            perturbed = self.forward_backward(closure, params, sync=False, scale=scale)
-            _set_rng_state(rng_after)
+        rng_after = rng_state(params)
+        perturbed = self.perturbed_pass(closure, params, scale, direction, schedule["r"], rng_before)
+        set_rng_state(rng_after)
         self.combine(perturbed.grads, direction, g1_norm, schedule)
         self.keep_first_pass_overflow(perturbed.grads, g1_norm, scale)
-        return Gradient(first, perturbed, g1_norm, self.ddp, schedule)
+        return Gradient(first, perturbed, g1_norm, self.ddp, schedule, self.passes)
 
     def synced_gradient(self, shards: list[Closure], params: list[nn.Parameter], scale: torch.Tensor | None,
                         schedule: dict[str, float]) -> Gradient:
@@ -153,9 +163,9 @@ class TwoPassMethod(Method):
         firsts, rng_states, g1 = [], [], None
         for index, closure in enumerate(shards):
             statistics.before(index)
-            rng_before = _rng_state(params)
+            rng_before = rng_state(params)
             firsts.append(self.forward_backward(closure, params, sync=lone, scale=scale))
-            rng_states.append((rng_before, _rng_state(params)))
+            rng_states.append((rng_before, rng_state(params)))
             statistics.after(index)
             g1 = accumulate(g1, params)
         statistics.average()
@@ -167,24 +177,35 @@ class TwoPassMethod(Method):
         direction = self.direction(params, g1, g1_norm)
         first = merge_passes(firsts, g1)
         if not self.needs_second_pass(schedule):
-            _set_grads(params, direction)
+            set_grads(params, direction)
             return Gradient(first, first, g1_norm, False, schedule)
 
         seconds, g2 = [], None
         with self.perturbed(params, direction, schedule):
             for closure, (rng_before, _) in zip(shards, rng_states):
-                _set_rng_state(rng_before)
+                set_rng_state(rng_before)
                 seconds.append(self.forward_backward(closure, params, sync=False, scale=scale))
                 g2 = accumulate(g2, params)
-            _set_rng_state(rng_states[-1][1])
+            set_rng_state(rng_states[-1][1])
         if not lone:
             torch._foreach_div_(g2, len(shards))
         if self.ddp:
             self.average_over_replicas(g2)
         self.combine(g2, direction, g1_norm, schedule)
         self.keep_first_pass_overflow(g2, g1_norm, scale)
-        _set_grads(params, g2)
-        return Gradient(first, merge_passes(seconds, g2), g1_norm, False, schedule)
+        set_grads(params, g2)
+        return Gradient(first, merge_passes(seconds, g2), g1_norm, False, schedule, self.passes)
+
+    def perturbed_pass(self, closure: Closure, params: list[nn.Parameter], scale: torch.Tensor | None,
+                       direction: list[torch.Tensor], r: float, rng: RngState) -> Pass:
+        """A pass of this replica at theta + r * direction with the random state `rng` (the first pass's, so
+        that dropout and ShakeDrop draw the same); the parameters and BatchNorm statistics come back after it.
+        The gradients it finds are new tensors: those in `p.grad` before live on where the method keeps them."""
+        with self.perturbed(params, direction, {"r": r}):
+            for p in params:
+                p.grad = None
+            set_rng_state(rng)
+            return self.forward_backward(closure, params, sync=False, scale=scale)
 
     @contextmanager
     def perturbed(self, params: list[nn.Parameter], direction: list[torch.Tensor],
@@ -220,19 +241,19 @@ def unit(g1: list[torch.Tensor], g1_norm: torch.Tensor) -> list[torch.Tensor]:
     return g1
 
 
-def _set_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+def set_grads(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
     for p, g in zip(params, grads):
         p.grad = g
 
 
-def _rng_state(params: list[nn.Parameter]) -> RngState:
+def rng_state(params: list[nn.Parameter]) -> RngState:
     """The CPU generator's state and that of every CUDA device holding parameters."""
     cuda_devices = {p.device.index for p in params if p.device.type == "cuda"}
     cuda = {i: torch.cuda.get_rng_state(i) for i in cuda_devices}
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: RngState) -> None:
+def set_rng_state(state: RngState) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     for index, cuda_state in cuda.items():

@@ -47,8 +47,8 @@ def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
         for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
             for name, variant in benchmark_files.method_variants(m["variants"]).items():
                 if not m["options"]:
-                    out.append(Throughput(m["model"], name, 1 + variant["two_pass_fraction"],
-                                          variant["images_per_second"], device,
+                    passes = variant.get("passes_taken", 1 + variant["two_pass_fraction"])  # older files: at most 2
+                    out.append(Throughput(m["model"], name, passes, variant["images_per_second"], device,
                                           f"{path.name}: step time at batch {m['batch_size']} ({m['main_label']})"))
         for run in data.get("checks", {}).get("runs", []):  # one short first epoch of the real loop
             if run["ok"] and not run["options"]:

@@ -26,10 +26,10 @@ def measure(args: argparse.Namespace, device: torch.device, data: DataPaths) -> 
     print(f"\n== exact mode: {spec.label}, batch {spec.batch_size}, {paths.label}", flush=True)
     warm_up(steps, device, args.warmup)
     for step in steps.values():
-        step.two_pass.clear()
+        step.passes.clear()
     samples = interleaved(steps, device, args.repeats, args.steps)
     timings = {name: spread(s) for name, s in samples.items()}
-    fractions = {name: statistics.fmean(step.two_pass) for name, step in steps.items()}
+    fractions = {name: statistics.fmean(n > 1 for n in step.passes) for name, step in steps.items()}
     release(device)
     return {"model": spec.name, "options": spec.options, "batch_size": spec.batch_size, "settings": asdict(paths),
             "ms_per_step": timings, "two_pass_fraction": fractions,

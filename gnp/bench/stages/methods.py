@@ -1,45 +1,59 @@
-"""Stage 1, per model: the step of each method of the main comparison (plain, SAM, GNP, ASAM and
-hybrid GNP) through the suite's own code, the hand-written two-pass step, and GNP with each fast path
-flipped, timed interleaved; then the evaluation's throughput and the peak memory of plain and GNP
-steps. What a step costs in passes is the method's to say (`passes_per_step`, from
-`Method.expected_passes`) and the step's to report (`two_pass_fraction`, from `last_step.two_pass`)."""
+"""Stage 1, per model: the step of each method of conf/method/ (one config per method; a config built on
+another's, such as gnp_warmup, is left out) and of the reference method with hybrid steps, through the suite's
+own code, the hand-written two-pass step, and the reference method with each fast path flipped, timed
+interleaved; then the evaluation's throughput and the peak memory of the baseline's and the reference's steps.
+Which methods are the baseline and the reference is gnp.methods' to say (BASELINE, REFERENCE), what a step
+costs in passes the method's (`passes_per_step`, from `Method.expected_passes`; each method's limit against the
+two-pass step scales with it, plus the `step_overhead` its class allows) and the step's to report
+(`passes_taken` and `two_pass_fraction`, from `last_step.passes`)."""
 from __future__ import annotations
 
 import argparse
 import statistics
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 
-from gnp.bench import memory
+from gnp.bench import files, memory
 from gnp.bench.console import mib, print_table
-from gnp.bench.files import FAST_PATH, METHOD, REFERENCE, method_variants
+from gnp.bench.files import FAST_PATH, METHOD, method_variants
 from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, compose_config, main_paths, run_overrides
 from gnp.bench.stages import cuda
 from gnp.bench.steps import SuiteStep, TwoPassStep
 from gnp.bench.timing import interleaved, mixed_step_ms, paired_ratio, rate, release, spread, warm_up
-from gnp.config import method_passes
+from gnp.compose import CONF_DIR
+from gnp.config import method_class, method_passes
 from gnp.data import BatchLoader
+from gnp.methods import BASELINE, REFERENCE
 from gnp.models import count_parameters
 
-# name -> (config method, extra override): the methods of the main comparison. `plain` is the
-# one-pass step every ratio is taken against.
-METHODS = {"plain": ("plain", None), "sam": ("sam", None), "gnp": ("gnp", None), "asam": ("asam", None),
-           "hybrid": ("gnp", "method.two_pass_probability=0.5")}
-ONE_PASS, REFERENCE_NAME = "plain", "two_pass"
-# Step-time ratios against their limits, on a GPU and on a CPU: GNP ÷ plain, and GNP and ASAM ÷ the
-# hand-written two-pass step (ASAM's adaptive perturbation costs a few element-wise passes more).
-STEP_LIMITS = {"cuda": {"gnp/plain": 2.0, "gnp/two_pass": 1.0, "asam/two_pass": 1.05},
-               "cpu": {"gnp/plain": 2.05, "gnp/two_pass": 1.02, "asam/two_pass": 1.05}}
-MEMORY_SLACK = 0.05  # GNP's peak memory <= (plain's + 2 x parameter bytes) x (1 + slack)
+
+def method_configs(folder: Path = CONF_DIR / "method") -> list[str]:
+    """The methods of conf/method/: each config that is not built on another's (no `defaults` list)."""
+    return sorted(path.stem for path in folder.glob("*.yaml") if "defaults" not in yaml.safe_load(path.read_text()))
+
+
+# name -> (config method, extra override): every method, and the reference with hybrid steps. The baseline
+# (one pass) is the step every ratio is taken against.
+METHODS = {**{name: (name, None) for name in method_configs()},
+           "hybrid": (REFERENCE, "method.two_pass_probability=0.5")}
+ONE_PASS, REFERENCE_NAME = BASELINE, "two_pass"
+# Step-time ratios against their limits, on a GPU and on a CPU: the reference ÷ the baseline, and a method
+# taking two passes per step ÷ the hand-written two-pass step; a method's own limit against it scales with its
+# passes per step and adds its class's `step_overhead` (element-wise work beyond SAM's).
+STEP_LIMITS = {"cuda": {f"{REFERENCE}/{BASELINE}": 2.0, REFERENCE_NAME: 1.0},
+               "cpu": {f"{REFERENCE}/{BASELINE}": 2.05, REFERENCE_NAME: 1.02}}
+MEMORY_SLACK = 0.05  # the reference's peak memory <= (the baseline's + 2 x parameter bytes) x (1 + slack)
 
 
 class Variant(NamedTuple):
     method: str  # the config's method
     paths: FastPaths
     override: str | None  # one more config override
-    role: str  # files.METHOD, REFERENCE or FAST_PATH
+    role: str  # files.METHOD, files.REFERENCE or FAST_PATH
 
 
 def step_variants(main: FastPaths, precisions: list[str]) -> dict[str, Variant]:
@@ -48,20 +62,20 @@ def step_variants(main: FastPaths, precisions: list[str]) -> dict[str, Variant]:
     pairs of fast paths compare eager runs (compile off) except the compile and fused pairs, so that
     only the main setting is compiled."""
     variants = {name: Variant(method, main, extra, METHOD) for name, (method, extra) in METHODS.items()}
-    variants[REFERENCE_NAME] = Variant("gnp", main, None, REFERENCE)
+    variants[REFERENCE_NAME] = Variant(REFERENCE, main, None, files.REFERENCE)
     eager = replace(main, compile=False)
     flipped = [eager, replace(eager, channels_last=not main.channels_last), replace(main, fused=not main.fused)]
     flipped += [replace(eager, precision=p) for p in precisions if p != main.precision]
     for paths in flipped:
         if paths != main:
-            variants[f"gnp[{paths.differences(main)}]"] = Variant("gnp", paths, None, FAST_PATH)
+            variants[f"{REFERENCE}[{paths.differences(main)}]"] = Variant(REFERENCE, paths, None, FAST_PATH)
     return variants
 
 
 def fast_path_pairs(variants: dict[str, Variant], main: FastPaths) -> list[dict]:
     """Each fast path as a pair of measured GNP variants that differ in it alone: (path, on, off)."""
-    gnp = {v.paths: name for name, v in variants.items() if v.method == "gnp" and not v.override
-           and v.role != REFERENCE}
+    reference = {v.paths: name for name, v in variants.items() if v.method == REFERENCE and not v.override
+                 and v.role != files.REFERENCE}
     eager = replace(main, compile=False)
     pairs = []
     if main.compile:
@@ -70,7 +84,8 @@ def fast_path_pairs(variants: dict[str, Variant], main: FastPaths) -> list[dict]
     pairs.append(("fused", replace(main, fused=True), replace(main, fused=False)))
     for low in ("bf16", "fp16"):
         pairs.append((low, replace(eager, precision=low), replace(eager, precision="fp32")))
-    return [{"path": path, "on": gnp[on], "off": gnp[off]} for path, on, off in pairs if on in gnp and off in gnp]
+    return [{"path": path, "on": reference[on], "off": reference[off]} for path, on, off in pairs
+            if on in reference and off in reference]
 
 
 def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, data: DataPaths) -> dict:
@@ -80,16 +95,20 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
           f"{args.warmup} warm-up steps each, then {args.repeats} rounds of {spec.steps}", flush=True)
     steps: dict[str, SuiteStep] = {}
     passes: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    overheads: dict[str, float] = {}
     for name, v in variants.items():
         cfg = compose_config(run_overrides(spec, v.method, v.paths, device, data.tiny) + ([v.override] if v.override
                                                                                            else []))
-        steps[name] = (TwoPassStep if v.role == REFERENCE else SuiteStep)(cfg, device)
-        passes[name] = 2.0 if v.role == REFERENCE else method_passes(cfg)
-    net = steps["gnp"].parts.net
+        steps[name] = (TwoPassStep if v.role == files.REFERENCE else SuiteStep)(cfg, device)
+        passes[name] = 2.0 if v.role == files.REFERENCE else method_passes(cfg)
+        cls = method_class(cfg.method)
+        labels[name], overheads[name] = cls.__name__, cls.step_overhead
+    net = steps[REFERENCE].parts.net
     parameter_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     warm_up(steps, device, args.warmup)
     for step in steps.values():
-        step.two_pass.clear()  # count the timed steps only
+        step.passes.clear()  # count the timed steps only
     samples = interleaved(steps, device, args.repeats, spec.steps)
 
     result: dict[str, Any] = {
@@ -100,23 +119,25 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
     for name, v in variants.items():
         timing = spread(samples[name])
         result["variants"][name] = {
-            "method": v.method, "role": v.role,
+            "method": v.method, "label": labels[name], "role": v.role,
             "settings": {**asdict(v.paths), **({"override": v.override} if v.override else {})},
             "ms_per_step": timing, "images_per_second": rate(spec.batch_size, timing),
-            "passes_per_step": passes[name], "two_pass_fraction": statistics.fmean(steps[name].two_pass),
+            "passes_per_step": passes[name], "passes_taken": statistics.fmean(steps[name].passes),
+            "two_pass_fraction": statistics.fmean(n > 1 for n in steps[name].passes),
         }
     for name in mixed(result["variants"]):  # its median mixes two kinds of steps: a mean is what it costs
         record, two_pass = result["variants"][name], _two_pass_twin(result["variants"], name)
-        record["mean_ms_per_step"] = mixed_step_ms(record["ms_per_step"]["samples"], steps[name].two_pass,
+        record["mean_ms_per_step"] = mixed_step_ms(record["ms_per_step"]["samples"],
+                                                   [n > 1 for n in steps[name].passes],
                                                    _median(result, ONE_PASS), _median(result, two_pass))
         record["images_per_second"] = spec.batch_size * 1000 / record["mean_ms_per_step"]
     result["ratios"] = step_ratios(result["variants"])
-    result["limits"] = STEP_LIMITS[device.type]
+    result["limits"] = step_limits(result["variants"], overheads, device.type)
     result["within_limits"] = {key: result["ratios"][key] <= limit for key, limit in result["limits"].items()}
     result["fast_paths"] = [{**pair, "speedup": variant_ratio(result["variants"], pair["off"], pair["on"])}
                             for pair in fast_path_pairs(variants, main)]
     if "evaluation" not in args.skip:
-        result["evaluation"] = measure_evaluation(steps["gnp"], data, args, device)
+        result["evaluation"] = measure_evaluation(steps[REFERENCE], data, args, device)
     if args.checks and device.type == "cuda":
         result["sync"] = cuda.sync_checks(steps, variants, spec, main, device, data)
     del steps, net
@@ -127,9 +148,27 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
 
 
 def mixed(variants: dict) -> list[str]:
-    """The method variants whose steps are of two kinds: by their method's own count, between one
-    and two passes per step on average (hybrid training)."""
-    return [name for name, v in method_variants(variants).items() if 1 < v["passes_per_step"] < 2]
+    """The method variants whose steps are of two kinds drawn at random: a method's config with hybrid
+    steps (an override), by its method's own count between one and two passes per step on average."""
+    return [name for name, v in method_variants(variants).items()
+            if "override" in v["settings"] and 1 < v["passes_per_step"] < 2]
+
+
+def step_limits(variants: dict, overheads: dict[str, float], device_type: str) -> dict[str, float]:
+    """The limit of each ratio: the reference ÷ the baseline, and each method that perturbs (not a mixed
+    variant) ÷ the two-pass step, at its passes per step over two plus its class's step_overhead."""
+    base = STEP_LIMITS[device_type]
+    limits = {f"{REFERENCE}/{ONE_PASS}": base[f"{REFERENCE}/{ONE_PASS}"]}
+    for name in _against_two_pass(variants):
+        passes = variants[name]["passes_per_step"]
+        limits[f"{name}/{REFERENCE_NAME}"] = round(base[REFERENCE_NAME] * passes / 2 + overheads[name], 4)
+    return limits
+
+
+def _against_two_pass(variants: dict) -> list[str]:
+    """The method variants held against the hand-written two-pass step: those that perturb, but mixed ones."""
+    mixes = mixed(variants)
+    return [name for name, v in method_variants(variants).items() if v["passes_per_step"] > 1 and name not in mixes]
 
 
 def _two_pass_twin(variants: dict, name: str) -> str:
@@ -149,15 +188,15 @@ def variant_ratio(variants: dict, a: str, b: str) -> float:
 
 
 def step_ratios(variants: dict) -> dict[str, float]:
-    """Every method and the reference step against the one-pass step, paired by round; GNP and ASAM
-    against the reference; a mixed variant by its mean, beside what its draws would cost at the
-    medians of its two kinds of steps."""
+    """Every method and the reference step against the one-pass step, paired by round; every method
+    that perturbs against the hand-written two-pass step; a mixed variant by its mean, beside what its
+    draws would cost at the medians of its two kinds of steps."""
     plain = variants[ONE_PASS]["ms_per_step"]["median"]
     ratios = {}
     for name in [*method_variants(variants), REFERENCE_NAME]:
         if name != ONE_PASS:
             ratios[f"{name}/{ONE_PASS}"] = variant_ratio(variants, name, ONE_PASS)
-    for name in ("gnp", "asam"):
+    for name in _against_two_pass(variants):
         ratios[f"{name}/{REFERENCE_NAME}"] = variant_ratio(variants, name, REFERENCE_NAME)
     for name in mixed(variants):
         record = variants[name]
@@ -183,15 +222,15 @@ def measure_evaluation(step: SuiteStep, data: DataPaths, args: argparse.Namespac
 
 def measure_memory(spec: ModelSpec, main: FastPaths, device: torch.device, data: DataPaths,
                    parameter_bytes: int) -> dict:
-    """Peak memory of plain and of GNP steps, each variant alone, against GNP's limit: the saved first
-    gradient and the saved parameters."""
-    peaks = memory.peak_bytes({name: run_overrides(spec, METHODS[name][0], main, device, data.tiny)
-                               for name in ("plain", "gnp")}, device)
-    limit = (peaks["plain"] + 2 * parameter_bytes) * (1 + MEMORY_SLACK)
-    return {"how": memory.CUDA_HOW if device.type == "cuda" else memory.CPU_HOW, "plain_bytes": peaks["plain"],
-            "gnp_bytes": peaks["gnp"], "parameter_bytes": parameter_bytes, "limit_bytes": limit,
-            "extra_parameter_copies": (peaks["gnp"] - peaks["plain"]) / parameter_bytes,
-            "within_limit": peaks["gnp"] <= limit}
+    """Peak memory of the baseline's and of the reference's steps, each variant alone, against the
+    reference's limit: the saved first gradient and the saved parameters."""
+    peaks = memory.peak_bytes({name: run_overrides(spec, name, main, device, data.tiny)
+                               for name in (ONE_PASS, REFERENCE)}, device)
+    limit = (peaks[ONE_PASS] + 2 * parameter_bytes) * (1 + MEMORY_SLACK)
+    return {"how": memory.CUDA_HOW if device.type == "cuda" else memory.CPU_HOW, "plain_bytes": peaks[ONE_PASS],
+            "gnp_bytes": peaks[REFERENCE], "parameter_bytes": parameter_bytes, "limit_bytes": limit,
+            "extra_parameter_copies": (peaks[REFERENCE] - peaks[ONE_PASS]) / parameter_bytes,
+            "within_limit": peaks[REFERENCE] <= limit}
 
 
 def show(m: dict) -> None:
