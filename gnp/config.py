@@ -7,20 +7,21 @@ exists. `method_settings` turns the config into those arguments, for the check a
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
 from gnp.augment import build_augmentation
+from gnp.checks import is_int, is_number
+from gnp.console import first_line
 from gnp.data import DATASETS, TRAIN_SIZES, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
 from gnp.models import check_model_options, normalises_with_batch_statistics
-from gnp.runs import first_line
+from gnp.schema import ConfigError, check_keys
 from gnp.tracking import has_wandb_credentials
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,67 +31,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AUTO_OR_BOOL = "auto, true or false"
 
-# Every key a section may hold. `model` and `aug` are open to their builders' own options, which
-# gnp.models and gnp.augment check, and `method` to its class's; an optimizer's keys depend on which one it is.
-SCHEMA: dict[str, frozenset[str]] = {
-    "": frozenset({"seed", "init_seed", "device", "precision", "train", "wandb", "dataset", "model", "method",
-                   "optimizer", "aug"}),
-    "train": frozenset({"epochs", "batch_size", "shards", "label_smoothing", "warmup_epochs", "eval_batch_size", "progress",
-                        "checkpoint_minutes", "sync_every", "ema_decay", "channels_last", "compile"}),
-    "wandb": frozenset({"mode", "project", "entity", "group", "tags", "silent"}),
-    "dataset": frozenset({"name", "num_classes", "root", "download", "verify", "limit_train", "limit_test", "mean",
-                          "std"}),
-}
-_OPTIMIZER_KEYS = frozenset({"name", "lr", "weight_decay", "weight_decay_mode", "decay_norm_and_bias", "fused"})
-OPTIMIZER_SCHEMA: dict[str, frozenset[str]] = {
-    "sgd": _OPTIMIZER_KEYS | {"momentum", "nesterov"},
-    "adamw": _OPTIMIZER_KEYS | {"betas", "eps"},
-}
-
-
-class ConfigError(ValueError):
-    """A config value is out of range or a key is unknown; the message says what to change."""
-
-
 def _check(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def unknown_key_error(key: str, valid: Iterable[str]) -> ConfigError:
-    """The error for a key that does not exist: its closest valid spelling, and the keys of its section when
-    they are few (a model's options, say), else where to find them all."""
-    valid = sorted(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    section = key.rpartition(".")[0]
-    siblings = [k for k in valid if k.rpartition(".")[0] == section] if section else []
-    hint = f"did you mean {close[0]}?" if close else "`python train.py --cfg job` lists every key"
-    if 0 < len(siblings) <= 6:
-        hint += f" ({section} has {', '.join(siblings)})"
-    return ConfigError(f"{key} is not a config key: {hint}")
-
-
-def check_keys(cfg: Mapping) -> None:
-    """Refuse keys that no part of the suite reads (a typo would otherwise be silently ignored)."""
-    def full(section: str, keys: Iterable[str]) -> set[str]:
-        return {f"{section}.{k}" if section else k for k in keys}
-
-    optimizer_keys = OPTIMIZER_SCHEMA.get(cfg.get("optimizer", {}).get("name"), _OPTIMIZER_KEYS)
-    for section, allowed in [*SCHEMA.items(), ("optimizer", optimizer_keys)]:
-        node = cfg if not section else cfg.get(section)
-        if not isinstance(node, Mapping):
-            continue
-        for key in node:
-            if key not in allowed:
-                raise unknown_key_error(f"{section}.{key}" if section else key, full(section, allowed))
 
 
 def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
@@ -101,30 +44,30 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     """
     check_keys(cfg)
     t, o, d = cfg.train, cfg.optimizer, cfg.dataset
-    _check(_is_int(t.epochs) and t.epochs >= 1, "train.epochs", t.epochs, "must be an integer >= 1")
-    _check(_is_int(t.batch_size) and t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
-    _check(t.shards == "auto" or (_is_int(t.shards) and t.shards >= 1), "train.shards", t.shards,
+    _check(is_int(t.epochs) and t.epochs >= 1, "train.epochs", t.epochs, "must be an integer >= 1")
+    _check(is_int(t.batch_size) and t.batch_size >= 1, "train.batch_size", t.batch_size, "must be an integer >= 1")
+    _check(t.shards == "auto" or (is_int(t.shards) and t.shards >= 1), "train.shards", t.shards,
            "must be auto (one shard per process) or an integer >= 1")
-    _check(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
+    _check(is_int(t.eval_batch_size) and t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size,
            "must be an integer >= 1")
-    _check(_is_number(t.warmup_epochs) and 0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs",
+    _check(is_number(t.warmup_epochs) and 0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs",
            t.warmup_epochs, f"must be in [0, train.epochs={t.epochs})")
-    _check(_is_number(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing",
+    _check(is_number(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing",
            t.label_smoothing, "must be in [0, 1)")
     _check(t.progress in ("auto", True, False), "train.progress", t.progress, AUTO_OR_BOOL)
-    _check(_is_number(t.checkpoint_minutes) and t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
+    _check(is_number(t.checkpoint_minutes) and t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
            t.checkpoint_minutes, "must be a number of minutes >= 0 (0 = only at the end of each epoch)")
-    _check(_is_int(t.sync_every) and t.sync_every >= 1, "train.sync_every", t.sync_every,
+    _check(is_int(t.sync_every) and t.sync_every >= 1, "train.sync_every", t.sync_every,
            "must be an integer >= 1 (steps between reads of the device's flags)")
-    _check(_is_number(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay,
+    _check(is_number(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay,
            "must be in [0, 1) (0 = no weight EMA; 0.999 is typical)")
     _check(t.channels_last in ("auto", True, False), "train.channels_last", t.channels_last, AUTO_OR_BOOL)
     _check(t.compile in (True, False) or t.compile in COMPILE_MODES, "train.compile", t.compile,
            f"choose false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})")
 
     _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"choose one of {', '.join(OPTIMIZERS)}")
-    _check(_is_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
-    _check(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
+    _check(is_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
+    _check(is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
            "must be a number >= 0")
     _check(o.weight_decay_mode in WEIGHT_DECAY_MODES, "optimizer.weight_decay_mode", o.weight_decay_mode,
            "choose loss (L2 inside the loss, as the official code) or optimizer (the base optimizer's own)")
@@ -132,27 +75,27 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
            "true (decay every parameter, as the official code) or false (no decay on biases and norm weights)")
     _check(o.fused in ("auto", True, False), "optimizer.fused", o.fused, AUTO_OR_BOOL)
     if o.name == "sgd":
-        _check(_is_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+        _check(is_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
         _check(o.nesterov in (True, False), "optimizer.nesterov", o.nesterov, "true or false")
         _check(not o.nesterov or o.momentum > 0, "optimizer.nesterov", o.nesterov,
                "Nesterov needs momentum > 0; with optimizer.momentum=0 set optimizer.nesterov=false too")
     if o.name == "adamw":
         betas = list(o.betas) if isinstance(o.betas, Sequence) and not isinstance(o.betas, str) else o.betas
-        _check(isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+        _check(isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
                "optimizer.betas", betas, "must be two numbers in [0, 1), e.g. [0.9,0.999]")
-        _check(_is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a number > 0")
+        _check(is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a number > 0")
 
     _check(d.name in DATASETS, "dataset.name", d.name, f"choose one of {', '.join(DATASETS)}")
     for key in ("limit_train", "limit_test"):
         value = d[key]
-        _check(value is None or (_is_int(value) and value >= 1), f"dataset.{key}", value,
+        _check(value is None or (is_int(value) and value >= 1), f"dataset.{key}", value,
                "must be null (all images) or an integer >= 1")
     # The dataset's published size stands in for the one on disk, so a sweep's jobs are judged before
     # any starts; the loop checks the images it loaded, and the split over its processes, with the same function.
     problem = training_batch_problem(t.batch_size, _nominal_train_size(cfg))
     if problem:
         raise ConfigError(problem)
-    check_method(cfg)
+    probe_method(cfg)
     _check(cfg.wandb.mode in WANDB_MODES, "wandb.mode", cfg.wandb.mode, f"choose one of {', '.join(WANDB_MODES)}")
     try:  # the model registry and the augmentation check their own options
         check_model_options(cfg.model.name, [key for key in cfg.model if key != "name"])
@@ -164,8 +107,8 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
         if problem:
             raise ConfigError(problem)
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {', '.join(PRECISIONS)}")
-    _check(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
-    _check(cfg.init_seed is None or (_is_int(cfg.init_seed) and cfg.init_seed >= 0), "init_seed", cfg.init_seed,
+    _check(is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
+    _check(cfg.init_seed is None or (is_int(cfg.init_seed) and cfg.init_seed >= 0), "init_seed", cfg.init_seed,
            "must be null (= seed) or an integer >= 0")
     check_device(cfg.device, check_environment)
     if check_environment and cfg.wandb.mode == "online" and not has_wandb_credentials():
@@ -226,7 +169,7 @@ def method_settings(cfg: DictConfig, steps_per_epoch: int,
     run = {"seed": cfg.seed, "grad_scaler": grad_scaler,
            "l2": o.weight_decay if o.weight_decay_mode == "loss" else 0.0}
     if "warmup_epochs" in m:
-        _check(_is_number(m.warmup_epochs) and 0 <= m.warmup_epochs <= cfg.train.epochs, "method.warmup_epochs",
+        _check(is_number(m.warmup_epochs) and 0 <= m.warmup_epochs <= cfg.train.epochs, "method.warmup_epochs",
                m.warmup_epochs, f"must be in [0, train.epochs={cfg.train.epochs}]")
         run["warmup_steps"] = round(m.warmup_epochs * steps_per_epoch)
     for key, needed in (("l2", run["l2"] > 0), ("grad_scaler", grad_scaler is not None)):
@@ -256,7 +199,7 @@ def build_method(cfg: DictConfig, model: nn.Module, base_optimizer: torch.optim.
         raise ConfigError(f"method={cfg.method.name} ({cls.__name__}) refused its settings: {first_line(e)}") from None
 
 
-def check_method(cfg: DictConfig) -> Method:
+def probe_method(cfg: DictConfig) -> Method:
     """The method's constructor checks its settings, on a probe model, before any run exists; returns
     the probe's method (what it says of itself holds for the real one)."""
     probe = nn.Linear(1, 1)
@@ -266,7 +209,7 @@ def check_method(cfg: DictConfig) -> Method:
 
 def method_passes(cfg: DictConfig) -> float:
     """Mean forward/backward passes per step of the config's method over its whole run (cost estimates)."""
-    return check_method(cfg).expected_passes(cfg.train.epochs * train_steps_per_epoch(cfg))
+    return probe_method(cfg).expected_passes(cfg.train.epochs * train_steps_per_epoch(cfg))
 
 
 def model_options(cfg: DictConfig) -> dict:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_url
 
-from gnp.runs import first_line
+from gnp.console import first_line
 
 CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ DIGITS_TEST_SIZE = 300
 # Training images of each dataset as published (a fake CIFAR archive may hold fewer): what the config's
 # checks assume before any data is read.
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "digits": 1_797 - DIGITS_TEST_SIZE}
+CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 
 
 class DataError(RuntimeError):
@@ -133,7 +134,7 @@ def _read_folder(spec: type[CIFAR10], folder: Path, verify: bool) -> Splits:
             raise _BadFile(filename, "is missing", missing=True)
         if verify and (digest := _md5(path)) != md5:
             raise _BadFile(filename, f"is corrupted (MD5 {digest}, expected {md5})", checksum=True)
-    classes = 10 if spec is CIFAR10 else 100
+    classes = CLASSES[next(name for name, cifar in CIFAR.items() if cifar is spec)]
     train_x, train_y = _read_batches(folder, [f for f, _ in spec.train_list], classes)
     test_x, test_y = _read_batches(folder, [f for f, _ in spec.test_list], classes)
     return Splits(train_x, train_y, test_x, test_y, verified=verify)
@@ -355,7 +356,7 @@ def write_synthetic_cifar(root: str | Path, name: str, n_train: int = 100, n_tes
     `archive=True`), for tests and for smoke runs without the real data; returns its path.
     Its files cannot match the published checksums: load it with verify=False."""
     spec = CIFAR[name]
-    classes = 10 if name == "cifar10" else 100
+    classes = CLASSES[name]
     label_key = "labels" if name == "cifar10" else "fine_labels"
     rng = np.random.default_rng(seed)
     folder = Path(root) / spec.base_folder

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gnp.console import first_line
 from gnp.methods.base import running_statistics
-from gnp.runs import first_line
 
 _DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
 T = TypeVar("T")

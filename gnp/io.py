@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
-import torch
-
 _TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -119,4 +117,6 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
+    import torch  # only for checkpoints: the run directory's other files are written without it
+
     _atomic_write(path, lambda f: torch.save(obj, f))

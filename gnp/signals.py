@@ -18,7 +18,7 @@ import subprocess
 import threading
 from types import FrameType
 
-from gnp.runs import log
+from gnp.console import log
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a time limit is near: the job should come back

@@ -10,7 +10,6 @@ summary of an existing sweep directory again (e.g. after a SLURM sweep whose sub
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -24,14 +23,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gnp import io
-from hydra_plugins.gnp_parallel_launcher.parallel_launcher import LAUNCHER_LOG, last_error_line
+from gnp.rundir import LAUNCHER_LOG, Damaged, RunDir, Status
 
-# Job statuses in the order the table lists jobs without a test error. The first four are summary.json's
-# `status` (a summary without one comes from an older run that finished); the last two are for a job
-# directory without summary.json and for a job that has no directory at all.
-STATUSES = ("finished", "diverged", "stopped", "failed", "did not finish", "did not start")
+SWEEP_DIR_VARIABLE = "GNP_SWEEP_DIR"  # tells each job of the parallel launcher, a single run, the sweep it is of
+# A job's launcher.log, as the parallel launcher writes it: the job's console output between its own lines.
+LAUNCHER_PREFIX = "[launcher] "  # the launcher's own lines
+ATTEMPT_START = LAUNCHER_PREFIX + "start"  # begins each attempt's section (a resumed job appends one)
+HYDRA_HINT = "Set the environment variable HYDRA_FULL_ERROR=1"  # printed by Hydra after a traceback
+
+# Job statuses in the order the table lists jobs without a test error: a run's own (summary.json's), then
+# a job directory without a (readable) summary.json and a job that has no directory at all.
+STATUSES = (*(s.value for s in Status), "did not finish", "did not start")
 # A diverged run is a result of its hyperparameters; these mean the sweep itself is incomplete.
-INCOMPLETE = ("stopped", "failed", "did not finish", "did not start")
+INCOMPLETE = (Status.STOPPED, Status.FAILED, "did not finish", "did not start")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -126,18 +130,26 @@ def split_overrides(overrides: list[str]) -> dict[str, str]:
 def _read_job(number: int | None, path: Path | None, overrides: dict[str, str]) -> Job:
     if path is None:
         return Job(number, None, overrides, "did not start")
-    summary_path = path / "summary.json"
-    if not summary_path.exists():
+    try:
+        summary = RunDir(path).read_summary()
+    except Damaged as e:
+        return Job(number, path, overrides, "did not finish", error=f"unreadable {e}")
+    if summary is None:
         log = path / LAUNCHER_LOG
         return Job(number, path, overrides, "did not finish", error=last_error_line(log) if log.exists() else None)
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError) as e:
-        return Job(number, path, overrides, "did not finish", error=f"unreadable {summary_path}: {e}")
-    test_error = summary.get("test_error")
+    test_error = summary.test_error
     if not isinstance(test_error, (int, float)) or not math.isfinite(test_error):
         test_error = None
-    return Job(number, path, overrides, summary.get("status", "finished"), test_error, summary.get("error"))
+    return Job(number, path, overrides, summary.status.value, test_error, summary.error)
+
+
+def last_error_line(log_path: Path) -> str | None:
+    """The last line a job printed in its latest attempt: for a failure, the exception or error message."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT_START)]
+    output = [line.strip() for line in lines[starts[-1] if starts else 0:]
+              if line.strip() and not line.startswith((LAUNCHER_PREFIX, HYDRA_HINT))]
+    return output[-1] if output else None
 
 
 def _table_order(job: Job) -> tuple:

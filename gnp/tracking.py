@@ -1,6 +1,6 @@
-"""Run outputs: metrics.jsonl and summary.json in the run directory, mirrored to Weights & Biases.
+"""A run's records mirrored to Weights & Biases (the run directory's own files are gnp.rundir's).
 
-Only the main process writes. W&B runs offline unless credentials are configured (or online is
+Only the main process logs. W&B runs offline unless credentials are configured (or online is
 asked for); an offline run leaves `wandb/offline-run-*` in the run directory for `wandb sync`.
 W&B's own console output is silent unless `wandb.silent=false`.
 """
@@ -12,7 +12,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gnp import io
-from gnp.runs import first_line
+from gnp.console import first_line
+from gnp.rundir import Summary
 
 # One row of the paper's results table; `scripts/make_tables.py` reads the same fields.
 TABLE_COLUMNS = ("dataset", "model", "method", "aug", "seed", "epochs", "test_error", "best_test_error")
@@ -39,19 +40,21 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
-def run_name(config: dict) -> str:
-    """dataset-model-method-aug-r-alpha-lr-seed (r and alpha where the method has them): what tells the
-    runs of a sweep apart at a glance."""
+def run_name(config: dict, label_settings: tuple[str, ...]) -> str:
+    """dataset-model-method-aug-<the method's label settings>-lr-seed (`label_settings`, the method class's:
+    r and alpha for GNP): what tells the runs of a sweep apart at a glance."""
     m = config["method"]
-    radius = "".join(f"-{short}{m[key]}" for key, short in (("r", "r"), ("alpha", "a")) if key in m)
+    settings = "".join(f"-{key}{m[key]}" for key in label_settings if key in m)
     return (f"{config['dataset']['name']}-{config['model']['name']}-{m['name']}-{config['aug']['name']}"
-            f"{radius}-lr{config['optimizer']['lr']}-s{config['seed']}")
+            f"{settings}-lr{config['optimizer']['lr']}-s{config['seed']}")
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, config: dict, *, run_id: str | None = None):
+    """The W&B run of a run directory (none with wandb.mode=disabled); `run_id` continues a resumed run's."""
+
+    def __init__(self, run_dir: str | Path, config: dict, *, label_settings: tuple[str, ...] = (),
+                 run_id: str | None = None):
         self.run_dir, self.run = Path(run_dir), None
-        io.write_text(self.run_dir / "config.yaml", _to_yaml(config))
         wandb_cfg = config["wandb"]
         mode = resolve_wandb_mode(wandb_cfg["mode"])
         if mode == "disabled":
@@ -68,7 +71,7 @@ class Tracker:
                 entity=wandb_cfg["entity"],
                 group=group,
                 tags=list(dict.fromkeys(tags)),
-                name=run_name(config),
+                name=run_name(config, label_settings),
                 config=config,
                 dir=str(self.run_dir),
                 mode=mode,
@@ -84,35 +87,25 @@ class Tracker:
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
-    def log_epoch(self, history: list[dict]) -> None:
-        """Rewrite metrics.jsonl from the full history (atomic), and send the newest row to W&B."""
-        io.write_jsonl(self.run_dir / "metrics.jsonl", history)
+    def log_epoch(self, row: dict) -> None:
+        """Send an epoch's row of metrics.jsonl to W&B."""
         if self.run is not None:
-            row = history[-1]
             self.run.log(io.strict_json(row), step=row["epoch"])
 
-    def finish(self, summary: dict | None, exit_code: int = 0, preempted: bool = False) -> None:
-        """Write summary.json (when given) and close the W&B run; called on failure too. A preempted
-        run is marked so in W&B, which then expects it to resume."""
-        if summary is not None:
-            io.write_json(self.run_dir / "summary.json", summary)
-        if self.run is not None:
-            import wandb
+    def finish(self, summary: Summary, exit_code: int = 0, preempted: bool = False) -> None:
+        """Close the W&B run with the run's summary (and, for a finished run, its row of the results table);
+        called on failure too. A preempted run is marked so in W&B, which then expects it to resume."""
+        if self.run is None:
+            return
+        import wandb
 
-            if summary is not None and summary["status"] == "finished":
-                row = {**{c: summary[c] for c in TABLE_COLUMNS},
-                       **{f"method.{k}": v for k, v in summary["method_settings"].items()}}
-                table = wandb.Table(columns=list(row), data=[list(row.values())])
-                self.run.log({"results": table})
-            if summary is not None:
-                self.run.summary.update(io.strict_json(summary))
-            if preempted:
-                self.run.mark_preempting()
-            self.run.finish(exit_code=exit_code)
-            self.run = None
-
-
-def _to_yaml(config: dict) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(config))
+        record = summary.as_dict()
+        if summary.finished:
+            row = {**{c: record[c] for c in TABLE_COLUMNS},
+                   **{f"method.{k}": v for k, v in summary.method_settings.items()}}
+            self.run.log({"results": wandb.Table(columns=list(row), data=[list(row.values())])})
+        self.run.summary.update(io.strict_json(record))
+        if preempted:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=exit_code)
+        self.run = None

@@ -41,16 +41,10 @@ from gnp.analysis import __main__ as analysis_command
 from gnp.bench import readme
 from gnp.bench.run import run
 from gnp.bench.settings import ANALYSIS_MODELS, CPU_DEFAULT_MODELS, CUDA_DEFAULT_MODELS, parse_model
+from gnp.checks import positive
 from gnp.tables import TableError
 
 STAGES = ("memory", "evaluation", "shards", "exact", "loader", "loop", "analysis")  # what --skip can leave out
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be an integer >= 1")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="models and their builder options, `batch=N` and `steps=N` for their own batch size "
                              "and timed steps per round; default: "
                              f"{' '.join(CUDA_DEFAULT_MODELS)} on CUDA, {' '.join(CPU_DEFAULT_MODELS)} on a CPU")
-    parser.add_argument("--batch-size", type=positive, default=None,
+    parser.add_argument("--batch-size", type=positive(), default=None,
                         help="default: 256 on CUDA (the recipes), 32 on a CPU")
-    parser.add_argument("--steps", type=positive, default=None,
+    parser.add_argument("--steps", type=positive(), default=None,
                         help="timed steps per round; default 10 on CUDA, 2 on a CPU")
-    parser.add_argument("--repeats", type=positive, default=None, help="rounds; default 5")
+    parser.add_argument("--repeats", type=positive(), default=None, help="rounds; default 5")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps per variant first; default 5 on CUDA, 2 on a CPU")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
@@ -75,18 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the models (torch.compile) for the main comparison; default on for CUDA, "
                              "off on a CPU, where compiling takes minutes")
-    parser.add_argument("--loop-images", type=positive, default=None, help="training images of the synthetic "
+    parser.add_argument("--loop-images", type=positive(), default=None, help="training images of the synthetic "
                         "CIFAR-10 (loader and loop); default 50000 on CUDA, 1024 on a CPU")
-    parser.add_argument("--test-images", type=positive, default=None, help="its test images (evaluation); default "
+    parser.add_argument("--test-images", type=positive(), default=None, help="its test images (evaluation); default "
                         "10000 on CUDA, 512 on a CPU")
-    parser.add_argument("--loop-epochs", type=positive, default=None, help="epochs of each loop run; the first is "
+    parser.add_argument("--loop-epochs", type=positive(), default=None, help="epochs of each loop run; the first is "
                         "a warm-up, the others are the samples; default 3 on CUDA, 2 on a CPU")
-    parser.add_argument("--loop-repeats", type=positive, default=2, help="runs of the loop per method (default 2)")
-    parser.add_argument("--loader-batches", type=positive, default=40, help="batches per timed block of the loader")
+    parser.add_argument("--loop-repeats", type=positive(), default=2, help="runs of the loop per method (default 2)")
+    parser.add_argument("--loader-batches", type=positive(), default=40, help="batches per timed block of the loader")
     parser.add_argument("--analysis-model", type=parse_model, default=None, metavar="NAME[:KEY=VALUE,...]",
                         help="the model of the analysis-cost stage, as in --models; default "
                              f"{ANALYSIS_MODELS['cuda']} on CUDA, {ANALYSIS_MODELS['cpu']} on a CPU")
-    parser.add_argument("--analysis-subset", type=positive, default=None,
+    parser.add_argument("--analysis-subset", type=positive(), default=None,
                         help="training images the timed analysis uses (its --subset); default: the analysis's own "
                              "(5000) on CUDA, a tenth of --loop-images on a CPU")
     parser.add_argument("--analysis-args", type=shlex.split, default=[], metavar="'ARG ...'",
@@ -95,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checks", choices=("auto", "on", "off"), default="auto",
                         help="the end-to-end checks: auto = on CUDA only; on a CPU they run on shrunk models and "
                              "without the synchronisation checks (a smoke run)")
-    parser.add_argument("--check-images", type=positive, default=2560, help="training images of each check run")
+    parser.add_argument("--check-images", type=positive(), default=2560, help="training images of each check run")
     parser.add_argument("--skip", nargs="+", default=(), choices=STAGES, help="stages to leave out")
     parser.add_argument("--name", default="bench", help="the JSON is results/benchmarks/<name>_<device>.json")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here instead")

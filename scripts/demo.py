@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from gnp.compose import compose_config
+from gnp.config import method_class
 from gnp.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,16 +22,20 @@ def main(overrides: list[str]) -> None:
     summaries = []
     for method in METHODS:
         cfg = compose_config("experiment=digits_demo", f"method={method}", *overrides)
-        settings = ", ".join(f"{k}={cfg.method[k]}" for k in ("r", "alpha") if k in cfg.method)
+        settings = label(cfg.method)
         print(f"\n== {method} ({settings or 'one pass'}), {cfg.train.epochs} epochs on digits ==")
-        summaries.append(train(cfg, out / method))
+        summaries.append((settings, train(cfg, out / method)))
 
     print(f"\nTest error on digits (300 held-out images; chance is 90%), outputs in {out.relative_to(ROOT)}/")
-    print(f"{'method':<8}{'r':>6}{'alpha':>7}{'test error':>12}{'best':>8}{'seconds':>9}")
-    for s in summaries:
-        r, alpha = (s["method_settings"].get(k, "-") for k in ("r", "alpha"))
-        print(f"{s['method']:<8}{r:>6}{alpha:>7}{s['test_error']:>11.2f}%{s['best_test_error']:>7.2f}%"
-              f"{s['wall_seconds']:>9.0f}")
+    print(f"{'method':<8}{'settings':<18}{'test error':>12}{'best':>8}{'seconds':>9}")
+    for settings, s in summaries:
+        print(f"{s.method:<8}{settings or '-':<18}{s.test_error:>11.2f}%{s.best_test_error:>7.2f}%"
+              f"{s.wall_seconds:>9.0f}")
+
+
+def label(method: dict) -> str:
+    """The settings that tell a method's runs apart (its class's `label_settings`), e.g. `r=0.1 alpha=0.8`."""
+    return " ".join(f"{key}={method[key]}" for key in method_class(method).label_settings if key in method)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

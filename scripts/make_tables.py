@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from gnp import io, tables
-from gnp.runs import first_line
+from gnp.console import first_line
 from gnp.tracking import resolve_wandb_mode
 
 

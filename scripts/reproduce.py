@@ -21,6 +21,7 @@ import time
 from collections import Counter
 
 from gnp import io, tables
+from gnp.rundir import Status
 
 LAUNCHERS = ("basic", "parallel", "slurm")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -77,7 +78,7 @@ def report(table: tables.Table, plans: list[tables.Plan], throughputs) -> tuple[
           f"{tables.display_path(plans[0].directory.parents[3]) if plans else '-'}/")
     for plan in plans:
         seen = {seed: tables.run_state(plan, seed) for seed in plan.seeds}
-        finished = [run for state, run, _ in seen.values() if state == "finished"]
+        finished = [run for state, run, _ in seen.values() if state == Status.FINISHED]
         left = [seed for seed, (state, _, _) in seen.items() if state in tables.LAUNCH]
         c = plan.cell
         line = f"\n# {c.dataset} / {c.row} / {c.column} / {c.method}"

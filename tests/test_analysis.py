@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 from scipy.optimize import brentq
 
 from conftest import ROOT, compose_config
-from gnp import checkpoint
 from gnp.analysis import landscape
 from gnp.analysis.__main__ import main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
@@ -30,6 +29,7 @@ from gnp.analysis.run import QUANTITIES, Analysis, trained_l2
 from gnp.analysis.sharpness import sam_sharpness
 from gnp.data import load_dataset
 from gnp.models import build_model
+from gnp.training import checkpointing
 
 WEIGHT_DECAY, SMOOTHING = 0.01, 0.1
 
@@ -338,7 +338,7 @@ def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     # train_loss recomputed independently: the whole (limited) training set, normalised by hand.
     config = yaml.safe_load((run / "config.yaml").read_text())
     net = build_model("resnet18", 10, width=2)
-    net.load_state_dict(checkpoint.load(run)["model"])
+    net.load_state_dict(checkpointing.load(run)["model"])
     data = load_dataset("digits", limit_train=32)
     mean, std = torch.tensor(config["dataset"]["mean"]), torch.tensor(config["dataset"]["std"])
     images = (data.train_images.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
@@ -357,7 +357,7 @@ def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     assert line["t"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
     assert line["loss"][1] == pytest.approx(record["quantities"]["train_loss"], rel=1e-5)
     other = build_model("resnet18", 10, width=2)
-    other.load_state_dict(checkpoint.load(runs / "plain")["model"])  # t = 1: run B's weights, on A's loss
+    other.load_state_dict(checkpointing.load(runs / "plain")["model"])  # t = 1: run B's weights, on A's loss
     with torch.no_grad():
         at_b = F.cross_entropy(other.eval()(images), data.train_labels) + \
             0.5 * 5e-4 * sum(p.pow(2).sum() for p in other.parameters())

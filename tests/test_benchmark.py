@@ -16,10 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gnp import tables
+from gnp import measurements as files
 from gnp.analysis import __main__ as analysis_command
 from gnp.augment import PRESETS, STYLES
-from gnp.bench import files, readme, timing
-from gnp.bench.settings import FastPaths, ModelSpec, compose_config, parse_model, run_overrides
+from gnp.bench import readme, timing
+from gnp.bench.settings import FastPaths, ModelSpec, parse_model, run_overrides
+from gnp.compose import compose_config
 from gnp.bench.stages import loop as loop_stage, methods
 from gnp.bench.steps import two_pass_step
 from gnp.config import train_steps_per_epoch
@@ -142,8 +144,8 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run, tmp_path):
     assert model["variants"]["two_pass"]["role"] == "reference"
     assert all(v["role"] == "fast_path" for name, v in model["variants"].items() if name.startswith("gnp["))
     # what each method says it costs (its expected passes), and what its steps reported
-    cfg = compose_config(run_overrides(ModelSpec("resnet18", {"width": 2}, 8, 1), "looksam",
-                                       FastPaths(**model["main"]), torch.device("cpu"), tmp_data))
+    cfg = compose_config(*run_overrides(ModelSpec("resnet18", {"width": 2}, 8, 1), "looksam",
+                                        FastPaths(**model["main"]), torch.device("cpu"), tmp_data), validated=True)
     total_steps = cfg.train.epochs * train_steps_per_epoch(cfg)
     looksam = 1 + math.ceil(total_steps / 5) / total_steps  # a SAM step every 5 steps of its run, the first one
     assert {name: v["passes_per_step"] for name, v in model["variants"].items() if v["role"] == "method"} == {

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from gnp import cli, runs
-from gnp.runs import RunDirectory
+from gnp import cli, rundir
+from gnp.rundir import Hold
 from gnp.training import train
 
 DIGITS = ("experiment=digits_demo", "model.width=2", "dataset.limit_train=128", "dataset.limit_test=64",
@@ -104,17 +104,31 @@ def test_a_sweep_with_bad_values_fails_before_its_first_job(capsys):
     ]
 
 
-def test_valid_commands_pass_the_check():
-    cli.check_command_line(["-m", "method=plain,sam,gnp,asam", "seed=range(0,3)", "hydra.sweep.dir=x"])
-    cli.check_command_line(["model=vit_s", "method.alpha=0.5", "model.drop_path_rate=0.1"])
-    cli.check_command_line(["--cfg", "job", "this=is not checked"])  # Hydra's information flags pass through
-    # A sweep that expands against the config (glob) is left to Hydra; each job is checked as it starts.
-    cli.check_command_line(["-m", "model=glob(resnet*)", "seed=0,1"])
+@pytest.mark.parametrize("valid, mistaken, message", [
+    (["-m", "method=plain,sam,gnp,asam", "seed=range(0,3)", "hydra.sweep.dir=x"],
+     ["-m", "method=plain,sam,gnp,asma", "seed=range(0,3)", "hydra.sweep.dir=x"], "method=asma is not a choice"),
+    (["model=vit_s", "method.alpha=0.5", "model.drop_path_rate=0.1"],
+     ["model=vit_s", "method.alpha=1.5", "model.drop_path_rate=0.1"], "method.alpha=1.5 is invalid"),
+    # --cfg prints the config: it must compose (one line, not Hydra's traceback), its values are not judged
+    (["--cfg", "job", "method=sam", "train.epochs=0"], ["--cfg", "job", "methd=sam"], "methd is not a config key"),
+    (["--info", "defaults", "model=vit"], ["--info", "defaults", "model=vitt"], "model=vitt is not a choice of model"),
+])
+def test_valid_commands_pass_the_check_and_the_same_with_one_mistake_does_not(capsys, valid, mistaken, message):
+    assert cli.check_command_line(valid) is None and capsys.readouterr() == ("", "")
+    code, lines = _check(capsys, *mistaken)
+    assert code == 2 and len(lines) >= 1 and message in lines[0]
 
 
-def _train(*args, cwd=ROOT, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, **kwargs)
+def test_what_hydra_expands_or_prints_without_a_config_is_left_to_it(capsys):
+    # A sweep that expands against the config (glob) is checked job by job as each starts; help has no config.
+    for argv in (["-m", "model=glob(resnet*)", "seed=0,1"], ["--help", "no=such key"], ["--hydra-help"]):
+        assert cli.check_command_line(argv) is None and capsys.readouterr() == ("", "")
+
+
+def _train(*args, cwd=ROOT, python_options=(), **kwargs):
+    """train.py as its own process (Python started with `python_options`)."""
+    return subprocess.run([sys.executable, *python_options, str(ROOT / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def _train_with(fault: str, *args):
@@ -130,6 +144,15 @@ def _one_error_line(done, status: int) -> str:
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr
     return errors[0]
+
+
+def test_a_config_that_does_not_compose_is_said_before_torch_is_imported():
+    """The first check of train.py needs Hydra alone: -X importtime lists every module the process imported."""
+    done = _train("train.epoch=3", python_options=("-X", "importtime"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and errors == ["error: train.epoch is not a config key: did you mean train.epochs?"]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")]
+    assert "hydra" in imported and "torch" not in imported
 
 
 def test_typos_and_missing_data_leave_no_run_directory(tmp_path):
@@ -160,14 +183,14 @@ def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):
     (tmp_path / "busy" / ".hydra").mkdir(parents=True)
     for name, text in record.items():
         (tmp_path / "busy" / ".hydra" / name).write_text(text)
-    with RunDirectory(tmp_path / "busy"):
+    with Hold(tmp_path / "busy"):
         busy = _train(*DIGITS, "seed=1", f"hydra.run.dir={tmp_path / 'busy'}")
     assert _one_error_line(busy, 2) == f"error: {tmp_path / 'busy'} is in use by another run (PID {os.getpid()}); " \
                                        f"wait for it to end, or start this one in another directory (hydra.run.dir=...)"
     assert {p.name: p.read_text() for p in (tmp_path / "busy" / ".hydra").iterdir()} == record
     # The same for a sweep: one of its jobs is running.
     sweep = tmp_path / "sweep"
-    with RunDirectory(sweep / "1"):
+    with Hold(sweep / "1"):
         busy = _train("-m", *DIGITS, "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert f"error: {sweep / '1'} is in use by another run (PID {os.getpid()}); wait for it to end, or start this " \
            f"one in another directory (hydra.sweep.dir=...)" == _one_error_line(busy, 2)
@@ -192,7 +215,7 @@ def test_a_read_only_file_system_is_one_line(tmp_path, capsys, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(runs.tempfile, "mkdtemp", read_only)  # what making a folder there answers
+    monkeypatch.setattr(rundir.tempfile, "mkdtemp", read_only)  # what making a folder there answers
     for argv, option in ([f"hydra.run.dir={tmp_path / 'run'}"], "hydra.run.dir"), \
             (["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], "hydra.sweep.dir"):
         code, lines = _check_run_directory(capsys, *argv)
@@ -321,6 +344,39 @@ def test_a_failed_write_is_one_line_with_the_path_and_the_os_reason_whichever_la
                               timeout=300)
         line = _one_error_line(made, 2)
         assert line.startswith(f"error: cannot write {tmp_path / 'file' / 'x'}/") and ": Not a directory." in line
+
+
+# Once the first epoch is recorded, every write into the run directory fails as on a file system that turned
+# read-only (root ignores a folder's permissions, so the failure is injected where the OS would report it).
+READ_ONLY_AFTER_THE_FIRST_EPOCH = """
+import errno, os, pathlib, tempfile
+from gnp import rundir
+written, real_mkstemp, real_unlink = [], tempfile.mkstemp, pathlib.Path.unlink
+def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+def mkstemp(*args, dir=None, **kwargs):
+    if written and dir is not None:
+        read_only()
+    if str(kwargs.get("prefix", "")).startswith(".metrics.jsonl."):
+        written.append(dir)
+    return real_mkstemp(*args, dir=dir, **kwargs)
+def unlink(self, *args, **kwargs):
+    if written and self.name == rundir.LOCK:
+        read_only()
+    return real_unlink(self, *args, **kwargs)
+tempfile.mkstemp, pathlib.Path.unlink = mkstemp, unlink
+"""
+
+
+def test_a_run_directory_that_turns_read_only_while_training_is_one_line(tmp_path):
+    """The checkpoint after the first epoch's record fails; the run's own end (summary, lock) cannot be
+    written either, and neither hides the first failure: one line, exit status 2."""
+    run = tmp_path / "run"
+    done = _train_with(READ_ONLY_AFTER_THE_FIRST_EPOCH, *DIGITS, "train.epochs=2", f"hydra.run.dir={run}")
+    line = _one_error_line(done, 2)
+    assert line.startswith(f"error: cannot write {run / 'checkpoint.pt'}: Read-only file system."), line
+    assert "Traceback" not in done.stderr + done.stdout
+    assert f"cannot write {run / 'summary.json'}" in done.stdout + done.stderr  # said, as a warning
 
 
 def test_a_checkpoint_of_another_model_is_one_line_naming_the_tensor(tmp_path):

@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
 from gnp import tables
-from gnp.models import build_model
 from gnp.config import build_method
+from gnp.data import CLASSES
+from gnp.models import build_model
 from gnp.training import build_optimizer
 from test_tables import DIGITS, DIGITS_METHODS, load_script, write_run
 
@@ -56,9 +57,9 @@ def test_every_cell_composes_and_each_method_takes_a_step(name):
         cfg = OmegaConf.create(_nested(c))
         torch.manual_seed(0)
         options = {k: v for k, v in cfg.model.items() if k != "name"} | SHRUNK[cfg.model.name]
-        model = build_model(cfg.model.name, cfg.dataset.num_classes, **options)
+        model = build_model(cfg.model.name, CLASSES[cfg.dataset.name], **options)
         opt = build_method(cfg, model, build_optimizer(cfg.optimizer, model, torch.device("cpu")), steps_per_epoch=10)
-        images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, cfg.dataset.num_classes, (2,))
+        images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, CLASSES[cfg.dataset.name], (2,))
         before = [p.detach().clone() for p in model.parameters()]
         loss = opt.step(lambda: F.cross_entropy(model(images), labels))
         assert torch.isfinite(loss) and opt.last_step.g1_norm > 0
@@ -379,7 +380,7 @@ def test_a_benchmark_file_of_another_format_is_a_one_line_error(tmp_path, conten
 @pytest.mark.parametrize("args,message", [
     (["cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits', 'digits_alpha_r', 'vit', 'vit_gr_warmup')"),
     (["cnn", "--launcher", "mpi"], "invalid choice: 'mpi' (choose from 'basic', 'parallel', 'slurm')"),
-    (["cnn", "--epochs", "0"], "argument --epochs: '0' is not an integer >= 1"),
+    (["cnn", "--epochs", "0"], "argument --epochs: 0 is invalid: it must be an integer >= 1"),
     (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --epochs, --help, --launch, --launcher"),
     (["digits", "--override", "model.width"], "--override 'model.width': expected KEY=VALUE"),
     (["digits", "--override", "model.depth=3"], "does not compose: "),

@@ -77,7 +77,7 @@ def test_summary_lists_every_job_sorted_by_test_error_with_failures_last_and_end
     task = ["method.alpha=0.5,0.8,1.0", "seed=0,1,2", "method=gnp"]
     # Job k of BasicSweeper's expansion is alpha (0.5, 0.8, 1.0)[k // 3], seed k % 3.
     jobs = {
-        0: {"test_error": 4.0},  # an older run: no status, counts as finished
+        0: {"test_error": 4.0},  # no status: a damaged summary, never taken as finished
         1: {"status": "finished", "test_error": 2.5, "error": None},
         2: {"status": "failed", "test_error": None, "error": "ValueError: method.alpha=2 is invalid"},
         3: {"status": "diverged", "test_error": None, "error": "training loss became nan in epoch 3"},
@@ -96,29 +96,31 @@ def test_summary_lists_every_job_sorted_by_test_error_with_failures_last_and_end
     with pytest.raises(SystemExit) as ended:
         run_and_report(lambda: Callbacks(config).on_multirun_end(config=config))
     message = str(ended.value.code)  # not an int: Python prints it and exits with status 1
-    assert message == (f"error: 4 of 9 jobs of the sweep did not finish (1 stopped, 1 failed, 1 did not finish, "
+    assert message == (f"error: 5 of 9 jobs of the sweep did not finish (1 stopped, 1 failed, 2 did not finish, "
                        f"1 did not start); see {sweep_dir / 'sweep_summary.md'}")
 
     printed = capsys.readouterr().out
     rows = _table(printed)
-    assert [row[0] for row in rows] == ["1", "8", "6", "0", "3", "4", "2", "5", "7"]  # job 9 is another sweep's
+    assert [row[0] for row in rows] == ["1", "8", "6", "3", "4", "2", "0", "5", "7"]  # job 9 is another sweep's
     assert rows[0] == ["1", "0.5", "1", "finished", "2.50"]
-    assert [row[3] for row in rows] == ["finished"] * 4 + ["diverged", "stopped", "failed", "did not finish",
-                                                           "did not start"]
-    assert [row[4] for row in rows] == ["2.50", "2.50", "3.00", "4.00", "", "", "", "", ""]
+    assert [row[3] for row in rows] == ["finished"] * 3 + ["diverged", "stopped", "failed", "did not finish",
+                                                           "did not finish", "did not start"]
+    assert [row[4] for row in rows] == ["2.50", "2.50", "3.00", "", "", "", "", "", ""]
     assert re.search(r"^\| job \| alpha \| seed \| status +\| test error \(%\) \|$", printed, re.M)
     assert "- job 2 (alpha=0.5 seed=2), failed: ValueError: method.alpha=2 is invalid" in printed
     assert "- job 3 (alpha=0.8 seed=0), diverged: training loss became nan in epoch 3" in printed
     assert "- job 5 (alpha=0.8 seed=2), did not finish: RuntimeError: CUDA out of memory" in printed
+    assert f"- job 0 (alpha=0.5 seed=0), did not finish: unreadable {sweep_dir / '0' / 'summary.json'}: has no " \
+           f"status" in printed
     assert printed.rstrip().endswith(
-        "9 jobs: 4 finished, 1 diverged, 1 stopped, 1 failed, 1 did not finish, 1 did not start")
+        "9 jobs: 3 finished, 1 diverged, 1 stopped, 1 failed, 2 did not finish, 1 did not start")
     assert (sweep_dir / "sweep_summary.md").read_text() + "\n" == printed
 
     written = _strict_json(sweep_dir / "sweep_summary.json")
     assert written["swept"] == ["method.alpha", "seed"] and written["complete"] is False
-    assert written["counts"] == {"finished": 4, "diverged": 1, "stopped": 1, "failed": 1, "did not finish": 1,
+    assert written["counts"] == {"finished": 3, "diverged": 1, "stopped": 1, "failed": 1, "did not finish": 2,
                                  "did not start": 1}
-    assert [job["number"] for job in written["jobs"]] == [1, 8, 6, 0, 3, 4, 2, 5, 7]
+    assert [job["number"] for job in written["jobs"]] == [1, 8, 6, 3, 4, 2, 0, 5, 7]
     assert written["jobs"][0] == {"job": "1", "number": 1, "dir": str(sweep_dir / "1"), "status": "finished",
                                   "overrides": {"method.alpha": "0.5", "seed": "1"}, "test_error": 2.5, "error": None}
     assert written["jobs"][-1]["dir"] is None and written["jobs"][-1]["overrides"] == {"method.alpha": "1.0",

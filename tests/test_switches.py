@@ -76,7 +76,7 @@ def test_init_seed_sets_the_initial_weights_and_seed_the_rest():
     def initial(*overrides):
         parts = build_parts(_config(*overrides), _single_process())
         first_batch = next(iter(parts.train_loader.epoch(0)))[1]
-        return parts.net.state_dict(), first_batch
+        return parts.model.state_dict(), first_batch
 
     weights_a, batch_a = initial("seed=0", "init_seed=7")
     weights_b, batch_b = initial("seed=1", "init_seed=7")

@@ -21,7 +21,7 @@ def _offline_run(run_dir):
 
 
 def test_offline_run_holds_the_results_table(tmp_path):
-    summary = train(compose_config(*QUICK), tmp_path)
+    summary = train(compose_config(*QUICK), tmp_path).as_dict()
     (table,) = _offline_run(tmp_path).glob("files/media/table/results_*.table.json")
     content = json.loads(table.read_text())
     settings = [f"method.{k}" for k in summary["method_settings"]]

@@ -16,11 +16,11 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import compose_config, full_disk_after_the_first_checkpoint, signal_at_step
-from gnp import checkpoint, distributed, io, training
+from gnp import distributed, io, training
 from gnp.config import ConfigError
 from gnp.data import load_dataset, write_synthetic_cifar
 from gnp.models import build_model
-from gnp.runs import RunDirectoryBusy
+from gnp.rundir import RunDirectoryBusy
 from gnp.training import Diverged, Stopped, build, train
 
 # A narrow ResNet-18 on a few generated images: seconds per epoch on a CPU.
@@ -39,7 +39,7 @@ def _cifar_run(root, run_dir, *overrides):
     """A run on generated CIFAR; a ResNet-18 of width 4 unless the overrides choose another model."""
     model = () if any(o.startswith("model=") for o in overrides) else ("model.width=4",)
     cfg = compose_config(f"dataset.root={root}", "dataset.verify=false", "train.epochs=1", *TINY, *model, *overrides)
-    return cfg, train(cfg, run_dir)
+    return cfg, train(cfg, run_dir).as_dict()  # as summary.json holds it
 
 
 def _metrics(run_dir):
@@ -102,7 +102,7 @@ def test_logged_test_metrics_equal_a_recomputation_from_the_checkpoint(tmp_path,
 def test_digits_reaches_a_low_test_error(tmp_path):
     cfg = compose_config("experiment=digits_demo", "method=plain", "train.epochs=3", "wandb.mode=disabled", "device=cpu")
     summary = train(cfg, tmp_path)
-    assert summary["test_error"] < 15  # chance is 90%
+    assert summary.test_error < 15  # chance is 90%
 
 
 def test_a_finished_run_started_again_returns_its_summary_without_training(tmp_path, cifar_root, monkeypatch):
@@ -368,7 +368,7 @@ def test_json_outputs_are_strict():
 def test_a_broken_checkpoint_names_the_file_and_the_fix(tmp_path, cifar_root, content):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(content)
-    with pytest.raises(checkpoint.CheckpointError, match=r"run/checkpoint.pt is (unreadable|not a checkpoint).*"
+    with pytest.raises(training.CheckpointError, match=r"run/checkpoint.pt is (unreadable|not a checkpoint).*"
                                                          r"Move it away to start this run afresh"):
         _cifar_run(cifar_root, tmp_path / "run")
 
@@ -382,7 +382,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_names_the_first_tensor_and_the
     state["config"] = OmegaConf.to_container(wide, resolve=True)
     (tmp_path / "wide").mkdir()
     torch.save(state, tmp_path / "wide" / "checkpoint.pt")
-    with pytest.raises(checkpoint.CheckpointError, match=r"wide/checkpoint.pt does not fit this model: conv1.weight "
+    with pytest.raises(training.CheckpointError, match=r"wide/checkpoint.pt does not fit this model: conv1.weight "
                                                          r"has shape \[4, 3, 3, 3\] there and \[8, 3, 3, 3\] in this "
                                                          r"model .*Move it away to start this run afresh"):
         train(wide, tmp_path / "wide")
@@ -393,14 +393,14 @@ def test_a_checkpoint_that_does_not_fit_the_model_names_the_first_tensor_and_the
 def test_a_foreign_checkpoint_is_refused(tmp_path, cifar_root):
     (tmp_path / "run").mkdir()
     torch.save({"model": {}}, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint of this version of gnp"):
+    with pytest.raises(training.CheckpointError, match="is not a checkpoint of this version of gnp"):
         _cifar_run(cifar_root, tmp_path / "run")
 
 
 def test_one_run_per_directory_and_a_dead_holder_does_not_block(tmp_path, cifar_root):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gnp.runs import RunDirectory; "
-                               "RunDirectory(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gnp.rundir import Hold; "
+                               "Hold(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
                                str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

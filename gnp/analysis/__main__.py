@@ -18,7 +18,7 @@ import torch
 
 from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
                               is_up_to_date, read_run)
-from gnp.runs import first_line
+from gnp.console import first_line
 
 BAD_INPUT, OUT_OF_MEMORY = 2, 1
 

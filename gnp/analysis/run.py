@@ -20,20 +20,21 @@ import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from gnp import checkpoint, io
+from gnp import io
 from gnp.analysis import hessian, landscape, sharpness
 from gnp.analysis.objective import SubsetLoss, describe_loss, norm
 from gnp.config import build_method, train_steps_per_epoch
-from gnp.data import BatchLoader, DataError, load_dataset
+from gnp.console import first_line
+from gnp.data import CLASSES, BatchLoader, DataError, load_dataset
 from gnp.models import build_model
-from gnp.runs import first_line
-from gnp.training import build_optimizer, git_commit
+from gnp.rundir import CHECKPOINT
+from gnp.training import build_optimizer, checkpointing, git_commit
 
 FORMAT = "gnp-analysis/1"
 RESULT_FILE = "analysis.json"
 PARTIAL_FILE = "analysis.partial.json"
 CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"
-RUN_FILES = (SUMMARY_FILE, checkpoint.FILENAME, "metrics.jsonl")  # what marks a folder with config.yaml as a run
+RUN_FILES = (SUMMARY_FILE, CHECKPOINT, "metrics.jsonl")  # what marks a folder with config.yaml as a run
 DEFAULT_SUBSET = 5000
 # The quantities `--only` chooses from, in the order they are computed.
 QUANTITIES = ("train_loss", "train_error", "train_grad_norm", "hessian_top_eigenvalues", "hessian_trace",
@@ -116,11 +117,11 @@ def read_run(run_dir: Path) -> Run:
     if status != "finished":
         raise Skipped(status)
     try:
-        state = checkpoint.load(run_dir)
-    except checkpoint.CheckpointError as e:
+        state = checkpointing.load(run_dir)
+    except checkpointing.CheckpointError as e:
         raise AnalysisError(first_line(e)) from None
     if state is None:
-        raise AnalysisError(f"{run_dir} has no {checkpoint.FILENAME}: the analysis needs the run's final weights; "
+        raise AnalysisError(f"{run_dir} has no {CHECKPOINT}: the analysis needs the run's final weights; "
                             f"restore the file or train the run again")
     return Run(run_dir, config, summary, state)
 
@@ -131,10 +132,10 @@ def build_network(run: Run, device: torch.device, dtype: torch.dtype) -> nn.Modu
     options = dict(run.config["model"])
     name = options.pop("name")
     try:
-        net = build_model(name, run.config["dataset"]["num_classes"], **options)
+        net = build_model(name, CLASSES[run.config["dataset"]["name"]], **options)
     except ValueError as e:
         raise AnalysisError(f"{run.dir / CONFIG_FILE}: {first_line(e)}") from None
-    check_fits(net, run.state["model"], run.dir / checkpoint.FILENAME, run)
+    check_fits(net, run.state["model"], run.dir / CHECKPOINT, run)
     net.load_state_dict(run.state["model"])
     return net.to(device=device, dtype=dtype).eval()
 
@@ -220,7 +221,7 @@ class Analysis:
     def _other_weights(self) -> dict[str, torch.Tensor]:
         """The weights of the run at the interpolation's other end (t = 1), of the same model."""
         other = read_other_run(self.options.between)
-        check_fits(self.net, other.state["model"], other.dir / checkpoint.FILENAME, self.run)
+        check_fits(self.net, other.state["model"], other.dir / CHECKPOINT, self.run)
         return other.state["model"]
 
     def _settings(self) -> dict:

@@ -5,11 +5,11 @@
     steps     what is timed: the suite's training step, and the hand-written two-pass reference step
     timing    device synchronisation, interleaved rounds, medians and spreads, paired ratios
     memory    peak memory of one step variant (CUDA's allocator, or a CPU child process's resident set)
-    stages/   one module per stage: methods (steps, evaluation, memory), exact, loader, loop, cuda
-              (synchronisation and end-to-end checks), analysis (the cost of a flatness analysis)
-    files     the benchmark file format: writing it atomically, and the one reader of results/benchmarks/
-    readme    README.md's speed tables, rendered from those files
-    run       a whole run: the stages in order, each recorded (or its error) as soon as it ends
+    stages/   one module per stage: methods (steps, evaluation, memory), shards (the layout), exact, loader,
+              loop, cuda (synchronisation and end-to-end checks), analysis (the cost of a flatness analysis)
+    readme    README.md's speed tables, rendered from results/benchmarks/
 
-Nothing is imported here, so that `gnp.bench.files` (read by gnp.tables) stays light.
+The file format of results/benchmarks/ and its one reader are gnp.measurements, which the tables' time
+estimates read too.
+    run       a whole run: the stages in order, each recorded (or its error) as soon as it ends
 """

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import gnp
-from gnp.bench.settings import compose_config
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import release, synchronize
+from gnp.compose import compose_config
 
 STEPS = 3  # steps of the variant the peak is taken over
 # For a CPU's peak resident memory to follow the live tensors: glibc's malloc otherwise raises its
@@ -51,7 +51,7 @@ def peak_bytes(variants: dict[str, list[str]], device: torch.device) -> dict[str
 
 def variant_peak_memory(overrides: list[str], device: torch.device) -> int:
     """Bytes of peak memory that building and stepping this variant adds, in this process."""
-    cfg = compose_config(overrides)
+    cfg = compose_config(*overrides, validated=True)
     release(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

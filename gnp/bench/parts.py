@@ -11,18 +11,18 @@ from gnp.distributed import Context
 from gnp.methods import Method
 from gnp.training import EpochTotals, build_parts, evaluate, git_commit, train, train_step, use_channels_last
 
-__all__ = ["Parts", "git_commit", "train", "use_channels_last"]
+__all__ = ["OneProcessRun", "git_commit", "train", "use_channels_last"]
 
 
-class Parts:
-    """The parts of a one-process run of `cfg` on `device`, without a run directory: `net` (the
-    module, channels_last as the config says), `method` (the configured method around its base
-    optimizer) and the closure, loop step and evaluation the training loop uses."""
+class OneProcessRun:
+    """A one-process run of `cfg` on `device` as the training loop builds it, without a run directory:
+    `model` (the module, channels_last as the config says), `method` (the configured method around its
+    base optimizer) and the closures, loop step and evaluation the training loop uses."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self._parts = build_parts(cfg, Context(0, 1, device))
         self.cfg = cfg
-        self.net: torch.nn.Module = self._parts.net
+        self.model: torch.nn.Module = self._parts.model
         self.method: Method = self._parts.method
         self.channels_last: bool = self._parts.channels_last
         self._totals = EpochTotals(device)
@@ -48,4 +48,4 @@ class Parts:
     def evaluate(self, loader: BatchLoader) -> dict[str, float]:
         """The loop's evaluation of the (compiled) model on `loader`, in the run's precision."""
         p = self._parts
-        return evaluate(p.forward, loader, p.autocast, p.channels_last)
+        return evaluate(p.compiled, loader, p.autocast, p.channels_last)

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Callable
 
 from gnp import io
+from gnp import measurements as files
 from gnp.augment import PRESETS
-from gnp.bench import files
 from gnp.bench.stages.shards import SHARDS
 from gnp.methods import BASELINE, REFERENCE
 from gnp.tables.render import marked, replace_marked

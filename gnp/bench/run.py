@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 import torch
 
-from gnp.bench import files
+from gnp import measurements as files
 from gnp.bench.parts import git_commit
 from gnp.bench.settings import DataPaths, ModelSpec, resolve
 from gnp.bench.stages import analysis, cuda, exact, loader, loop, methods, shards
+from gnp.console import error_line
 from gnp.distributed import pick_device
-from gnp.runs import error_line
 
 
 def run(args: argparse.Namespace, command: str) -> int:

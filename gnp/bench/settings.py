@@ -7,15 +7,12 @@ import argparse
 import inspect
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import yaml
-from omegaconf import DictConfig
 
 from gnp.bench.parts import use_channels_last
-from gnp.compose import compose_config as compose
-from gnp.config import validate
 from gnp.data import load_dataset, write_synthetic_cifar
 from gnp.models import MODELS, check_model_options
 
@@ -121,13 +118,6 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
 def main_paths(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> FastPaths:
     """The fast paths of the main comparison: what the suite chooses on this device, compile as asked."""
     return FastPaths(args.precision, use_channels_last("auto", spec.name, device), args.compile, device.type == "cuda")
-
-
-def compose_config(overrides: Iterable[str]) -> DictConfig:
-    """The validated config of conf/ with these overrides."""
-    cfg = compose(*overrides)
-    validate(cfg)
-    return cfg
 
 
 def run_overrides(spec: ModelSpec, method: str, paths: FastPaths, device: torch.device, data_root: Path) -> list[str]:

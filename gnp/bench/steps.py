@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from gnp.bench.parts import Parts
+from gnp.bench.parts import OneProcessRun
 
 
 class SuiteStep:
@@ -17,7 +17,7 @@ class SuiteStep:
     `passes` records, per call, the forward/backward passes the step took (as the method reports them)."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        self.parts = Parts(cfg, device)
+        self.parts = OneProcessRun(cfg, device)
         self.images, self.target = self.parts.first_batch()
         self.passes: list[int] = []
 
@@ -39,7 +39,7 @@ class TwoPassStep(SuiteStep):
     settings of the config's method."""
 
     def __call__(self) -> None:
-        net, gnp = self.parts.net, self.parts.method
+        net, gnp = self.parts.model, self.parts.method
         two_pass_step([p for p in net.parameters() if p.requires_grad], list(net.buffers()), gnp.base_optimizer,
                       lambda: self.closure()[0], r=gnp.r, alpha=gnp.alpha, l2=gnp.l2, max_grad_norm=gnp.max_grad_norm)
         self.passes.append(2)

@@ -18,7 +18,6 @@ it is built.
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
@@ -29,6 +28,8 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
+
+from gnp.checks import is_int, is_number
 
 Closure = Callable[[], "torch.Tensor | tuple[torch.Tensor, Any]"]
 
@@ -46,13 +47,8 @@ class SettingError(ValueError):
 
 def check_number(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
     """Raise SettingError unless `value` is a finite real number (not a bool) for which `ok` holds."""
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)
-    if not valid:
+    if not (is_number(value) and ok(value)):
         raise SettingError(name, value, allowed)
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -138,6 +134,8 @@ class Method:
     passes: int = 1
     # Element-wise work of a step beyond SAM's, as a fraction of a two-pass step: the benchmark's allowance.
     step_overhead: float = 0.0
+    # The settings that tell the method's runs apart at a glance (W&B run names, figure titles, the demo).
+    label_settings: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, l2: float = 0.0,
                  max_grad_norm: float | None = None, grad_scaler: torch.amp.GradScaler | None = None):

@@ -40,6 +40,7 @@ class FriendlySAM(SAM):
     """
 
     step_overhead = 0.05
+    label_settings = ("r", "sigma")
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.2,
                  sigma: float = 1.0, lmbda: float = 0.95, **settings):

@@ -33,6 +33,7 @@ class GNP(SAM):
     """
 
     warmups = (*SAM.warmups, "lambda")
+    label_settings = ("r", "alpha")
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.1, alpha: float = 0.8,
                  *, normalize_first_grad: bool = True, exact: bool = False, **settings):

@@ -38,6 +38,7 @@ class GSAM(SAM):
     """
 
     step_overhead = 0.05
+    label_settings = ("r", "alpha")
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05,
                  alpha: float = 0.3, *, r_min: float | None = None, **settings):

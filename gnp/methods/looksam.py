@@ -46,6 +46,7 @@ class LookSAM(SAM):
     """
 
     step_overhead = 0.05
+    label_settings = ("r", "k", "alpha")
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.1, k: int = 5,
                  alpha: float = 0.7, *, layerwise: bool = False, **settings):

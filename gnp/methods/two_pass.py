@@ -47,6 +47,7 @@ class TwoPassMethod(Method):
 
     warmups: tuple[str, ...] = ("none", "r", "zero")
     passes = 2
+    label_settings = ("r",)
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float, *,
                  sync_perturbation: bool = False, warmup: str = "none", warmup_steps: int = 0,

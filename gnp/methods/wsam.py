@@ -39,6 +39,7 @@ class WSAM(SAM):
     """
 
     step_overhead = 0.05
+    label_settings = ("r", "gamma")
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05,
                  gamma: float = 0.9, *, decoupled: bool = True, **settings):

@@ -24,7 +24,7 @@ from gnp.tables.cli import (ArgumentParser, add_selection_arguments, fail, repro
                             selection, selection_flags)
 from gnp.tables.estimates import (BENCHMARK_DIR, Cost, Estimate, Throughput, duration, estimate,  # noqa: F401
                                   read_throughput)
-from gnp.tables.plans import Cell, Plan, Shrink, cells, composed, display_path, flatten, make_plans  # noqa: F401
+from gnp.tables.plans import Cell, Plan, Shrink, cells, composed, display_path, make_plans  # noqa: F401
 from gnp.tables.published import NOT_COVERED, PUBLISHED_DIR, published_value  # noqa: F401
 from gnp.tables.quantities import ANALYSIS_QUANTITIES, TEST_ERROR_QUANTITY, Quantity  # noqa: F401
 from gnp.tables.render import (analysis_settings, cost_markdown, csv_rows, finished_counts, marked,  # noqa: F401

@@ -7,6 +7,7 @@ import shlex
 import sys
 from typing import Iterable
 
+from gnp.checks import positive
 from gnp.tables.plans import Shrink
 
 
@@ -24,9 +25,9 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both scripts share: where runs go, and a smoke-test shrink of every cell."""
     parser.add_argument("--root", default="runs", help="folder of the table's run directories (default: runs)")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds instead of the table's, e.g. 0,1,2,3")
-    parser.add_argument("--limit-train", type=_positive, metavar="N",
+    parser.add_argument("--limit-train", type=positive(), metavar="N",
                         help="smoke test: N training (and test) images per run (runs go to <root>/<table>-smoke-...)")
-    parser.add_argument("--epochs", type=_positive, metavar="E", help="smoke test: E epochs per run")
+    parser.add_argument("--epochs", type=positive(), metavar="E", help="smoke test: E epochs per run")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="one more Hydra override for every cell (repeatable), e.g. model.width=4")
 
@@ -65,12 +66,6 @@ def _seeds(text: str) -> tuple[int, ...]:
     if not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 0, e.g. 0,1,2")
     return tuple(int(p) for p in parts)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return int(text)
 
 
 def fail(message: str) -> None:

@@ -10,19 +10,22 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gnp.bench import files as benchmark_files
+from gnp import measurements
+from gnp.checks import is_number
 from gnp.config import method_passes, train_steps_per_epoch
+from gnp.schema import undotted
 from gnp.models import MODELS
-from gnp.tables.plans import Plan, unflatten
-from gnp.tables.runs import Run, is_number
+from gnp.tables.plans import Plan
+from gnp.tables.runs import Run
 from gnp.tables.spec import TableError
 
-BENCHMARK_DIR = benchmark_files.BENCHMARK_DIR
+BENCHMARK_DIR = measurements.BENCHMARK_DIR
 
 
 @dataclass(frozen=True)
 class Throughput:
-    model: str                        # at its builder's default options
+    model: str
+    options: dict                     # the builder's options that differ from its defaults ({}: the full model)
     method: str                       # the benchmark's name of what it measured
     passes: float                     # its mean forward/backward passes per step
     images_per_second: float
@@ -32,29 +35,28 @@ class Throughput:
 
 
 def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
-    """Measured training speed in results/benchmarks/*.json (read by gnp.bench.files, written by
+    """Measured training speed in results/benchmarks/*.json (read by gnp.measurements, written by
     scripts/benchmark.py): each method's steps at the main setting and the end-to-end check runs, with
-    the passes per step they took. Only measurements of a model at its builder's default options count:
-    a shrunk model says nothing about the full one."""
+    the passes per step they took, and the model's options (a shrunk model says nothing about the full one:
+    an estimate takes measurements of the same options only)."""
     try:
-        benchmarks = benchmark_files.read_all(folder)
-    except benchmark_files.BenchmarkFileError as e:
+        benchmarks = measurements.read_all(folder)
+    except measurements.BenchmarkFileError as e:
         raise TableError(str(e)) from None
     out = []
     for path, data in benchmarks:
         env = data["environment"]
         device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
         for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
-            for name, variant in benchmark_files.method_variants(m["variants"]).items():
-                if not m["options"]:
-                    passes = variant.get("passes_taken", 1 + variant["two_pass_fraction"])  # older files: at most 2
-                    out.append(Throughput(m["model"], name, passes, variant["images_per_second"], device,
-                                          f"{path.name}: step time at batch {m['batch_size']} ({m['main_label']})"))
+            for name, variant in measurements.method_variants(m["variants"]).items():
+                passes = variant.get("passes_taken", 1 + variant["two_pass_fraction"])  # older files: at most 2
+                out.append(Throughput(m["model"], m["options"], name, passes, variant["images_per_second"], device,
+                                      f"{path.name}: step time at batch {m['batch_size']} ({m['main_label']})"))
         for run in data.get("checks", {}).get("runs", []):  # one short first epoch of the real loop
-            if run["ok"] and not run["options"]:
-                out.append(Throughput(run["model"], run["method"], run["passes_per_step"], run["images_per_second"],
-                                      device, f"{path.name}: a short first epoch at batch {run['batch_size']} with "
-                                      "start-up", upper_bound=True))
+            if run["ok"]:
+                out.append(Throughput(run["model"], run["options"], run["method"], run["passes_per_step"],
+                                      run["images_per_second"], device, f"{path.name}: a short first epoch at batch "
+                                      f"{run['batch_size']} with start-up", upper_bound=True))
     return out
 
 
@@ -75,14 +77,14 @@ def estimate(plan: Plan, throughputs: list[Throughput], finished: list[Run]) -> 
     if plan.config is None:
         return Estimate(None, None, "unknown: the cell cannot run yet")
     c = plan.config
-    model = c["model.name"]
-    if not _default_model_options(c):
-        return Estimate(None, None, f"unknown: no measurement of {model} with these options")
-    passes = method_passes(OmegaConf.create(unflatten(c)))
-    candidates = sorted((t for t in throughputs if t.model == model and not t.device.startswith("cpu")),
-                        key=lambda t: (t.upper_bound, abs(t.passes - passes)))
+    model, options = c["model.name"], _model_options(c)
+    passes = method_passes(OmegaConf.create(undotted(c)))
+    # The model as the cell builds it; a GPU's measurement before a CPU's, a steady state before a start-up.
+    candidates = sorted((t for t in throughputs if t.model == model and t.options == options),
+                        key=lambda t: (t.device.startswith("cpu"), t.upper_bound, abs(t.passes - passes)))
     if not candidates:
-        return Estimate(None, None, f"unknown: no measurement of {model} in results/benchmarks/")
+        shown = f" with {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""
+        return Estimate(None, None, f"unknown: no measurement of {model}{shown} in results/benchmarks/")
     best = candidates[0]
     cost = _relative_cost(throughputs, best, passes)
     if cost is None:
@@ -91,7 +93,7 @@ def estimate(plan: Plan, throughputs: list[Throughput], finished: list[Run]) -> 
     scaled = f", scaled from {best.passes:g} to {passes:.3g} passes per step by the measured cost of a second " \
              f"pass" if cost != 1 else ""
     bound = " (an upper bound)" if best.upper_bound else ""
-    images = c["train.epochs"] * train_steps_per_epoch(OmegaConf.create(unflatten(c))) * c["train.batch_size"]
+    images = c["train.epochs"] * train_steps_per_epoch(OmegaConf.create(undotted(c))) * c["train.batch_size"]
     return Estimate(images * cost / best.images_per_second, best.device,
                     f"extrapolated to {c['train.epochs']} epochs from {best.how}, {model} {best.method}{scaled}; "
                     f"training steps only{bound}", best.upper_bound)
@@ -150,8 +152,10 @@ def _relative_cost(throughputs: list[Throughput], measured: Throughput, passes: 
     return (1 + (passes - 1) * (rho - 1)) / (1 + (measured.passes - 1) * (rho - 1))
 
 
-def _default_model_options(config: dict) -> bool:
+def _model_options(config: dict) -> dict:
+    """The builder options of a cell's model that differ from the builder's defaults (as the benchmark
+    records a model's)."""
     options = {k[6:]: v for k, v in config.items() if k.startswith("model.") and k != "model.name"}
     signature = inspect.signature(MODELS[config["model.name"]]).parameters
-    return all(signature[k].default == v for k, v in options.items() if k in signature)
+    return {k: v for k, v in options.items() if k in signature and signature[k].default != v}
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from gnp.runs import first_line
+from gnp.schema import dotted
+from gnp.console import first_line
 from gnp.tables.spec import CONF, ROOT, Table, TableError
 from gnp.training import RESUMABLE_CHANGES
 
@@ -148,21 +149,19 @@ def composed(overrides: tuple[str, ...]) -> dict:
 
 @contextmanager
 def _composer() -> Iterator[Callable[[tuple[str, ...]], dict]]:
-    """Compose many configs under one Hydra initialisation, each validated as train.py would."""
+    """Compose many configs under one Hydra initialisation, each validated as train.py would, and kept."""
     from omegaconf import OmegaConf
 
     from gnp.compose import composer
-    from gnp.config import validate
 
-    with composer() as compose:
+    with composer(validated=True) as compose:
         def compose_flat(overrides: tuple[str, ...]) -> dict:
             if overrides not in _composed:
                 try:
                     cfg = compose(overrides)
-                    validate(cfg)
                 except Exception as e:  # Hydra's composition errors and ConfigError alike
                     raise TableError(f"the cell {' '.join(overrides)} does not compose: {first_line(e)}") from e
-                _composed[overrides] = flatten(OmegaConf.to_container(cfg, resolve=True))
+                _composed[overrides] = dotted(OmegaConf.to_container(cfg, resolve=True))
             return _composed[overrides]
 
         yield compose_flat
@@ -197,28 +196,6 @@ def _pinned(key: str, overrides: Iterable[str]) -> bool:
         return False
     set_by_overrides = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
     return under(RESULT_KEYS) or key in set_by_overrides
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def unflatten(flat: dict) -> dict:
-    """The nested config of a flattened one (`flatten`'s inverse)."""
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def display_path(path: Path) -> str:

@@ -5,8 +5,8 @@ from typing import Any
 
 import yaml
 
+from gnp.checks import is_number
 from gnp.tables.plans import Cell
-from gnp.tables.runs import is_number
 from gnp.tables.spec import ROOT, Source, TableError
 
 PUBLISHED_DIR = ROOT / "results" / "published"

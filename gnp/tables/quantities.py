@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from gnp.tables.runs import TEST_ERROR, Run, is_number
+from gnp.checks import is_number
+from gnp.tables.runs import TEST_ERROR, Run
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,17 @@ each with its status and recorded settings, and the match of a run to a plan by 
 (never by folder name)."""
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
-
-from gnp.runs import first_line
-from gnp.tables.plans import Plan, Shrink, composed, display_path, flatten, make_plans
+from gnp.checks import is_number
+from gnp.schema import dotted
+from gnp.console import first_line
+from gnp.rundir import CHECKPOINT, CONFIG, Damaged, RunDir, Status, find_runs
+from gnp.tables.plans import Plan, Shrink, composed, display_path, make_plans
 from gnp.tables.spec import Table, TableError
 
 # The names the tables and figures read from a run's files (gnp.training writes them).
@@ -21,12 +21,11 @@ EPOCH = "epoch"                       # metrics.jsonl: one row per epoch
 TEST_ERROR = "test_error"             # summary.json: at the end of training; metrics.jsonl: per epoch (%)
 FIRST_PASS_LOSS = "first_pass_loss"   # metrics.jsonl: the training loss at theta, mean over the epoch's batches
 G1_NORM = "g1_norm"                   # metrics.jsonl: ||grad L(theta)||, mean over the epoch's steps
-ANALYSIS_FILE = "analysis.json"       # python -m gnp.analysis: {"format": ..., "quantities": {name: value}}
-ANALYSIS_FORMAT = "gnp-analysis/1"
 
 
 @dataclass
 class Run:
+    """A run as the tables see it: from its directory (gnp.rundir reads its files) or from W&B."""
     source: str                       # a run directory, or wandb:ENTITY/PROJECT/ID
     status: str                       # finished, diverged, stopped, failed, running, no summary, unreadable, ...
     settings: dict                    # the flattened config the run recorded (config.yaml, or W&B's config)
@@ -45,9 +44,6 @@ class Run:
         return self.read_metrics()
 
 
-RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl")
-
-
 def read_runs(folders: Iterable[str | Path]) -> list[Run]:
     """Every run directory (one holding summary.json, checkpoint.pt or metrics.jsonl) under the folders."""
     directories = set()
@@ -55,102 +51,39 @@ def read_runs(folders: Iterable[str | Path]) -> list[Run]:
         if not folder.is_dir():
             raise TableError(f"{folder}: no such folder; train first (scripts/reproduce.py TABLE --launch) "
                              f"or name the folder that holds the runs")
-        directories.update(p.parent for name in RUN_FILES for p in folder.rglob(name))
+        directories.update(find_runs(folder))
     return [run for run in map(read_run, sorted(directories)) if run is not None]
-
-
-class Damaged(ValueError):
-    """A run's file cannot be read or is not what gnp.training writes; the message names the file."""
 
 
 def read_run(directory: Path) -> Run | None:
     """The run in `directory` (None when it holds none). A damaged file makes it `unreadable`, with
     the file and the damage in `problem`: runs copied or synced from a cluster can be cut short."""
-    directory = Path(directory)
-    if not any((directory / name).exists() for name in RUN_FILES):
+    files = RunDir(directory)
+    if not files.holds_run():
         return None
-    summary_path = directory / "summary.json"
     try:
-        summary = _read_summary(summary_path) if summary_path.exists() else {}
-        config = _read_config(directory / "config.yaml", required=summary_path.exists())
-        metrics = _read_metrics(directory / "metrics.jsonl")
+        summary = files.read_summary()
+        config = files.read_config()
+        if config is None and summary is not None:
+            raise Damaged(files / CONFIG, "missing, so the run's settings are unknown")
+        metrics = files.read_metrics()
     except Damaged as e:
-        return Run(str(directory), "unreadable", {}, {}, problem=str(e))
-    status = _status(summary) if summary_path.exists() else "no summary"
-    run = Run(str(directory), status, config, summary, lambda: metrics)
-    if (directory / ANALYSIS_FILE).exists():  # a damaged one costs the run its analysis quantities only
-        try:
-            run.analysis, run.analysis_settings = _read_analysis(directory / ANALYSIS_FILE)
-        except Damaged as e:
-            run.analysis_problem = str(e)
+        return Run(str(directory), "unreadable", {}, {}, problem=_shown(e))
+    status = _status(summary.as_dict()) if summary else "no summary"
+    run = Run(str(directory), status, dotted(config or {}), summary.as_dict() if summary else {}, lambda: metrics)
+    try:  # a damaged analysis.json costs the run its analysis quantities only
+        analysis = files.read_analysis()
+    except Damaged as e:
+        run.analysis_problem = _shown(e)
+    else:
+        if analysis is not None:
+            run.analysis, run.analysis_settings = analysis["quantities"], analysis["settings"]
     return run
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise Damaged(f"{display_path(path)}: cannot be read ({first_line(e)})") from None
-
-
-def _read_summary(path: Path) -> dict:
-    text = _read_text(path)
-    if not text.strip():
-        raise Damaged(f"{display_path(path)}: empty")
-    try:
-        summary = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise Damaged(f"{display_path(path)}: not valid JSON, cut short? ({first_line(e)})") from None
-    if not isinstance(summary, dict):
-        raise Damaged(f"{display_path(path)}: holds a {type(summary).__name__}, not an object")
-    if not isinstance(summary.get("status"), str):
-        raise Damaged(f"{display_path(path)}: has no status")
-    return summary
-
-
-def _read_analysis(path: Path) -> tuple[dict, dict | None]:
-    """analysis.json's quantities and settings."""
-    try:
-        analysis = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise Damaged(f"{display_path(path)}: not valid JSON, cut short? ({first_line(e)})") from None
-    if not isinstance(analysis, dict) or analysis.get("format") != ANALYSIS_FORMAT:
-        raise Damaged(f"{display_path(path)}: not a {ANALYSIS_FORMAT} file")
-    if not isinstance(analysis.get("quantities"), dict):
-        raise Damaged(f"{display_path(path)}: has no quantities")
-    settings = analysis.get("settings")
-    return analysis["quantities"], settings if isinstance(settings, dict) else None
-
-
-def _read_config(path: Path, required: bool) -> dict:
-    if not path.exists():
-        if required:
-            raise Damaged(f"{display_path(path)}: missing, so the run's settings are unknown")
-        return {}
-    try:
-        config = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as e:
-        raise Damaged(f"{display_path(path)}: does not parse ({first_line(e)})") from None
-    if not isinstance(config, dict):
-        raise Damaged(f"{display_path(path)}: holds no mapping of settings")
-    return flatten(config)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise Damaged(f"{display_path(path)}: line {number} is cut short or not JSON") from None
-        if not isinstance(row, dict):
-            raise Damaged(f"{display_path(path)}: line {number} is not an object")
-        rows.append(row)
-    return rows
+def _shown(damage: Damaged) -> str:
+    """The damage, with its file's path as the tables show paths (relative to the repository)."""
+    return f"{display_path(damage.path)}: {damage.what}"
 
 
 def read_wandb_runs(path: str) -> list[Run]:
@@ -165,18 +98,19 @@ def read_wandb_runs(path: str) -> list[Run]:
     runs = []
     for api_run in api_runs:
         summary = {k: v for k, v in dict(api_run.summary).items() if not isinstance(v, dict)}
-        state = {"finished": "finished", "crashed": "failed", "failed": "failed", "killed": "stopped"}
-        status = _status(summary) if "status" in summary else state.get(api_run.state, api_run.state)
-        if status == "finished" and TEST_ERROR not in summary:
+        state = {"finished": Status.FINISHED, "crashed": Status.FAILED, "failed": Status.FAILED,
+                 "killed": Status.STOPPED}
+        status = _status(summary) if "status" in summary else str(state.get(api_run.state, api_run.state))
+        if status == Status.FINISHED and TEST_ERROR not in summary:
             status = "no summary"
-        runs.append(Run(f"wandb:{path}/{api_run.id}", status, flatten(dict(api_run.config)), summary,
+        runs.append(Run(f"wandb:{path}/{api_run.id}", status, dotted(dict(api_run.config)), summary,
                         lambda r=api_run: [row for row in r.scan_history() if EPOCH in row]))
     return runs
 
 
 def _status(summary: dict) -> str:
     status = summary["status"]
-    if status == "finished" and not is_number(summary.get(TEST_ERROR)):
+    if status == Status.FINISHED and not is_number(summary.get(TEST_ERROR)):
         return "no test error"
     return status
 
@@ -228,12 +162,12 @@ def run_state(plan: Plan, seed: int) -> tuple[str, Run | None, str]:
         differences = matches(run, plan) + ([f"seed: {run.seed!r} -> {seed}"] if run.seed not in (None, seed) else [])
         if differences:
             return "conflict", run, "holds another run (" + ", ".join(differences) + ")"
-    if run.status in ("finished", "diverged"):
+    if run.status in (Status.FINISHED, Status.DIVERGED):
         return run.status, run, run.summary.get("error") or ""
-    if run.status == "failed":
+    if run.status == Status.FAILED:
         return "failed", run, run.summary.get("error") or ""
     status = f", {run.status}" if run.status != "no summary" else ""
-    if not (plan.run_dir(seed) / "checkpoint.pt").exists():
+    if not (plan.run_dir(seed) / CHECKPOINT).exists():
         return "interrupted", run, f"no checkpoint to resume from: it starts again{status}"
     return "partial", run, f"{len(run.metrics())} epoch(s) done{status}"
 
@@ -256,7 +190,7 @@ def matching_options(table: Table, plans: list[Plan], runs: Iterable[Run], root:
     runnable = [p for p in plans if p.expected is not None]
     guesses: dict[tuple, list[tuple[Run, Plan]]] = {}
     for run in runs:
-        if run.status != "finished" or any(not matches(run, p) and run.seed in p.seeds for p in runnable):
+        if run.status != Status.FINISHED or any(not matches(run, p) and run.seed in p.seeds for p in runnable):
             continue
         for plan in runnable:
             guess = _guess(run, plan, shrink, extra)
@@ -309,8 +243,4 @@ def _same(a: Any, b: Any) -> bool:
     if is_number(a) and is_number(b):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return a == b
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
+from gnp.rundir import Status
 from gnp.tables.plans import Cell, Plan
 from gnp.tables.quantities import TEST_ERROR_QUANTITY, Quantity
 from gnp.tables.runs import SHARDS, Run, matches, run_shards
@@ -126,7 +127,7 @@ def collect(table: Table, plans: list[Plan], runs: Iterable[Run], quantity: Quan
     ignored, unreadable, duplicates, other, other_seeds, other_layouts = Counter(), [], 0, 0, 0, Counter()
     runnable = [plan for plan in plans if plan.expected is not None]
     for run in runs:
-        if run.status != "finished":
+        if run.status != Status.FINISHED:
             ignored[run.status] += 1
             if run.problem:
                 unreadable.append(run.problem)
@@ -159,12 +160,12 @@ def describe_counts(results: Results) -> str:
     """How many runs the table uses, and every run it leaves out, by reason (damaged files named)."""
     used = sum(len(r) for r in results.runs.values())
     left_out = []
-    unfinished = {s: n for s, n in results.ignored.items() if s not in ("diverged", "unreadable")}
+    unfinished = {s: n for s, n in results.ignored.items() if s not in (Status.DIVERGED, "unreadable")}
     if unfinished:
         parts = ", ".join(f"{n} {s}" for s, n in sorted(unfinished.items()))
         left_out.append(f"{sum(unfinished.values())} not finished ({parts})")
-    if results.ignored["diverged"]:
-        left_out.append(f"{results.ignored['diverged']} diverged")
+    if results.ignored[Status.DIVERGED]:
+        left_out.append(f"{results.ignored[Status.DIVERGED]} diverged")
     if results.unreadable:
         left_out.append(f"{len(results.unreadable)} unreadable ({'; '.join(results.unreadable)})")
     text = f"{used} finished runs used" + (f"; left out: {', '.join(left_out)}" if left_out else "")

@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 from gnp import distributed
 from gnp.augment import build_augmentation
 from gnp.config import ConfigError, build_method, model_options, resolve_shards
-from gnp.data import BatchLoader, Stream, load_dataset, random_seed, shards_problem, training_batch_problem
+from gnp.console import log
+from gnp.data import CLASSES, BatchLoader, Stream, load_dataset, random_seed, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
 from gnp.models import build_model, count_parameters, normalises_with_batch_statistics
-from gnp.runs import log
 from gnp.training.ema import WeightAverage
 
 CNN_PREFIXES = ("resnet", "wrn", "pyramidnet")  # the models that channels_last speeds up
@@ -34,17 +34,18 @@ PARAMETER_DTYPES = {"fp64": torch.float64}  # float32 otherwise
 
 @dataclass
 class Parts:
-    """Everything a run steps and evaluates. `net` is the model itself (its weights are what a checkpoint
-    saves), `forward` the same model compiled with train.compile, and `model` what a training step calls:
-    `forward`, in DDP when there are several replicas."""
+    """Everything a run steps and evaluates. One model under three names for three uses: `model` is the
+    module itself (its weights are what a checkpoint saves), `compiled` the same model compiled with
+    train.compile (what evaluation calls), and `replica` what a training step calls: `compiled`, wrapped in
+    DDP when there are several processes."""
     cfg: DictConfig
     ctx: distributed.Context
     train_loader: BatchLoader
     test_loader: BatchLoader
     data_verified: bool
-    net: nn.Module
-    forward: nn.Module
     model: nn.Module
+    compiled: nn.Module
+    replica: nn.Module
     method: Method
     lr_factor: Callable[[int], float]
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -62,12 +63,12 @@ class Parts:
 
     @property
     def num_parameters(self) -> int:
-        return count_parameters(self.net)
+        return count_parameters(self.model)
 
     def loss_and_logits(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The closure each pass of a step evaluates: the loss in float32 (float64 with precision=fp64), and the logits."""
         with self.autocast():
-            logits = self.model(images)
+            logits = self.replica(images)
         return F.cross_entropy(at_least_float32(logits), target, label_smoothing=self.cfg.train.label_smoothing), logits
 
     def shard_closures(self, step: int, images: torch.Tensor, target: torch.Tensor) -> list[Callable]:
@@ -104,7 +105,7 @@ def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
         raise ConfigError(problem)
     train_loader = BatchLoader(
         data.train_images, data.train_labels, batch_size=t.batch_size, device=device, mean=d.mean, std=d.std,
-        train=True, augment=build_augmentation(cfg.aug, mean=d.mean), num_classes=d.num_classes,
+        train=True, augment=build_augmentation(cfg.aug, mean=d.mean), num_classes=CLASSES[d.name],
         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, shards=shards, dtype=parameter_dtype)
     test_loader = BatchLoader(data.test_images, data.test_labels, batch_size=t.eval_batch_size, device=device,
                               mean=d.mean, std=d.std, train=False, rank=ctx.rank, world_size=ctx.world_size,
@@ -113,28 +114,29 @@ def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
 
     # Model: identical initial weights on every replica, from init_seed (default: seed).
     torch.manual_seed(init_seed(cfg))
-    net = build_model(num_classes=d.num_classes, **model_options(cfg))
+    model = build_model(num_classes=CLASSES[d.name], **model_options(cfg))
     channels_last = use_channels_last(t.channels_last, cfg.model.name, device)
     if channels_last and device.type == "cpu":
         log.warning("train.channels_last=true on the CPU: its NHWC BatchNorm kernel computes batch statistics "
                     "less accurately than NCHW (README: Speed)")
-    net = net.to(device, parameter_dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    forward = net if t.compile is False else torch.compile(net, mode=None if t.compile is True else t.compile)
-    model = distributed.wrap(forward, device) if ctx.world_size > 1 else forward
+    model = model.to(device, parameter_dtype,
+                     memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    compiled = model if t.compile is False else torch.compile(model, mode=None if t.compile is True else t.compile)
+    replica = distributed.wrap(compiled, device) if ctx.world_size > 1 else compiled
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    method = build_method(cfg, model, build_optimizer(cfg.optimizer, net, device), steps_per_epoch, scaler)
+    method = build_method(cfg, replica, build_optimizer(cfg.optimizer, model, device), steps_per_epoch, scaler)
     try:
         method.check_shards(len(train_loader.local_shards))
     except SettingError as e:
         raise ConfigError(f"method.{e}") from None
     lr_factor = cosine_schedule(t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch))
-    ema = WeightAverage(net, t.ema_decay) if t.ema_decay else None
+    ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
     return Parts(
         cfg=cfg, ctx=ctx, train_loader=train_loader, test_loader=test_loader, data_verified=data.verified,
-        net=net, forward=forward, model=model, method=method, lr_factor=lr_factor,
+        model=model, compiled=compiled, replica=replica, method=method, lr_factor=lr_factor,
         scheduler=torch.optim.lr_scheduler.LambdaLR(method.base_optimizer, lr_factor), ema=ema,
-        replica_stats=distributed.running_stats(net, *([ema.model] if ema else [])), precision=precision,
+        replica_stats=distributed.running_stats(model, *([ema.model] if ema else [])), precision=precision,
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
         channels_last=channels_last)
 

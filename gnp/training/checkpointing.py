@@ -1,21 +1,76 @@
-"""Saving and restoring the run's state, at an epoch's end or at any step within one.
+"""The run's resumable state in its directory's checkpoint.pt: saved at an epoch's end or at any step
+within one, restored when the run starts again.
 
 The model is saved with the replicas' BatchNorm statistics averaged, each replica's own statistics
 beside it, and the partial epoch's sums of every replica, so that a run resumed at any step, in one
-process or under DDP, continues every replica exactly.
+process or under DDP, continues every replica exactly. The file is written atomically and read back
+with an error that names it and the fix when it is truncated, empty, not a gnp checkpoint, or holds
+tensors that do not fit the model it is loaded into.
 """
 from __future__ import annotations
 
+import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 
-from gnp import checkpoint, distributed
-from gnp.runs import first_line, log
+from gnp import distributed, io
+from gnp.console import first_line, log
+from gnp.rundir import CHECKPOINT
 from gnp.training.build import Parts
 from gnp.training.epoch import EpochTotals
+
+FORMAT = "gnp-checkpoint-v3"
+FIX = "Move it away to start this run afresh, or resume from another run directory (hydra.run.dir=...)."
+
+
+class CheckpointError(RuntimeError):
+    """checkpoint.pt cannot be used to resume; the message says what to do with it."""
+
+
+def save(run_dir: Path, state: dict[str, Any]) -> None:
+    io.torch_save(run_dir / CHECKPOINT, {"format": FORMAT, **state})
+
+
+def load(run_dir: Path) -> dict[str, Any] | None:
+    """The saved state, on the CPU (loading it copies it to the model's device), or None when the run
+    directory holds no checkpoint."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({first_line(e)}): it is truncated, empty or not a "
+                              f"checkpoint. {FIX}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this version of gnp. {FIX}")
+    return state
+
+
+def load_into(module: nn.Module, saved: dict[str, torch.Tensor], path: Path, what: str = "model") -> None:
+    """`module.load_state_dict(saved)`, or a CheckpointError naming the file and the first tensor that does not
+    fit (another model, or another version of its code, made the checkpoint)."""
+    own, problem = module.state_dict(), None
+    for key, tensor in own.items():
+        if key not in saved:
+            problem = f"{key} is not in it"
+        elif saved[key].shape != tensor.shape:
+            problem = f"{key} has shape {list(saved[key].shape)} there and {list(tensor.shape)} in this {what}"
+        if problem:
+            break
+    else:
+        extra = [key for key in saved if key not in own]
+        problem = f"it holds {extra[0]}, which this {what} has not" if extra else None
+    if problem:
+        raise CheckpointError(f"{path} does not fit this {what}: {problem} (it was made by another model or another "
+                              f"version of its code). {FIX}")
+    module.load_state_dict(saved)
 
 
 @dataclass(frozen=True)
@@ -36,7 +91,7 @@ class Checkpoints:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / checkpoint.FILENAME
+        return self.run_dir / CHECKPOINT
 
     def kept(self) -> str:
         """Which checkpoint a run that stops now leaves, in words."""
@@ -57,7 +112,7 @@ class Checkpoints:
         replica_totals = None if totals is None else distributed.all_gather(totals.sums).cpu()
         with distributed.replica_averaged(parts.replica_stats):
             distributed.on_main(lambda: self.write({
-                **record, "epoch": epoch, "step": step, "model": parts.net.state_dict(),
+                **record, "epoch": epoch, "step": step, "model": parts.model.state_dict(),
                 "optimizer": parts.method.state_dict(), "scheduler": parts.scheduler.state_dict(),
                 "ema": parts.ema.model.state_dict() if parts.ema else None,
                 "replica_stats": replica_stats, "totals": replica_totals}), self.ctx.device)
@@ -66,19 +121,18 @@ class Checkpoints:
 
     def write(self, state: dict) -> None:
         self.last_written = time.monotonic()
-        checkpoint.save(self.run_dir, state)
+        save(self.run_dir, state)
 
     def restore(self, parts: Parts, state: dict) -> Start:
         """Load the checkpoint's state into the parts; where to continue, with this replica's sums."""
-        checkpoint.load_into(parts.net, state["model"], self.path)
+        load_into(parts.model, state["model"], self.path)
         if parts.ema:
-            checkpoint.load_into(parts.ema.model, state["ema"], self.path, "weight average")
+            load_into(parts.ema.model, state["ema"], self.path, "weight average")
         try:
             parts.method.load_state_dict(state["optimizer"])
             parts.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(f"{self.path} does not fit this run's optimizer ({first_line(e)}). "
-                                             f"{checkpoint.FIX}") from None
+            raise CheckpointError(f"{self.path} does not fit this run's optimizer ({first_line(e)}). {FIX}") from None
         per_replica = state["replica_stats"]  # None for a single process: its model holds them
         if per_replica is not None and len(per_replica) == self.ctx.world_size:
             own = per_replica[self.ctx.rank].to(self.ctx.device)

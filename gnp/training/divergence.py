@@ -24,8 +24,8 @@ class Diverged(RuntimeError):
 def state_groups(parts: Parts) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """The floating-point tensors a checkpoint keeps, by what they are, each with its name."""
     stats = {id(s) for s in parts.replica_stats}
-    model = [(name, t) for name, t in parts.net.state_dict(keep_vars=True).items() if t.is_floating_point()]
-    optimizer = [(f"{key} of {name}", value) for name, p in parts.net.named_parameters()
+    model = [(name, t) for name, t in parts.model.state_dict(keep_vars=True).items() if t.is_floating_point()]
+    optimizer = [(f"{key} of {name}", value) for name, p in parts.model.named_parameters()
                  for key, value in parts.method.base_optimizer.state.get(p, {}).items()
                  if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device == p.device]
     groups = {

@@ -74,14 +74,14 @@ class Flags:
     checkpoint_due: bool  # a timed checkpoint is due (train.checkpoint_minutes)
 
 
-def train_epoch(parts: Parts, epoch: int, totals: EpochTotals, start_step: int, signals: StopSignals,
+def epoch_steps(parts: Parts, epoch: int, totals: EpochTotals, start_step: int, signals: StopSignals,
                 checkpoint_due: Callable[[], bool], show_progress: bool) -> Iterator[tuple[int, Flags]]:
     """Train epoch `epoch` (0-based) from step `start_step` on, adding to `totals`. At every read of the
     device's flags (each `train.sync_every` steps, at once on a signal in a single process, and after
     the epoch's last step) yield the steps done and the flags. Raises Diverged on a NaN or inf."""
     t, steps = parts.cfg.train, parts.steps_per_epoch
     read = start_step  # the steps done at the last read
-    parts.forward.train()
+    parts.compiled.train()
     bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not show_progress,
                leave=False, dynamic_ncols=True)
     for step, (images, target) in enumerate(parts.train_loader.epoch(epoch, start_step), start_step):

@@ -11,12 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from gnp import distributed
 from gnp.config import resolve_shards, validate
-from gnp.runs import RunDirectory, error_line, log, remove_stub, setup_console
+from gnp.console import error_line, log, setup_console
+from gnp.rundir import Hold, Status, Summary, remove_stub
 from gnp.signals import StopSignals, exit_code
 from gnp.training.build import Parts, build_parts
 from gnp.training.checkpointing import Checkpoints, Start
 from gnp.training.divergence import Diverged, check_test_losses, divergence_advice
-from gnp.training.epoch import EpochTotals, train_epoch
+from gnp.training.epoch import EpochTotals, epoch_steps
 from gnp.training.evaluate import evaluate
 from gnp.training.records import RunRecords, epoch_row
 
@@ -29,7 +30,7 @@ class Stopped(Exception):
         self.signum, self.exit_code = signum, exit_code(signum)
 
 
-def train(cfg: DictConfig, run_dir: str | Path, signals: StopSignals | None = None) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path, signals: StopSignals | None = None) -> Summary:
     """Train as `cfg` says, writing every output into `run_dir`; returns the run's summary. `signals`
     (default: a new StopSignals) are the stop requests the run obeys; the caller may read them after."""
     validate(cfg)
@@ -42,7 +43,7 @@ def train(cfg: DictConfig, run_dir: str | Path, signals: StopSignals | None = No
         if shared_dir != Path(run_dir):
             remove_stub(run_dir)
         with ExitStack() as held:
-            distributed.on_main(lambda: held.enter_context(RunDirectory(shared_dir)), ctx.device)
+            distributed.on_main(lambda: held.enter_context(Hold(shared_dir)), ctx.device)
             return Trainer(cfg, shared_dir, ctx, signals).run()
     finally:
         distributed.teardown()
@@ -60,10 +61,10 @@ class Trainer:
         self.signals = signals or StopSignals()
         self.parts: Parts | None = None
 
-    def run(self) -> dict:
+    def run(self) -> Summary:
         state, finished = self.records.open()
         if finished:
-            log.info(f"{self.run_dir} already finished: test error {finished['test_error']:.2f}%")
+            log.info(f"{self.run_dir} already finished: test error {finished.test_error:.2f}%")
             return finished
         with ExitStack() as stack:
             try:
@@ -76,27 +77,27 @@ class Trainer:
                 for epoch in range(start.epoch, self.cfg.train.epochs):
                     self.train_epoch(epoch, start if epoch == start.epoch else Start(epoch))
             except Stopped as stopped:
-                self.end("stopped", str(stopped), exit_code=stopped.exit_code, preempted=True)
+                self.end(Status.STOPPED, str(stopped), exit_code=stopped.exit_code, preempted=True)
                 self.signals.hand_over_at_exit(stopped.signum, self.ctx.is_main)  # a scheduler's handler may requeue
                 raise
             except Diverged as e:
                 diverged = Diverged(f"{e}; {self.checkpoints.kept()}. {divergence_advice(self.cfg)}")
-                self.end("diverged", error_line(diverged), exit_code=1)
+                self.end(Status.DIVERGED, error_line(diverged), exit_code=1)
                 raise diverged from None
             except KeyboardInterrupt:
-                self.end("stopped", "interrupted (Ctrl-C) without a checkpoint at this step; a resume continues "
+                self.end(Status.STOPPED, "interrupted (Ctrl-C) without a checkpoint at this step; a resume continues "
                                     "from the last checkpoint", exit_code=130)
                 raise
             except BaseException as e:
                 died = distributed.lost_process(e, self.ctx)  # another process is gone: no traceback of ours
-                self.end("failed", error_line(died or e), exit_code=1, speaks=died.speaks if died else None)
+                self.end(Status.FAILED, error_line(died or e), exit_code=1, speaks=died.speaks if died else None)
                 if died:
                     raise died from None
                 raise
             self.signals.ending()
             return self.records.finish()
 
-    def end(self, status: str, error: str, exit_code: int, **how) -> None:
+    def end(self, status: Status, error: str, exit_code: int, **how) -> None:
         """Record a run that ends early; a signal meanwhile waits for the record."""
         self.signals.ending()
         self.records.end(status, error, exit_code, **how)
@@ -106,7 +107,7 @@ class Trainer:
         parts, steps = self.parts, self.parts.steps_per_epoch
         totals = EpochTotals(self.ctx.device, start.totals)
         epoch_start = time.perf_counter()
-        for done, flags in train_epoch(parts, epoch, totals, start.step, self.signals,
+        for done, flags in epoch_steps(parts, epoch, totals, start.step, self.signals,
                                        lambda: self.checkpoints.due(self.cfg.train.checkpoint_minutes),
                                        self.show_progress):
             if done == steps:
@@ -125,7 +126,7 @@ class Trainer:
         parts = self.parts
         sums = dict(zip(EpochTotals.FIELDS, distributed.all_reduce_sum(totals.sums.clone()).tolist()))
         with distributed.replica_averaged(parts.replica_stats):
-            test = evaluate(parts.forward, parts.test_loader, parts.autocast, parts.channels_last)
+            test = evaluate(parts.compiled, parts.test_loader, parts.autocast, parts.channels_last)
             ema_test = evaluate(parts.ema.model, parts.test_loader, parts.autocast, parts.channels_last) \
                 if parts.ema else {}
         check_test_losses(epoch, test, ema_test)  # before the epoch's checkpoint

@@ -11,7 +11,6 @@ checkpoint and stop; the launcher waits for them (up to `stop_timeout_s`) and ex
 Hydra imports this module without registering it in sys.modules: no `from __future__ import annotations`
 (dataclasses need the module), so classes come before the annotations that name them.
 """
-import json
 import logging
 import os
 import shlex
@@ -32,13 +31,11 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from gnp.rundir import LAUNCHER_LOG, SUMMARY, Damaged, RunDir
+from gnp.sweep import ATTEMPT_START, LAUNCHER_PREFIX, SWEEP_DIR_VARIABLE, last_error_line
+
 log = logging.getLogger(__name__)
 
-LAUNCHER_LOG = "launcher.log"  # a job's console output, in its directory
-SWEEP_DIR_VARIABLE = "GNP_SWEEP_DIR"  # tells each job, a single run of its own, the sweep it belongs to
-LAUNCHER_PREFIX = "[launcher] "  # the launcher's own lines in that log
-ATTEMPT_START = LAUNCHER_PREFIX + "start"  # begins each attempt's section (a resumed job appends one)
-HYDRA_HINT = "Set the environment variable HYDRA_FULL_ERROR=1"  # printed by Hydra after a traceback
 
 # Hydra overrides of the multirun that a job does not inherit: the job runs in RUN mode in its own directory.
 NOT_FOR_JOBS = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra/launcher", "hydra.launcher.",
@@ -125,7 +122,7 @@ class _Job:
 
     def start(self, slot: Slot, threads: str) -> None:
         self.slot, self.started = slot, time.monotonic()
-        summary = self.dir / "summary.json"
+        summary = RunDir(self.dir) / SUMMARY
         self.summary_mtime = summary.stat().st_mtime_ns if summary.exists() else None
         command = self.command(slot)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if slot.device == "cpu" else slot.device,
@@ -146,13 +143,18 @@ class _Job:
         code, seconds = self.process.returncode, time.monotonic() - self.started
         self.log_file.write(f"{LAUNCHER_PREFIX}end: exit status {code} after {seconds:.1f} s, {_now()}\n")
         self.log_file.close()
-        summary = self.dir / "summary.json"
-        recorded = summary.exists() and summary.stat().st_mtime_ns != self.summary_mtime
-        outcome = json.loads(summary.read_text()) if summary.exists() else {}
+        files = RunDir(self.dir)
+        recorded = (files / SUMMARY).exists() and (files / SUMMARY).stat().st_mtime_ns != self.summary_mtime
+        try:
+            outcome = files.read_summary()
+        except Damaged as e:
+            outcome, code = None, code or 1  # a job whose summary is damaged did not record its outcome
+            recorded = False
+            log.error(f"\t#{self.number} {e}")
         if code == 0 or recorded:
             # As in-process: a failed run that recorded its failure in summary.json is a result of the sweep.
-            self.status, self.return_value = JobStatus.COMPLETED, outcome.get("test_error")
-            status = outcome.get("status", "finished") if outcome else "no summary.json"
+            self.status, self.return_value = JobStatus.COMPLETED, outcome.test_error if outcome else None
+            status = outcome.status if outcome else f"no {SUMMARY}"
             text = f"ended on {self.slot} after {seconds:.0f} s: {status}"
             if code != 0:
                 text += f", exit status {code}: {last_error_line(self.log_path)}"
@@ -248,15 +250,6 @@ class ParallelLauncher(Launcher):
                     job.process.wait()
         for job in running:
             job.end()
-
-
-def last_error_line(log_path: Path) -> str | None:
-    """The last line a job printed in its latest attempt: for a failure, the exception or error message."""
-    lines = log_path.read_text(errors="replace").splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT_START)]
-    output = [line.strip() for line in lines[starts[-1] if starts else 0:]
-              if line.strip() and not line.startswith((LAUNCHER_PREFIX, HYDRA_HINT))]
-    return output[-1] if output else None
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:

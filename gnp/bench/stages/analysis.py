@@ -23,10 +23,11 @@ import torch
 from gnp.analysis import __main__ as analysis_command
 from gnp.analysis.objective import SubsetLoss
 from gnp.analysis.run import RESULT_FILE
-from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, compose_config, main_paths, run_overrides
+from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, main_paths, run_overrides
 from gnp.bench.stages.loop import run_checked
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import interleaved, paired_ratio, release, spread, warm_up
+from gnp.compose import compose_config
 
 
 def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, data: DataPaths, work: Path) -> dict:
@@ -40,8 +41,8 @@ def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, dat
 def measure_hvp(spec: ModelSpec, args: argparse.Namespace, device: torch.device, data: DataPaths) -> dict:
     """One Hessian-vector product on a training batch against one plain step on the same batch."""
     paths = FastPaths("fp32", channels_last=False, compile=False, fused=device.type == "cuda")
-    step = SuiteStep(compose_config(run_overrides(spec, "plain", paths, device, data.tiny)), device)
-    net = step.parts.net
+    step = SuiteStep(compose_config(*run_overrides(spec, "plain", paths, device, data.tiny), validated=True), device)
+    net = step.parts.model
     loss = SubsetLoss(net, [(step.images, step.target)], label_smoothing=step.parts.cfg.train.label_smoothing,
                       l2=step.parts.method.l2_groups())
     generator = torch.Generator(device).manual_seed(0)
@@ -72,7 +73,7 @@ def measure_run(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
         f"train.epochs={args.loop_epochs}", f"train.eval_batch_size={min(1000, data.n_test)}"]
     print(f"\n== analysis cost: a default analysis against a training epoch, {spec.label}, {args.loop_epochs} epochs "
           f"of {data.n_train} images, {main.label}", flush=True)
-    trained = run_checked(compose_config(overrides), run_dir, device)
+    trained = run_checked(compose_config(*overrides, validated=True), run_dir, device)
     if not trained["ok"]:
         raise RuntimeError(f"the run to analyse failed: {'; '.join(trained['problems'])}")
     rows = trained["metrics"]

@@ -12,13 +12,14 @@ from typing import Callable
 
 import torch
 
-from gnp.bench.files import REFERENCE
-from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, compose_config, run_overrides
+from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, run_overrides
 from gnp.bench.stages.loop import run_checked
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import release, synchronize
+from gnp.compose import compose_config
 from gnp.config import method_passes
-from gnp.runs import error_line
+from gnp.console import error_line
+from gnp.measurements import REFERENCE
 
 # The end-to-end checks: one short GNP epoch of every model family with its own recipe, in bf16 and
 # fp16 (channels_last for the CNNs). The loop stage's runs check the compiled ResNet-18 in bf16; a
@@ -52,7 +53,7 @@ def sync_checks(steps: dict[str, SuiteStep], variants: dict, spec: ModelSpec, ma
     fp16 = [v for v in suite.values() if v.paths.precision == "fp16"]
     if fp16:  # the same with an unfused optimizer: exactly GradScaler's one synchronisation per step
         unfused = replace(fp16[0].paths, fused=False)
-        step = SuiteStep(compose_config(run_overrides(spec, fp16[0].method, unfused, device, data.tiny)), device)
+        step = SuiteStep(compose_config(*run_overrides(spec, fp16[0].method, unfused, device, data.tiny), validated=True), device)
         for _ in range(2):
             step()
         checks[f"gnp[{unfused.differences(main)}]"] = count_syncs(step.loop_step, device)
@@ -108,11 +109,11 @@ def run_checks(args: argparse.Namespace, device: torch.device, data: DataPaths, 
     for label, overrides in CHECK_RUNS.items():
         model = overrides[0].removeprefix("model=")
         options = CPU_CHECK_OPTIONS[model] if device.type == "cpu" else {}
-        cfg = compose_config([*overrides, *(f"model.{k}={v}" for k, v in options.items()), "method=gnp",
-                              "train.epochs=1", f"device={device}", f"dataset.root={data.full}", "dataset.verify=false",
-                              f"dataset.limit_train={args.check_images}", f"dataset.limit_test={eval_images}",
-                              f"train.eval_batch_size={eval_images}", "wandb.mode=disabled",
-                              "train.progress=false"])
+        cfg = compose_config(*overrides, *(f"model.{k}={v}" for k, v in options.items()), "method=gnp",
+                             "train.epochs=1", f"device={device}", f"dataset.root={data.full}", "dataset.verify=false",
+                             f"dataset.limit_train={args.check_images}", f"dataset.limit_test={eval_images}",
+                             f"train.eval_batch_size={eval_images}", "wandb.mode=disabled",
+                             "train.progress=false", validated=True)
         print(f"\n== check: {label}, batch {cfg.train.batch_size}, {args.check_images} images", flush=True)
         run = run_checked(cfg, work / f"check_{len(runs)}", device)
         rows = run.pop("metrics")

@@ -9,9 +9,10 @@ from dataclasses import asdict, replace
 import torch
 
 from gnp.bench.console import print_table
-from gnp.bench.settings import DataPaths, ModelSpec, compose_config, main_paths, run_overrides
+from gnp.bench.settings import DataPaths, ModelSpec, main_paths, run_overrides
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import interleaved, release, spread, warm_up
+from gnp.compose import compose_config
 
 MODEL = ("resnet18", {"width": 8}, 32)  # the model, its builder options and batch
 VARIANTS = {"plain": ("plain",), "gnp": ("gnp",), "exact": ("gnp", "method.exact=true")}  # name -> method, overrides
@@ -21,7 +22,7 @@ def measure(args: argparse.Namespace, device: torch.device, data: DataPaths) -> 
     """Plain, GNP and exact GNP (double backward) steps on a ResNet-18 of width 8, batch 32, eager."""
     spec = ModelSpec(*MODEL)
     paths = replace(main_paths(spec, args, device), compile=False)  # no double backward through compiled graphs
-    steps = {name: SuiteStep(compose_config([*run_overrides(spec, method, paths, device, data.tiny), *extra]), device)
+    steps = {name: SuiteStep(compose_config(*run_overrides(spec, method, paths, device, data.tiny), *extra, validated=True), device)
              for name, (method, *extra) in VARIANTS.items()}
     print(f"\n== exact mode: {spec.label}, batch {spec.batch_size}, {paths.label}", flush=True)
     warm_up(steps, device, args.warmup)

@@ -10,9 +10,10 @@ import torch
 
 from gnp.augment import PRESETS, STYLES, build_augmentation
 from gnp.bench.console import print_table
-from gnp.bench.settings import DataPaths, compose_config
+from gnp.bench.settings import DataPaths
 from gnp.bench.stages.cuda import no_sync
 from gnp.bench.timing import interleaved, rate, spread, warm_up
+from gnp.compose import compose_config
 from gnp.data import BatchLoader
 
 TARGET = 20.0  # loader images/s over the GNP step's images/s, basic and cutout, on a GPU
@@ -22,12 +23,12 @@ NUM_CLASSES = 10
 def measure(args: argparse.Namespace, device: torch.device, data: DataPaths, models: list[dict]) -> dict:
     """images/s of BatchLoader over the synthetic training set per augmentation preset and style,
     and how many times the GNP step's rate of each model that is."""
-    d = compose_config([]).dataset
+    d = compose_config(validated=True).dataset
     images, labels = data.train(device)
     batch = args.models[0].batch_size
     loaders = {}
     for style, preset in itertools.product(STYLES, PRESETS):
-        aug = compose_config([f"aug={preset}", f"aug.style={style}"]).aug
+        aug = compose_config(f"aug={preset}", f"aug.style={style}", validated=True).aug
         loaders[(style, preset)] = BatchLoader(images, labels, batch_size=batch, device=device, mean=d.mean, std=d.std,
                                                train=True, augment=build_augmentation(aug, mean=d.mean),
                                                num_classes=NUM_CLASSES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 from dataclasses import asdict
@@ -16,10 +15,12 @@ from omegaconf import DictConfig
 
 from gnp.bench.console import print_table
 from gnp.bench.parts import train
-from gnp.bench.settings import DataPaths, ModelSpec, compose_config, main_paths, run_overrides
+from gnp.bench.settings import DataPaths, ModelSpec, main_paths, run_overrides
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import interleaved, rate, release, spread, warm_up
-from gnp.runs import error_line
+from gnp.compose import compose_config
+from gnp.console import error_line
+from gnp.rundir import RunDir
 
 METHODS = {"plain": "plain", "gnp": "gnp"}  # name -> config method: the loop's two runs
 TARGETS = {"device": "H100", "model": "resnet18", "images_per_second": {"plain": 45_000, "gnp": 22_000}}
@@ -31,7 +32,7 @@ def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, dat
     speed drifts: only measurements close in time compare). Every epoch after a run's first is a
     sample of the loop."""
     main = main_paths(spec, args, device)
-    bare = {m: SuiteStep(compose_config(run_overrides(spec, method, main, device, data.tiny)), device)
+    bare = {m: SuiteStep(compose_config(*run_overrides(spec, method, main, device, data.tiny), validated=True), device)
             for m, method in METHODS.items()}
     warm_up(bare, device, args.warmup)
     result: dict[str, Any] = {"model": spec.name, "options": spec.options, "label": spec.label,
@@ -45,7 +46,7 @@ def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, dat
         overrides = run_overrides(spec, method, main, device, data.full) + [
             f"train.epochs={args.loop_epochs}", f"train.eval_batch_size={min(1000, data.n_test)}"]
         bare_seconds[name] += interleaved({name: bare[name]}, device, 1, spec.steps)[name]
-        runs[name].append(run_checked(compose_config(overrides), work / f"loop_{name}_{repeat}", device))
+        runs[name].append(run_checked(compose_config(*overrides, validated=True), work / f"loop_{name}_{repeat}", device))
         bare_seconds[name] += interleaved({name: bare[name]}, device, 1, spec.steps)[name]
     for name in METHODS:
         problems = [p for run in runs[name] for p in run["problems"]]
@@ -72,21 +73,22 @@ def run_checked(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict:
         summary = train(cfg, run_dir)
     except Exception as e:  # a check that fails is recorded, and the others still run
         return {"ok": False, "problems": [error_line(e)], "metrics": [], "summary": None}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run_dir).read_metrics()
     problems = []
-    if summary["status"] != "finished":
-        problems.append(f"status {summary['status']}: {summary['error']}")
+    if not summary.finished:
+        problems.append(f"status {summary.status}: {summary.error}")
     if not all(math.isfinite(row["first_pass_loss"]) and math.isfinite(row["test_loss"]) for row in rows):
         problems.append("a non-finite loss")
     if not all(0 <= row["test_error"] <= 100 for row in rows):
         problems.append("a test error outside [0, 100]")
-    if (summary["device"] == "cpu") != (device.type == "cpu"):
-        problems.append(f"trained on {summary['device']}, not on {device}")
-    if summary["precision"] != cfg.precision:
-        problems.append(f"precision {summary['precision']}, not {cfg.precision}")
+    if (summary.device == "cpu") != (device.type == "cpu"):
+        problems.append(f"trained on {summary.device}, not on {device}")
+    if summary.precision != cfg.precision:
+        problems.append(f"precision {summary.precision}, not {cfg.precision}")
+    record = summary.as_dict()
     return {"ok": not problems, "problems": problems, "metrics": rows,
-            "summary": {k: summary[k] for k in ("status", "model", "method", "aug", "batch_size", "precision",
-                                                "num_parameters", "device", "wall_seconds", "images_per_second")}}
+            "summary": {k: record[k] for k in ("status", "model", "method", "aug", "batch_size", "precision",
+                                               "num_parameters", "device", "wall_seconds", "images_per_second")}}
 
 
 def show(loop: dict) -> None:

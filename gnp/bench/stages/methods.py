@@ -17,16 +17,17 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 
-from gnp.bench import files, memory
+from gnp import measurements as files
+from gnp.bench import memory
 from gnp.bench.console import mib, print_table
-from gnp.bench.files import FAST_PATH, METHOD, method_variants
-from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, compose_config, main_paths, run_overrides
+from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, main_paths, run_overrides
 from gnp.bench.stages import cuda
 from gnp.bench.steps import SuiteStep, TwoPassStep
 from gnp.bench.timing import interleaved, mixed_step_ms, paired_ratio, rate, release, spread, warm_up
-from gnp.compose import CONF_DIR
+from gnp.compose import CONF_DIR, compose_config
 from gnp.config import method_class, method_passes
 from gnp.data import BatchLoader
+from gnp.measurements import FAST_PATH, METHOD, method_variants
 from gnp.methods import BASELINE, REFERENCE
 from gnp.models import count_parameters
 
@@ -98,13 +99,13 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
     labels: dict[str, str] = {}
     overheads: dict[str, float] = {}
     for name, v in variants.items():
-        cfg = compose_config(run_overrides(spec, v.method, v.paths, device, data.tiny) + ([v.override] if v.override
-                                                                                           else []))
+        cfg = compose_config(*run_overrides(spec, v.method, v.paths, device, data.tiny),
+                             *([v.override] if v.override else []), validated=True)
         steps[name] = (TwoPassStep if v.role == files.REFERENCE else SuiteStep)(cfg, device)
         passes[name] = 2.0 if v.role == files.REFERENCE else method_passes(cfg)
         cls = method_class(cfg.method)
         labels[name], overheads[name] = cls.__name__, cls.step_overhead
-    net = steps[REFERENCE].parts.net
+    net = steps[REFERENCE].parts.model
     parameter_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     warm_up(steps, device, args.warmup)
     for step in steps.values():

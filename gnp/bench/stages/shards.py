@@ -10,9 +10,10 @@ import torch
 
 from gnp.bench import memory
 from gnp.bench.console import mib, print_table
-from gnp.bench.settings import DataPaths, ModelSpec, compose_config, main_paths, run_overrides
+from gnp.bench.settings import DataPaths, ModelSpec, main_paths, run_overrides
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import interleaved, paired_ratio, release, spread, warm_up
+from gnp.compose import compose_config
 
 SHARDS = (1, 2, 4, 8)
 METHOD = "gnp"
@@ -26,7 +27,7 @@ def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, dat
     overrides = {k: [*run_overrides(spec, METHOD, paths, device, data.tiny), f"train.shards={k}"] for k in counts}
     print(f"\n== shards: {spec.label}, batch {spec.batch_size}, {paths.label}, {METHOD}: train.shards="
           f"{','.join(map(str, counts))} in one process", flush=True)
-    steps = {k: SuiteStep(compose_config(o), device) for k, o in overrides.items()}
+    steps = {k: SuiteStep(compose_config(*o, validated=True), device) for k, o in overrides.items()}
     warm_up(steps, device, args.warmup)
     samples = interleaved(steps, device, args.repeats, spec.steps)
     del steps

@@ -1,6 +1,6 @@
-"""The benchmark file format (results/benchmarks/*.json): writing a report atomically, and the one
-reader of those files, shared by README's speed tables (gnp.bench.readme) and the time estimates
-(gnp.tables.estimates).
+"""Measurements of speed: the benchmark file format (results/benchmarks/*.json), written by the
+benchmark (gnp.bench) atomically, and its one reader, shared by README's speed tables (gnp.bench.readme)
+and the time estimates of the tables (gnp.tables.estimates), which stand on it, not on the benchmark.
 
 A file is one JSON object with `"format": FORMAT`, the environment it was measured in, its settings
 and a record per stage (`models`, `exact`, `loader`, `loop`, `checks`, `analysis`); a stage that did
@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 from gnp import io
-from gnp.runs import first_line
+from gnp.console import first_line
 
 FORMAT = "gnp-benchmark/2"
-BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
+BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "results" / "benchmarks"
 METHOD, REFERENCE, FAST_PATH = "method", "reference", "fast_path"  # a step variant's role
 
 
