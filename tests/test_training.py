@@ -457,3 +457,15 @@ def test_an_unusable_run_directory_is_one_clear_error(tmp_path, cifar_root):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(io.OutputError, match=r"cannot use .*file/run as the run directory: Not a directory"):
         _cifar_run(cifar_root, tmp_path / "file" / "run")
+
+
+def test_channels_last_on_the_cpu_is_refused_for_a_model_that_would_hang_onednn(tmp_path, cifar_root):
+    # A ResNet-18 of width 4 has strided 1x1 shortcuts of 4 and 8 input channels (oneDNN issue #6035);
+    # the WRN of 16 channels a stage has none, and the resume tests train it channels_last.
+    assert build.onednn_nhwc_hazard(build_model("wrn28_10", 10, depth=10, widen=1)) is None
+    hazard = build.onednn_nhwc_hazard(build_model("resnet18", 10, width=4))
+    assert hazard is not None and "strided 1x1 convolution of 4 input channels" in hazard
+    with pytest.raises(ConfigError, match=r"^train.channels_last=true on the CPU: layer \S+ is a strided 1x1 "
+                                          r"convolution of 4 input channels.*use train.channels_last=false$"):
+        _cifar_run(cifar_root, tmp_path / "run", "train.channels_last=true")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

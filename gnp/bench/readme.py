@@ -96,11 +96,10 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         "÷ one training epoch of it, the median of the epochs after the first):",
         "",
         *_markdown(["measured on", "model, batch", "HVP ÷ step", "default analysis", "÷ one epoch"], analysis_rows),
-        "",
-        "The layout: one process taking each GNP step's batch in 1, 2, 4 and 8 shards one after another "
-        "(`train.shards`): step time and peak memory ÷ those of 1 shard (time paired by round):",
-        "",
-        *_markdown(["measured on", "model, batch", *(f"{k} shards" for k in SHARDS[1:])], shard_rows),
+        *(["", "The layout: one process taking each GNP step's batch in 1, 2, 4 and 8 shards one after another "
+               "(`train.shards`): step time and peak memory ÷ those of 1 shard (time paired by round):", "",
+               *_markdown(["measured on", "model, batch", *(f"{k} shards" for k in SHARDS[1:])], shard_rows)]
+          if shard_rows else []),  # files from before the layout stage have none
         *(["", "End-to-end checks (training runs of every model family and, except in the files of an earlier "
                "commit, no host synchronisation in a step or a loader batch):", "", *check_lines]
           if check_lines else []),

@@ -117,6 +117,10 @@ def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
     model = build_model(num_classes=CLASSES[d.name], **model_options(cfg))
     channels_last = use_channels_last(t.channels_last, cfg.model.name, device)
     if channels_last and device.type == "cpu":
+        hazard = onednn_nhwc_hazard(model) if parameter_dtype == torch.float32 else None
+        if hazard:
+            raise ConfigError(f"train.channels_last=true on the CPU: {hazard}, whose NHWC weight gradient hangs or is "
+                              "wrong in oneDNN (issue uxlfoundation/oneDNN#6035); use train.channels_last=false")
         log.warning("train.channels_last=true on the CPU: its NHWC BatchNorm kernel computes batch statistics "
                     "less accurately than NCHW (README: Speed)")
     model = model.to(device, parameter_dtype,
@@ -169,6 +173,17 @@ def use_channels_last(setting: bool | str, model_name: str, device: torch.device
     if setting == "auto":
         return device.type == "cuda" and model_name.startswith(CNN_PREFIXES)
     return bool(setting)
+
+
+def onednn_nhwc_hazard(model: nn.Module) -> str | None:
+    """The first layer oneDNN's CPU kernels mishandle in NHWC, or None: a strided 1x1 convolution with fewer
+    input channels than a vector block (16 floats in AVX-512) runs a backward-weights kernel that writes past
+    its workspace, and on 2 threads spins forever. Only narrow test-sized models have one."""
+    for name, layer in model.named_modules():
+        if (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride != (1, 1)
+                and layer.in_channels < 16):
+            return f"layer {name} is a strided 1x1 convolution of {layer.in_channels} input channels"
+    return None
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
