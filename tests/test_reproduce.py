@@ -378,7 +378,7 @@ def test_a_benchmark_file_of_another_format_is_a_one_line_error(tmp_path, conten
 
 
 @pytest.mark.parametrize("args,message", [
-    (["cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits', 'digits_alpha_r', 'vit', 'vit_gr_warmup')"),
+    (["cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits', 'digits_alpha_r', 'digits_family', 'sam_family', 'vit', 'vit_gr_warmup')"),
     (["cnn", "--launcher", "mpi"], "invalid choice: 'mpi' (choose from 'basic', 'parallel', 'slurm')"),
     (["cnn", "--epochs", "0"], "argument --epochs: 0 is invalid: it must be an integer >= 1"),
     (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --epochs, --help, --launch, --launcher"),

@@ -69,7 +69,7 @@ def test_weight_ema_follows_its_closed_form(tmp_path, monkeypatch):
         torch.testing.assert_close(ema[name].double(), expected, rtol=1e-5, atol=1e-6)
     rows = _metrics(tmp_path)
     assert all("ema_test_error" in row and "ema_test_loss" in row for row in rows)
-    assert summary["ema_test_error"] == rows[-1]["ema_test_error"]
+    assert summary.ema_test_error == rows[-1]["ema_test_error"]
 
 
 def test_init_seed_sets_the_initial_weights_and_seed_the_rest():
