@@ -365,7 +365,8 @@ def test_a_failing_stage_is_recorded_and_fails_the_run_while_the_others_go_on(tm
     monkeypatch.setattr(methods, "measure_model", broken)
     out = tmp_path / "bench.json"
     code = benchmark.main(["--device", "cpu", "--models", "resnet18:width=2,batch=8", "resnet18:width=3,batch=8",
-                           "--skip", "exact", "loader", "loop", "analysis", "--loop-images", "8", "--test-images", "8",
+                           "--skip", "memory", "evaluation", "shards", "exact", "loader", "loop", "analysis",
+                           "--loop-images", "8", "--test-images", "8",
                            "--out", str(out)])
     data = json.loads(out.read_text())
     assert code == 1 and data["complete"] is True and data["models"] == []
