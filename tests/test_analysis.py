@@ -272,7 +272,8 @@ TRAIN = ("experiment=digits_demo", "model.width=2", "dataset.limit_train=32", "d
          "train.batch_size=16", "train.epochs=1", "wandb.mode=disabled", "device=cpu")
 FAST = ("--subset", "32", "--batch-size", "32", "--top-k", "2", "--trace-samples", "3", "--ascent-steps", "2")
 LAYOUT = {"format", "quantities", "details", "settings", "loss", "run", "environment", "notes"}
-SCALARS = {"train_loss", "train_error", "train_grad_norm", "hessian_top_eigenvalue", "hessian_trace", "sam_sharpness"}
+SCALARS = {"train_loss", "train_cross_entropy", "train_l2", "train_error", "train_grad_norm", "hessian_top_eigenvalue",
+           "hessian_trace", "hessian_trace_l2", "sam_sharpness"}
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +349,18 @@ def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
         expected = F.cross_entropy(logits, data.train_labels) + l2
         error = 100 * (logits.argmax(1) != data.train_labels).float().mean()
     assert record["quantities"]["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert record["quantities"]["train_l2"] == pytest.approx(l2.item(), rel=1e-5)
+    assert record["quantities"]["train_cross_entropy"] == pytest.approx((expected - l2).item(), rel=1e-4)
+    parameters = sum(p.numel() for p in net.parameters())
+    assert record["quantities"]["hessian_trace_l2"] == pytest.approx(5e-4 * parameters)  # c * I on every parameter
+    # The printed line says what each number holds.
+    line = done.stdout.strip().splitlines()[-2]
+    q = record["quantities"]
+    assert (f"train loss {q['train_loss']:.4g} (cross-entropy {q['train_cross_entropy']:.4g} + in-loss L2 "
+            f"{q['train_l2']:.4g})") in line, line
+    assert f"tr(H) {q['hessian_trace']:.4g} ({q['hessian_trace_l2']:.4g} of it the in-loss L2 term's)" in line, line
+    assert (f"sharpness {q['sam_sharpness']:.4g} at rho 0.1 (first order rho*|grad L| "
+            f"{d['sam_sharpness']['first_order']:.4g})") in line, line
     assert record["quantities"]["train_error"] == pytest.approx(error.item(), abs=1e-4)
 
     # The landscape and the interpolation: numbers, and figures as PNG and PDF.
@@ -419,7 +432,8 @@ def test_a_killed_analysis_resumes_with_what_it_had(run, monkeypatch):
     with _counting(monkeypatch) as calls:
         assert main([str(run), *FAST, "--seed", "2", "--only", "train_loss,sam_sharpness"]) == 0
     assert calls == ["train_loss", "sam_sharpness"]
-    assert _strict((run / "analysis.json").read_text())["quantities"].keys() == {"train_loss", "sam_sharpness"}
+    assert _strict((run / "analysis.json").read_text())["quantities"].keys() == {
+        "train_loss", "train_cross_entropy", "train_l2", "sam_sharpness"}
 
 
 def test_the_file_names_the_commit_checked_out_when_the_analysis_began(run, monkeypatch):

@@ -548,12 +548,14 @@ def write_analysis(run, settings=ANALYSED_WITH, **quantities):
 
 def test_the_analysis_table_and_its_scatter_figure(tmp_path, capsys):
     runs = tmp_path / "runs"
-    for seed, (error, trace, sharpness) in enumerate(((2.0, 10.0, 0.1), (4.0, 20.0, 0.3), (6.0, 30.0, 0.2))):
+    for seed, (error, trace, sharpness, loss) in enumerate(((2.0, 10.0, 0.1, 0.782), (4.0, 20.0, 0.3, 0.783),
+                                                              (6.0, 30.0, 0.2, 0.784))):
         write_run(runs / f"sgd{seed}", DIGITS + DIGITS_METHODS["plain"], seed, error)
-        write_analysis(runs / f"sgd{seed}", hessian_trace=trace, sam_sharpness=sharpness, hessian_top_eigenvalue=None)
-    for seed, (error, trace) in enumerate(((1.0, 1.0), (1.2, 1.2))):
+        write_analysis(runs / f"sgd{seed}", hessian_trace=trace, sam_sharpness=sharpness, hessian_top_eigenvalue=None,
+                       train_loss=loss)
+    for seed, (error, trace, loss) in enumerate(((1.0, 1.0, 0.79), (1.2, 1.2, 0.792))):
         write_run(runs / f"gnp{seed}", DIGITS + DIGITS_METHODS["gnp"], seed, error)
-        write_analysis(runs / f"gnp{seed}", hessian_trace=trace)
+        write_analysis(runs / f"gnp{seed}", hessian_trace=trace, train_loss=loss)
     write_run(runs / "gnp2", DIGITS + DIGITS_METHODS["gnp"], 2, 1.4)  # no analysis.json: missing for each quantity
     write_run(runs / "sam0", DIGITS + DIGITS_METHODS["sam"], 0, 3.0)
     (runs / "sam0" / "analysis.json").write_text('{"format": "gnp-analysis/1", "quanti')  # damaged
@@ -562,22 +564,26 @@ def test_the_analysis_table_and_its_scatter_figure(tmp_path, capsys):
     [warning] = err.splitlines()
     assert warning.startswith(f"warning: {runs}/sam0/analysis.json: not valid JSON, cut short? (Unterminated string")
     assert warning.endswith("; the run's analysis quantities are left out")
-    assert "digits-analysis: hessian_trace, sam_sharpness\n" in out
+    assert "digits-analysis: train_loss, hessian_trace, sam_sharpness\n" in out
     md = (tmp_path / "tables" / "digits-analysis.md").read_text()
-    # mean ± sample std over seeds, .3g; GNP's two traces against SGD's three: Welch p < 0.05
-    assert "## Hessian trace (`hessian_trace`)" in md and "## SAM sharpness (`sam_sharpness`)" in md
-    assert "| ours | 20 ± 10 (3) n<2 / – / **1.1 ± 0.141 (2)** |" not in md
-    assert "| ours | 20 ± 10 (3) / – / **1.1 ± 0.141 (2)** |" in md
-    assert "| ours | 0.2 ± 0.1 (3) / – / – |" in md  # one method has it: nothing to compare
+    # mean ± sample std over seeds, every number of a cell with the decimals that show its smallest std to 2
+    # significant digits; GNP's two traces against SGD's three: Welch p < 0.05
+    assert "## Hessian trace (with the in-loss L2 term's wd · P) (`hessian_trace`)" in md
+    assert "## SAM sharpness (`sam_sharpness`)" in md
+    assert "| ours | 20.00 ± 10.00 (3) n<2 / – / **1.10 ± 0.14 (2)** |" not in md
+    assert "| ours | 20.00 ± 10.00 (3) / – / **1.10 ± 0.14 (2)** |" in md
+    assert "| ours | 0.20 ± 0.10 (3) / – / – |" in md  # one method has it: nothing to compare
+    assert "## loss on the analysis subset (cross-entropy + in-loss L2) (`train_loss`)" in md
+    assert "| ours | **0.7830 ± 0.0010 (3)** / – / 0.7910 ± 0.0014 (2) † |" in md
     assert "largest Hessian eigenvalue" not in md  # null in every file: not a quantity of these runs
     assert f"python -m gnp.analysis {runs}/sam0 {runs}/gnp2" in md
     rows = list(csv.DictReader((tmp_path / "tables" / "digits-analysis.csv").open()))
     trace = {r["method"]: r for r in rows if r["quantity"] == "hessian_trace"}
     assert (float(trace["plain"]["mean"]), int(trace["plain"]["n"]), int(trace["gnp"]["n"])) == (20.0, 3, 2)
     assert float(trace["plain"]["p_vs_best"]) == pytest.approx(tables.welch_p([1.0, 1.2], [10.0, 20.0, 30.0]))
-    assert {r["quantity"] for r in rows} == {"hessian_trace", "sam_sharpness"}
+    assert {r["quantity"] for r in rows} == {"train_loss", "hessian_trace", "sam_sharpness"}
     tex = (tmp_path / "tables" / "digits-analysis.tex").read_text()
-    assert tex.count(r"\begin{table}") == 2 and "Hessian trace" in tex
+    assert tex.count(r"\begin{table}") == 3 and "Hessian trace" in tex
     png = tmp_path / "figures" / "digits_digits_resnet18_none_flatness.png"
     assert png.read_bytes().startswith(PNG_SIGNATURE)
     assert "test error (%)" in (tmp_path / "tables" / "digits.md").read_text()  # the main table as before
@@ -642,4 +648,4 @@ def test_chosen_analysis_quantities_and_runs_without_any(tmp_path, capsys):
         make_tables.main([str(runs), "--quantity", "hessian_traec"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1
-    assert "unknown quantity hessian_traec; choose from train_loss, train_error, train_grad_norm" in err
+    assert "unknown quantity hessian_traec; choose from train_loss, train_cross_entropy, train_error, train_grad_norm" in err

@@ -151,13 +151,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _describe(record: dict) -> str:
-    """One line of the main numbers."""
-    q, names = record["quantities"], {"train_loss": "train loss", "train_error": "error (%)",
-                                      "train_grad_norm": "|grad L|", "hessian_top_eigenvalue": "lambda_max",
-                                      "hessian_trace": "tr(H)", "sam_sharpness": "sharpness"}
-    parts = [f"{label} {q[key]:.4g}" for key, label in names.items() if q.get(key) is not None]
+    """One line of the main numbers, each saying what it holds: the loss and the trace with the in-loss L2
+    term's share, the sharpness beside its first-order value rho * |grad L|."""
+    q, d = record["quantities"], record["details"]
+    parts = []
+    if q.get("train_loss") is not None:
+        parts.append(f"train loss {q['train_loss']:.4g}" + (f" (cross-entropy {q['train_cross_entropy']:.4g} + "
+                     f"in-loss L2 {q['train_l2']:.4g})" if q.get("train_l2") else ""))
+    for key, label in (("train_error", "error (%)"), ("train_grad_norm", "|grad L|"),
+                       ("hessian_top_eigenvalue", "lambda_max")):
+        if q.get(key) is not None:
+            parts.append(f"{label} {q[key]:.4g}")
+    if q.get("hessian_trace") is not None:
+        parts.append(f"tr(H) {q['hessian_trace']:.4g}" + (f" ({q['hessian_trace_l2']:.4g} of it the in-loss L2 "
+                     f"term's)" if q.get("hessian_trace_l2") else ""))
+    if q.get("sam_sharpness") is not None:
+        s = d["sam_sharpness"]
+        parts.append(f"sharpness {q['sam_sharpness']:.4g} at rho {s['rho']:g} (first order rho*|grad L| "
+                     f"{s['first_order']:.4g})")
     return ", ".join(parts) + f" -> {Path(record['run']['dir']) / RESULT_FILE}"
-
 
 if __name__ == "__main__":
     sys.exit(main())

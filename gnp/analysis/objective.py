@@ -62,7 +62,7 @@ class SubsetLoss:
                                                   reduction="sum")
             errors = errors + (logits.argmax(1) != labels).sum()
         self._passed()
-        return loss_sum / self.size + self._l2_value(), 100.0 * errors / self.size
+        return loss_sum / self.size + self.l2_value(), 100.0 * errors / self.size
 
     def gradient(self) -> tuple[torch.Tensor, Vector]:
         """L(theta) and grad L(theta), accumulated over the batches."""
@@ -76,7 +76,7 @@ class SubsetLoss:
             loss = loss + batch_loss.detach()
         self._add_l2(total, self.params)
         self._passed()
-        return loss + self._l2_value(), total
+        return loss + self.l2_value(), total
 
     def hvp(self, vector: Vector) -> Vector:
         """H v, the Hessian of L at theta times `vector`, by double backward batch by batch (H is a
@@ -121,9 +121,14 @@ class SubsetLoss:
         loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
         return loss * (len(labels) / self.size)
 
-    def _l2_value(self) -> torch.Tensor | float:
+    def l2_value(self) -> torch.Tensor | float:
+        """The in-loss L2 term's share of L: 0.5 * sum of c * ||p||^2 (0 for a run without one)."""
         terms = [0.5 * c * p.detach().pow(2).sum() for c, p in zip(self.l2, self.params) if c]
         return torch.stack(terms).sum() if terms else 0.0
+
+    def l2_trace(self) -> float:
+        """The in-loss L2 term's share of tr(H): its Hessian is c * I on each parameter with coefficient c."""
+        return float(sum(c * p.numel() for c, p in zip(self.l2, self.params)))
 
     def _add_l2(self, total: Vector, vector: Vector) -> None:
         """total += coefficient * vector: the L2 term's gradient (vector = theta) or its Hessian

@@ -294,8 +294,10 @@ class Analysis:
     # --- the quantities --------------------------------------------------------------------------
 
     def train_loss(self) -> tuple[dict, dict]:
+        """L on the subset, and its two parts: the cross-entropy and the in-loss L2 term."""
         value, _ = self.loss.evaluate()
-        return {"train_loss": value.item()}, {}
+        l2 = float(self.loss.l2_value())
+        return {"train_loss": value.item(), "train_cross_entropy": value.item() - l2, "train_l2": l2}, {}
 
     def train_error(self) -> tuple[dict, dict]:
         _, error = self.loss.evaluate()
@@ -316,7 +318,7 @@ class Analysis:
     def hessian_trace(self) -> tuple[dict, dict]:
         result = hessian.hutchinson_trace(self.loss, self.options.trace_samples,
                                           sub_seed(self.options.seed, "hutchinson"))
-        return {"hessian_trace": result["value"]}, {"hessian_trace": result}
+        return {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}, {"hessian_trace": result}
 
     def sam_sharpness(self) -> tuple[dict, dict]:
         result = sharpness.sam_sharpness(self.loss, self.rho, self.options.ascent_steps)

@@ -14,7 +14,8 @@ from gnp.tables.runs import TEST_ERROR, Run
 class Quantity:
     name: str
     label: str                        # for titles, legends and axes
-    fmt: str                          # how a mean or a std is printed (the precision "lowest" is judged at)
+    fmt: str | None                   # how a mean or a std is printed (the precision "lowest" is judged at);
+                                      # None: by the spread of each cell (`gnp.tables.stats.cell_format`)
     in_analysis: bool                 # read from analysis.json's "quantities" (else from summary.json)
 
     def value(self, run: Run) -> float | None:
@@ -22,20 +23,19 @@ class Quantity:
         value = (run.analysis or {}).get(self.name) if self.in_analysis else run.summary.get(self.name)
         return float(value) if is_number(value) else None
 
-    def format(self, value: float) -> str:
-        return format(value, self.fmt)
-
 
 TEST_ERROR_QUANTITY = Quantity(TEST_ERROR, "test error (%)", ".2f", in_analysis=False)
 # analysis.json's quantities, each computed on a fixed, seeded subset of the training set with the
-# model in evaluation mode and the loss the run trained on.
+# model in evaluation mode and the loss the run trained on; each printed with the decimals its cell's spread
+# shows.
 ANALYSIS_QUANTITIES = {q.name: q for q in (
-    Quantity("train_loss", "training loss", ".3g", True),
-    Quantity("train_error", "training error (%)", ".3g", True),
-    Quantity("train_grad_norm", "‖∇L(θ)‖ on the training subset", ".3g", True),
-    Quantity("hessian_top_eigenvalue", "largest Hessian eigenvalue", ".3g", True),
-    Quantity("hessian_trace", "Hessian trace", ".3g", True),
-    Quantity("sam_sharpness", "SAM sharpness", ".3g", True),
+    Quantity("train_loss", "loss on the analysis subset (cross-entropy + in-loss L2)", None, True),
+    Quantity("train_cross_entropy", "cross-entropy on the analysis subset", None, True),
+    Quantity("train_error", "error (%) on the analysis subset", None, True),
+    Quantity("train_grad_norm", "‖∇L(θ)‖ on the analysis subset", None, True),
+    Quantity("hessian_top_eigenvalue", "largest Hessian eigenvalue", None, True),
+    Quantity("hessian_trace", "Hessian trace (with the in-loss L2 term's wd · P)", None, True),
+    Quantity("sam_sharpness", "SAM sharpness", None, True),
 )}
 
 

@@ -8,10 +8,10 @@ import io as _io
 
 from gnp.tables.estimates import Cost
 from gnp.tables.published import NOT_COVERED, published_value
-from gnp.tables.quantities import Quantity, analysis_options
+from gnp.tables.quantities import analysis_options
 from gnp.tables.runs import Run
 from gnp.tables.spec import Source, Table, TableError
-from gnp.tables.stats import (CONFIDENCE, SIGNIFICANCE, Results, Stat, Versus, best_methods, cell_groups,
+from gnp.tables.stats import (CONFIDENCE, SIGNIFICANCE, Results, Stat, Versus, best_methods, cell_format, cell_groups,
                               heatmap_grids)
 
 DASH = "–"
@@ -19,11 +19,11 @@ DIFFERS, NOT_TESTED = "†", "n<2"        # marks of a method against its cell's
 INSIDE, OUTSIDE = "∈", "∉"              # a published value against our 95% interval
 
 
-def format_stat(s: Stat, quantity: Quantity) -> str:
+def format_stat(s: Stat, fmt: str) -> str:
     if s.n == 0:
         return DASH
-    spread = f" ± {quantity.format(s.std)}" if s.std is not None else ""
-    return f"{quantity.format(s.mean)}{spread} ({s.n})"
+    spread = f" ± {format(s.std, fmt)}" if s.std is not None else ""
+    return f"{format(s.mean, fmt)}{spread} ({s.n})"
 
 
 def format_published(value: float | None, ours: Stat) -> str:
@@ -148,7 +148,7 @@ def _runs(n: int) -> str:
 
 
 def _markdown_grid(results: Results) -> list[str]:
-    t, grid, q = results.table, cell_groups(results), results.quantity
+    t, grid = results.table, cell_groups(results)
     header = ["Model", ""] + [f"{t.datasets[d]} {t.columns[c]}" for d, c in _columns(t)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in t.rows.values():
@@ -156,7 +156,8 @@ def _markdown_grid(results: Results) -> list[str]:
         for d, c in _columns(t):
             plans = grid.get((d, row.key, c))
             best = best_methods(results, d, row.key, c) if plans else set()
-            ours.append(" / ".join(_bold_md(format_stat(results.stat(p.cell), q), m in best)
+            fmt = cell_format(results, d, row.key, c)
+            ours.append(" / ".join(_bold_md(format_stat(results.stat(p.cell), fmt), m in best)
                                    + versus_mark(results.versus_best(p.cell)) for m, p in plans.items())
                         if plans else "")
         lines.append("| " + " | ".join(ours) + " |")
@@ -197,11 +198,12 @@ def _markdown_heatmaps(results: Results) -> list[str]:
     t = results.table
     lines = []
     for (d, r, c), plans, row_values, col_values, at in heatmap_grids(results):
+        fmt = cell_format(results, d, r, c)
         lines += [f"## {t.datasets[d]}, {t.rows[r].label}, {t.columns[c]}: {t.heatmap[0]} (rows) x {t.heatmap[1]} "
                   f"(columns)", "", "| | " + " | ".join(f"{v:g}" for v in col_values) + " |",
                   "|---|" + "---|" * len(col_values)]
         for rv in row_values:
-            lines.append(f"| {rv:g} | " + " | ".join(format_stat(results.stat(at[rv, cv].cell), results.quantity)
+            lines.append(f"| {rv:g} | " + " | ".join(format_stat(results.stat(at[rv, cv].cell), fmt)
                                                      if (rv, cv) in at else "" for cv in col_values) + " |")
         lines.append("")
     return lines
@@ -225,7 +227,7 @@ def _markdown_missing(results: Results, reproduce: str) -> list[str]:
 
 
 def render_latex(results: Results) -> str:
-    t, grid, q = results.table, cell_groups(results), results.quantity
+    t, grid = results.table, cell_groups(results)
     columns = _columns(t)
     methods = list(t.methods.values())
     k = len(methods)
@@ -248,11 +250,12 @@ def render_latex(results: Results) -> str:
         for d, c in columns:
             plans = grid.get((d, row.key, c), {})
             best = best_methods(results, d, row.key, c) if plans else set()
+            fmt = cell_format(results, d, row.key, c)
             for m in methods:
                 if m.key not in plans:
                     cells.append("")
                     continue
-                text = _tex(format_stat(results.stat(plans[m.key].cell), q))
+                text = _tex(format_stat(results.stat(plans[m.key].cell), fmt))
                 cells.append((rf"\textbf{{{text}}}" if m.key in best else text)
                              + _tex(versus_mark(results.versus_best(plans[m.key].cell))))
         out.append(" & ".join(cells) + r" \\")

@@ -186,11 +186,28 @@ def best_methods(results: Results, dataset: str, row: str, column: str) -> set[s
     """The methods of a cell with the lowest mean (at the printed precision); none when < 2 have runs."""
     shown = {p.cell.method: results.stat(p.cell) for p in results.plans
              if (p.cell.dataset, p.cell.row, p.cell.column) == (dataset, row, column)}
-    means = {m: float(results.quantity.format(s.mean)) for m, s in shown.items() if s.n}
+    fmt = cell_format(results, dataset, row, column)
+    means = {m: float(format(s.mean, fmt)) for m, s in shown.items() if s.n}
     if len(means) < 2:
         return set()
     low = min(means.values())
     return {m for m, v in means.items() if v == low}
+
+
+def cell_format(results: Results, dataset: str, row: str, column: str) -> str:
+    """How a cell's means and stds are printed, the same for each of its methods: the quantity's own format,
+    else fixed decimals that show the cell's smallest positive std to 2 significant digits, and never more
+    than 4 significant digits of its largest mean (3 when no std is positive)."""
+    if results.quantity.fmt is not None:
+        return results.quantity.fmt
+    stats = [results.stat(p.cell) for p in results.plans if (p.cell.dataset, p.cell.row, p.cell.column)
+             == (dataset, row, column) and results.stat(p.cell).n]
+    largest = max((abs(s.mean) for s in stats if s.mean), default=0.0)
+    stds = [s.std for s in stats if s.std]
+    decimals = [1 - math.floor(math.log10(min(stds)))] if stds else []
+    if largest:
+        decimals.append((3 if stds else 2) - math.floor(math.log10(largest)))
+    return f".{max(min(decimals, default=2), 0)}f"
 
 
 def cell_groups(results: Results) -> dict[tuple[str, str, str], dict[str, Plan]]:
