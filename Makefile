@@ -31,7 +31,7 @@ train: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Speed of the training loop against its limits (README, Speed); on CUDA also the end-to-end checks.
+# Speed of the training loop against its limits (docs/speed.md); on CUDA also the end-to-end checks.
 bench: setup
 	$(PY) scripts/benchmark.py $(ARGS)
 
@@ -40,7 +40,7 @@ RUNS ?= runs
 tables: setup
 	$(PY) scripts/make_tables.py $(RUNS) $(ARGS)
 
-# The flatness of the finished runs in $(RUNS) (README, Flatness of the trained models): their analysis.json.
+# The flatness of the finished runs in $(RUNS) (docs/flatness.md): their analysis.json.
 analyze: setup
 	$(PY) -m gnp.analysis $(RUNS) $(ARGS)
 

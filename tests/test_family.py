@@ -1,7 +1,7 @@
 """The sharpness-aware family beside GNP (GSAM, GAM, LookSAM, FriendlySAM, WSAM, and ASAM's rule) against
 independent implementations in float64: pytorch_optimizer's optimizers (a test-only dependency, pinned in the
 dev extra) and a reference written here from GAM's algorithm; their state across steps, shards, DDP replicas,
-float16 skips and a resume; the plug-in contract of gnp.methods as README states it."""
+float16 skips and a resume; the plug-in contract of gnp.methods as docs/methods.md states it."""
 from __future__ import annotations
 
 import copy
