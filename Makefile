@@ -8,7 +8,7 @@ TORCHVISION ?= torchvision==0.29.1
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo train test bench tables analyze clean
+.PHONY: setup demo train test bench tables analyze docs clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ tables: setup
 # The flatness of the finished runs in $(RUNS) (docs/flatness.md): their analysis.json.
 analyze: setup
 	$(PY) -m gnp.analysis $(RUNS) $(ARGS)
+
+# The parts of docs/ generated from conf/, results/benchmarks/ and conf/table/ (tests fail while one is stale).
+docs: setup
+	$(PY) scripts/docs.py
+	$(PY) scripts/benchmark.py --docs
+	$(PY) scripts/reproduce.py --docs
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache
