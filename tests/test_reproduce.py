@@ -381,7 +381,7 @@ def test_a_benchmark_file_of_another_format_is_a_one_line_error(tmp_path, conten
     (["cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits', 'digits_alpha_r', 'digits_family', 'sam_family', 'vit', 'vit_gr_warmup')"),
     (["cnn", "--launcher", "mpi"], "invalid choice: 'mpi' (choose from 'basic', 'parallel', 'slurm')"),
     (["cnn", "--epochs", "0"], "argument --epochs: 0 is invalid: it must be an integer >= 1"),
-    (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --epochs, --help, --launch, --launcher"),
+    (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --docs, --epochs, --help, --launch, --launcher"),
     (["digits", "--override", "model.width"], "--override 'model.width': expected KEY=VALUE"),
     (["digits", "--override", "model.depth=3"], "does not compose: "),
     ([], "the following arguments are required: table (or --docs)"),
