@@ -48,6 +48,7 @@ class Comments:
 
 
 def file_comments(path: Path) -> Comments:
+    """The comments of the YAML file at `path`, read line by line (a YAML parser drops them)."""
     header: list[str] = []
     keys: dict[str, str] = {}
     above: list[str] = []
