@@ -8,7 +8,7 @@ TORCHVISION ?= torchvision==0.29.1
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo train test bench tables analyze clean
+.PHONY: setup demo train test bench tables analyze docs clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ train: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Speed of the training loop against its limits (README, Speed); on CUDA also the end-to-end checks.
+# Speed of the training loop against its limits (docs/speed.md); on CUDA also the end-to-end checks.
 bench: setup
 	$(PY) scripts/benchmark.py $(ARGS)
 
@@ -40,9 +40,15 @@ RUNS ?= runs
 tables: setup
 	$(PY) scripts/make_tables.py $(RUNS) $(ARGS)
 
-# The flatness of the finished runs in $(RUNS) (README, Flatness of the trained models): their analysis.json.
+# The flatness of the finished runs in $(RUNS) (docs/flatness.md): their analysis.json.
 analyze: setup
 	$(PY) -m gnp.analysis $(RUNS) $(ARGS)
+
+# The parts of docs/ generated from conf/, results/benchmarks/ and conf/table/ (tests fail while one is stale).
+docs: setup
+	$(PY) scripts/docs.py
+	$(PY) scripts/benchmark.py --docs
+	$(PY) scripts/reproduce.py --docs
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -1,5 +1,5 @@
 """Measurements of speed: the benchmark file format (results/benchmarks/*.json), written by the
-benchmark (gnp.bench) atomically, and its one reader, shared by README's speed tables (gnp.bench.readme)
+benchmark (gnp.bench) atomically, and its one reader, shared by the speed tables of docs/speed.md (gnp.bench.speed_tables)
 and the time estimates of the tables (gnp.tables.estimates), which stand on it, not on the benchmark.
 
 A file is one JSON object with `"format": FORMAT`, the environment it was measured in, its settings

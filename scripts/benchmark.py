@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py                  # the current device: CUDA if visible (then also the CUDA checks)
     python scripts/benchmark.py --device cpu --models resnet18:width=32,batch=128 --steps 1 --repeats 8
-    python scripts/benchmark.py --readme         # README.md's speed tables from results/benchmarks/*.json
+    python scripts/benchmark.py --docs           # docs/speed.md's speed tables from results/benchmarks/*.json
 
 Stages, each printed as a table; the JSON is rewritten after each one, so a run cut short keeps what
 it measured (results/benchmarks/<name>_<device>.json, or --out):
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from gnp.analysis import __main__ as analysis_command
-from gnp.bench import readme
+from gnp.bench import speed_tables
 from gnp.bench.run import run
 from gnp.bench.settings import ANALYSIS_MODELS, CPU_DEFAULT_MODELS, CUDA_DEFAULT_MODELS, parse_model
 from gnp.checks import positive
@@ -93,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", nargs="+", default=(), choices=STAGES, help="stages to leave out")
     parser.add_argument("--name", default="bench", help="the JSON is results/benchmarks/<name>_<device>.json")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here instead")
-    parser.add_argument("--readme", action="store_true",
-                        help="only rewrite README.md's speed tables from the JSON files in results/benchmarks/")
+    parser.add_argument("--docs", action="store_true",
+                        help="only rewrite docs/speed.md's speed tables from the JSON files in results/benchmarks/")
     args = parser.parse_args(argv)
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup={args.warmup} must be at least 0")
@@ -109,12 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.readme:
+    if args.docs:
         try:
-            changed = readme.update()
+            changed = speed_tables.update()
         except (TableError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-        print(f"{readme.README}: speed tables {'rewritten' if changed else 'already current'}")
+        print(f"{speed_tables.PAGE}: speed tables {'rewritten' if changed else 'already current'}")
         return 0
     return run(args, shlex.join([Path(sys.executable).name, "scripts/benchmark.py", *argv]))
 

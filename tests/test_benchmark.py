@@ -1,6 +1,6 @@
 """`make bench` (scripts/benchmark.py over gnp.bench): its hand-written two-pass step (the reference
 GNP's step is timed against) is the GNP update, checked against GNP and a closed form; a tiny run
-writes every field that README.md's speed tables and the tables' time estimates read; README.md's
+writes every field that the speed tables of docs/speed.md and the tables' time estimates read; the page's
 tables are what the generator makes of the committed JSON. No timing is asserted."""
 import copy
 import importlib.util
@@ -19,7 +19,7 @@ from gnp import tables
 from gnp import measurements as files
 from gnp.analysis import __main__ as analysis_command
 from gnp.augment import PRESETS, STYLES
-from gnp.bench import readme, timing
+from gnp.bench import speed_tables, timing
 from gnp.bench.settings import FastPaths, ModelSpec, parse_model, run_overrides
 from gnp.compose import compose_config
 from gnp.bench.stages import loop as loop_stage, methods
@@ -260,10 +260,10 @@ def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):
         assert f"{key} {model['ratios'][key]:.3f} (limit {limit}: {verdict})" in out
 
 
-def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
+def test_the_speed_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     out, data = tiny_run
     model = data["models"][0]
-    text = readme.tables(out.parent)
+    text = speed_tables.tables(out.parent)
     row = next(line for line in text.splitlines() if "ResNet-18 (width 16), 8 |" in line)
     assert f"| {model['variants']['plain']['ms_per_step']['median']:.3g} |" in row
     header = next(line for line in text.splitlines() if line.startswith("| measured on | model, batch | setting"))
@@ -303,24 +303,24 @@ def test_the_readme_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     (out.parent / "full.json").unlink()
 
 
-def test_readme_speed_tables_are_generated_from_the_committed_json():
-    text = (ROOT / "README.md").read_text()
-    assert readme.current(text) == readme.tables(), \
-        "README.md's speed tables are stale: run python scripts/benchmark.py --readme"
+def test_the_speed_tables_of_the_docs_are_generated_from_the_committed_json():
+    text = speed_tables.PAGE.read_text()
+    assert speed_tables.current(text) == speed_tables.tables(), \
+        "docs/speed.md's speed tables are stale: run python scripts/benchmark.py --docs"
 
 
-def test_the_readme_tables_are_replaced_between_their_markers(tmp_path, tiny_run):
+def test_the_speed_tables_are_replaced_between_their_markers(tmp_path, tiny_run):
     out, _ = tiny_run
-    path = tmp_path / "README.md"
-    path.write_text(f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\nold table\n{readme.END}\nafter\n")
-    assert readme.update(path, out.parent) is True
-    generated = readme.tables(out.parent)
-    assert path.read_text() == f"# x\n\n## Speed\nbefore\n{readme.BEGIN}\n{generated}\n{readme.END}\nafter\n"
-    assert readme.current(path.read_text()) == readme.tables(out.parent)
-    assert readme.update(path, out.parent) is False  # already current
+    path = tmp_path / "speed.md"
+    path.write_text(f"# x\n\n## Speed\nbefore\n{speed_tables.BEGIN}\nold table\n{speed_tables.END}\nafter\n")
+    assert speed_tables.update(path, out.parent) is True
+    generated = speed_tables.tables(out.parent)
+    assert path.read_text() == f"# x\n\n## Speed\nbefore\n{speed_tables.BEGIN}\n{generated}\n{speed_tables.END}\nafter\n"
+    assert speed_tables.current(path.read_text()) == speed_tables.tables(out.parent)
+    assert speed_tables.update(path, out.parent) is False  # already current
     path.write_text("# x\n")
-    with pytest.raises(tables.TableError, match="README.md has no '<!-- speed tables"):
-        readme.update(path, out.parent)
+    with pytest.raises(tables.TableError, match=f"{path} has no '<!-- speed tables"):
+        speed_tables.update(path, out.parent)
     assert path.read_text() == "# x\n"
 
 

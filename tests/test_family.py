@@ -1,7 +1,7 @@
 """The sharpness-aware family beside GNP (GSAM, GAM, LookSAM, FriendlySAM, WSAM, and ASAM's rule) against
 independent implementations in float64: pytorch_optimizer's optimizers (a test-only dependency, pinned in the
 dev extra) and a reference written here from GAM's algorithm; their state across steps, shards, DDP replicas,
-float16 skips and a resume; the plug-in contract of gnp.methods as README states it."""
+float16 skips and a resume; the plug-in contract of gnp.methods as docs/methods.md states it."""
 from __future__ import annotations
 
 import copy
@@ -517,10 +517,13 @@ def test_a_plug_in_that_breaks_the_contract_or_refuses_a_setting_is_one_line_nam
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
-def test_every_python_block_of_readme_runs_as_printed(tmp_path, monkeypatch):
-    """README's examples (the library in one's own loop, a method of one's own) run as they are printed."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-    assert len(blocks) >= 2
+def test_every_python_block_of_readme_and_docs_runs_as_printed(tmp_path, monkeypatch):
+    """The examples of README.md and docs/*.md (the library in one's own loop, a method of one's own) run as
+    they are printed."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [(page, block) for page in pages
+              for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.DOTALL)]
+    assert len(blocks) >= 3 and {page.name for page, _ in blocks} >= {"README.md", "methods.md"}
     monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    for page, block in blocks:
+        exec(compile(block, str(page.relative_to(ROOT)), "exec"), {"__name__": "docs_example"})

@@ -381,10 +381,10 @@ def test_a_benchmark_file_of_another_format_is_a_one_line_error(tmp_path, conten
     (["cnnn"], "invalid choice: 'cnnn' (choose from 'cnn', 'digits', 'digits_alpha_r', 'digits_family', 'sam_family', 'vit', 'vit_gr_warmup')"),
     (["cnn", "--launcher", "mpi"], "invalid choice: 'mpi' (choose from 'basic', 'parallel', 'slurm')"),
     (["cnn", "--epochs", "0"], "argument --epochs: 0 is invalid: it must be an integer >= 1"),
-    (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --epochs, --help, --launch, --launcher"),
+    (["cnn", "--lanch"], "unrecognized arguments: --lanch; options: --docs, --epochs, --help, --launch, --launcher"),
     (["digits", "--override", "model.width"], "--override 'model.width': expected KEY=VALUE"),
     (["digits", "--override", "model.depth=3"], "does not compose: "),
-    ([], "the following arguments are required: table (or --readme)"),
+    ([], "the following arguments are required: table (or --docs)"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -393,11 +393,11 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     assert exit.value.code == 2 and err.count("\n") == 1 and message in err
 
 
-def test_readme_cost_table_is_generated_from_the_estimates(tmp_path, capsys):
-    readme = (ROOT / "README.md").read_text()
-    block = reproduce.readme_costs()
-    assert tables.marked(readme, reproduce.README_BEGIN, reproduce.README_END) == block, \
-        "README.md's cost table is stale: run python scripts/reproduce.py --readme"
+def test_the_cost_table_of_the_docs_is_generated_from_the_estimates(tmp_path, capsys):
+    page = reproduce.COST_PAGE.read_text()
+    block = reproduce.cost_table()
+    assert tables.marked(page, reproduce.COST_BEGIN, reproduce.COST_END) == block, \
+        "docs/tables.md's cost table is stale: run python scripts/reproduce.py --docs"
     # the same numbers as the script prints for a table with no run done
     assert reproduce.main(["cnn", "--root", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -410,8 +410,8 @@ def test_readme_cost_table_is_generated_from_the_estimates(tmp_path, capsys):
 
 
 def test_the_cost_table_is_replaced_between_its_markers():
-    text = f"# x\nbefore\n{reproduce.README_BEGIN}\nold\n{reproduce.README_END}\nafter\n"
-    updated = tables.replace_marked(text, reproduce.README_BEGIN, reproduce.README_END, "| new |")
-    assert updated == f"# x\nbefore\n{reproduce.README_BEGIN}\n| new |\n{reproduce.README_END}\nafter\n"
-    with pytest.raises(tables.TableError, match="README.md has no"):
-        tables.replace_marked("# x\n", reproduce.README_BEGIN, reproduce.README_END, "| new |")
+    text = f"# x\nbefore\n{reproduce.COST_BEGIN}\nold\n{reproduce.COST_END}\nafter\n"
+    updated = tables.replace_marked(text, reproduce.COST_BEGIN, reproduce.COST_END, "| new |")
+    assert updated == f"# x\nbefore\n{reproduce.COST_BEGIN}\n| new |\n{reproduce.COST_END}\nafter\n"
+    with pytest.raises(tables.TableError, match="docs/x.md has no '<!-- cost of the tables"):
+        tables.replace_marked("# x\n", reproduce.COST_BEGIN, reproduce.COST_END, "| new |", "docs/x.md")

@@ -1,4 +1,4 @@
-"""The flatness of finished runs (`python -m gnp.analysis RUN_DIR ...`, README: Flatness of the
+"""The flatness of finished runs (`python -m gnp.analysis RUN_DIR ...`, docs/flatness.md: Flatness of the
 trained models). A room of its own beside the training loop: it reads a run directory's config,
 summary and checkpoint and the run's dataset, and writes analysis.json.
 

@@ -1,5 +1,5 @@
 """`python -m gnp.analysis RUN_DIR [RUN_DIR ...]`: the flatness of finished runs, into each run's
-analysis.json (README: Flatness of the trained models).
+analysis.json (docs/flatness.md).
 
 Exit status 0 when every run was analysed (or was up to date, or skipped because it did not
 finish), 2 when any input was bad (each problem is one line on stderr; the other runs are still

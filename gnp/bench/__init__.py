@@ -7,9 +7,9 @@
     memory    peak memory of one step variant (CUDA's allocator, or a CPU child process's resident set)
     stages/   one module per stage: methods (steps, evaluation, memory), shards (the layout), exact, loader,
               loop, cuda (synchronisation and end-to-end checks), analysis (the cost of a flatness analysis)
-    readme    README.md's speed tables, rendered from results/benchmarks/
+    run       a whole run: the stages in order, each recorded (or its error) as soon as it ends
+    speed_tables  the speed tables of docs/speed.md, rendered from results/benchmarks/
 
 The file format of results/benchmarks/ and its one reader are gnp.measurements, which the tables' time
 estimates read too.
-    run       a whole run: the stages in order, each recorded (or its error) as soon as it ends
 """

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         "format": files.FORMAT, "name": args.name, "command": command,
         "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": env,
         "settings": {k: [asdict(m) for m in v] if k == "models" else asdict(v) if k == "analysis_model" else v
-                     for k, v in vars(args).items() if k not in ("readme", "out")},
+                     for k, v in vars(args).items() if k not in ("docs", "out")},
         "limits": {"steps": methods.STEP_LIMITS[device.type], "memory_slack": methods.MEMORY_SLACK,
                    "loader": loader.TARGET, "loop": loop.TARGETS},
         "complete": False, "stage_seconds": {}, "errors": {}, "models": [],

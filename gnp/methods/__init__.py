@@ -6,7 +6,7 @@
 `Plain` (standard training), `SAM`, `GNP`, `ASAM` and the rest of the SAM family (`GSAM`, `GAM`, `LookSAM`,
 `FriendlySAM`, `WSAM`) share the machinery of `Method` (base.py) and, for the perturbing ones, of
 `TwoPassMethod` (two_pass.py); a new method is a subclass that says how it perturbs and how it combines the
-two gradients (README, "Adding a method"). A config chooses one by its class (`_target_`).
+two gradients (docs/methods.md, "Adding a method"). A config chooses one by its class (`_target_`).
 """
 from gnp.methods.asam import ASAM
 from gnp.methods.base import NORM_FLOOR, Method, SettingError, StepReport, dot, global_norm

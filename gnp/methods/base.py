@@ -6,7 +6,7 @@ accumulation: each shard treated as one device's share of the batch), float16 lo
 GradScaler, the average over DDP replicas, clipping of the final gradient, the base optimizer's step,
 the step count that schedules depend on, and the per-step report (`last_step`) that a training loop reads.
 
-The contract of a method (README, "Adding a method"): it defines `gradient` (or, in the SAM family,
+The contract of a method (docs/methods.md, "Adding a method"): it defines `gradient` (or, in the SAM family,
 `direction` and perhaps `combine`, two_pass.py). It may set `passes` (the forward/backward passes of its
 full step) and `step_overhead` (its element-wise work beyond SAM's, for the benchmark's limits), and override
 `expected_passes` (the mean over a run, for cost estimates), `schedule` (the hyperparameters a step reports),
@@ -181,7 +181,7 @@ class Method:
         """Raise TypeError, naming what is missing, if the class does not say how it computes a gradient."""
         if cls.gradient is Method.gradient:
             raise TypeError(f"{cls.__name__} defines no gradient(closure, params, scale): a method says how it "
-                            f"computes a step's gradient (a TwoPassMethod its direction); README: Adding a method")
+                            f"computes a step's gradient (a TwoPassMethod its direction); docs/methods.md: Adding a method")
         if not (is_int(cls.passes) and cls.passes >= 1):
             raise TypeError(f"{cls.__name__}.passes={cls.passes!r} is invalid: the forward/backward passes of its "
                             f"step, an integer >= 1")

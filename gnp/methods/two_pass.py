@@ -76,7 +76,7 @@ class TwoPassMethod(Method):
     def check_contract(cls) -> None:
         if cls.direction is TwoPassMethod.direction and cls.gradient is TwoPassMethod.gradient:
             raise TypeError(f"{cls.__name__} defines no direction(params, g1, g1_norm): a TwoPassMethod says how it "
-                            f"perturbs (theta' = theta + r * direction); README: Adding a method")
+                            f"perturbs (theta' = theta + r * direction); docs/methods.md: Adding a method")
         super().check_contract()
 
     def direction(self, params: list[nn.Parameter], g1: list[torch.Tensor],

@@ -103,7 +103,7 @@ def estimate(plan: Plan, throughputs: list[Throughput], finished: list[Run]) -> 
 class Cost:
     """The time of a selection's runs left, summed over its cells: hours per (device, upper bound),
     and the cells and runs whose time is unknown, by reason. scripts/reproduce.py prints it, and
-    README's cost table is generated from it."""
+    the cost table of docs/tables.md is generated from it."""
     hours: dict[tuple[str, bool], float] = field(default_factory=dict)
     unknown_cells: Counter = field(default_factory=Counter)
     unknown_runs: Counter = field(default_factory=Counter)

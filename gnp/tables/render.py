@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import io as _io
+from pathlib import Path
+
+from gnp.io import write_text
 
 from gnp.tables.estimates import Cost
 from gnp.tables.published import NOT_COVERED, published_value
@@ -334,7 +337,7 @@ def finished_counts(csv_text: str) -> tuple[int, int]:
 
 
 def cost_markdown(costs: list[tuple[str, int, Cost]]) -> str:
-    """README's cost table: per table (name, runs, the Cost of all its runs), the GPU-hours
+    """The cost table of docs/tables.md: per table (name, runs, the Cost of all its runs), the GPU-hours
     extrapolated from measured step times and the upper bounds from start-up epochs, on what, and
     what is unknown."""
     lines = ["| table | runs | hours (measured step times, extrapolated) | at most (from a start-up epoch) | "
@@ -349,12 +352,27 @@ def cost_markdown(costs: list[tuple[str, int, Cost]]) -> str:
     return "\n".join(lines)
 
 
-def replace_marked(text: str, begin: str, end: str, block: str) -> str:
-    """`text` with what lies between the lines `begin` and `end` replaced by `block`."""
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def replace_marked(text: str, begin: str, end: str, block: str, name: str = "the text") -> str:
+    """`text` (of the file `name`) with what lies between the lines `begin` and `end` replaced by `block`."""
     start, stop = text.find(begin + "\n"), text.find("\n" + end)
     if start < 0 or stop < start:
-        raise TableError(f"README.md has no {begin!r} and {end!r} lines around the block to generate")
+        raise TableError(f"{name} has no {begin!r} and {end!r} lines around the block to generate")
     return text[: start + len(begin) + 1] + block + text[stop:]
+
+
+def rewrite_marked(path: Path, begin: str, end: str, block: str) -> bool:
+    """Replace what lies between the lines `begin` and `end` of the file at `path` by `block` (an atomic
+    write, only when it differs); whether it changed."""
+    text = path.read_text()
+    updated = replace_marked(text, begin, end, block, str(path))
+    if updated != text:
+        write_text(path, updated)
+    return updated != text
 
 
 def marked(text: str, begin: str, end: str) -> str:

@@ -122,7 +122,7 @@ def build_parts(cfg: DictConfig, ctx: distributed.Context) -> Parts:
             raise ConfigError(f"train.channels_last=true on the CPU: {hazard}, whose NHWC weight gradient hangs or is "
                               "wrong in oneDNN (issue uxlfoundation/oneDNN#6035); use train.channels_last=false")
         log.warning("train.channels_last=true on the CPU: its NHWC BatchNorm kernel computes batch statistics "
-                    "less accurately than NCHW (README: Speed)")
+                    "less accurately than NCHW (docs/speed.md)")
     model = model.to(device, parameter_dtype,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
     compiled = model if t.compile is False else torch.compile(model, mode=None if t.compile is True else t.compile)
