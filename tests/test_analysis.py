@@ -178,9 +178,13 @@ def test_sam_sharpness_of_an_isotropic_quadratic_is_its_closed_form():
     a, b, x = _quadratic([3.0] * 6)
     loss = Quadratic(a, b, x)
     g = np.linalg.norm(a @ x + b)
+    closed_form = 0.2 * g + 0.5 * 3.0 * 0.2**2
     result = sam_sharpness(loss, rho=0.2, steps=5)
-    assert result["value"] == pytest.approx(0.2 * g + 0.5 * 3.0 * 0.2**2, rel=1e-12)
-    assert result["ascent_steps"] == 5 and len(result["values"]) == 6
+    assert result["value"] == pytest.approx(closed_form, rel=1e-12)
+    sam = result["ascents"][0]
+    assert sam["from"] == "sam" and sam["steps"] == 0  # SAM's perturbation is the maximum: no step to take
+    assert sam["values"] == [pytest.approx(closed_form, rel=1e-12)]
+    assert result["ascent_steps"] == 5 and result["converged"] and not result["rising"]
     assert result["first_order"] == pytest.approx(0.2 * g)
     assert np.array_equal(loss.params[0].numpy(), x)  # restored exactly
 
@@ -195,16 +199,17 @@ def test_sam_sharpness_of_a_general_quadratic_reaches_the_trust_region_maximum()
     mu = brentq(lambda m: np.linalg.norm(gq / (m - w)) - rho, w.max() + 1e-9, w.max() + 1e6)
     e = q @ (gq / (mu - w))
     closed_form = (a @ x + b) @ e + 0.5 * e @ a @ e
-    result = sam_sharpness(Quadratic(a, b, x), rho=rho, steps=200)
+    result = sam_sharpness(Quadratic(a, b, x), rho=rho, steps=200, tol=1e-8, starts=1)
     assert result["value"] == pytest.approx(closed_form, rel=1e-8)
-    assert result["values"][0] < result["value"]  # the ascent added to SAM's first-order perturbation
+    assert result["value"] <= closed_form * (1 + 1e-12) and result["converged"]
+    assert result["ascents"][0]["values"][0] < result["value"]  # the ascent added to SAM's first-order perturbation
 
 
 def test_sam_sharpness_of_a_network_is_first_order_at_small_radius_and_leaves_the_weights(dense):
     model, images, labels, *_ = dense
     loss = _tiny_loss(model, images, labels)
     before = [p.clone() for p in model.parameters()]
-    result = sam_sharpness(loss, rho=1e-4, steps=2)
+    result = sam_sharpness(loss, rho=1e-4, steps=2, starts=1)
     assert result["value"] / result["first_order"] == pytest.approx(1.0, abs=1e-2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -436,6 +441,29 @@ def test_a_killed_analysis_resumes_with_what_it_had(run, monkeypatch):
         "train_loss", "train_cross_entropy", "train_l2", "sam_sharpness"}
 
 
+def test_the_sharpness_options_are_settings_and_m_sharpness_joins_the_quantities(run, capsys):
+    sharp = ["--only", "sam_sharpness", "--m-sharpness", "16", "--sharpness-starts", "1"]
+    assert main([str(run), *FAST, *sharp, "--ascent-steps", "1"]) == 0
+    out, _ = _lines(capsys)
+    assert out[0].endswith("sharpness still rising at --ascent-steps 1 (a lower bound: raise it) -> "
+                           f"{run / 'analysis.json'}")
+    record = _strict((run / "analysis.json").read_text())
+    assert record["quantities"].keys() == {"sam_sharpness", "m_sharpness"}
+    m = record["details"]["m_sharpness"]
+    assert m["m"] == 16 and [b["size"] for b in m["batches"]] == [16, 16] and m["rising"] and not m["converged"]
+    assert record["quantities"]["m_sharpness"] == m["value"] == pytest.approx(
+        (m["batches"][0]["value"] + m["batches"][1]["value"]) / 2)
+    assert len(record["details"]["sam_sharpness"]["ascents"]) == 2  # SAM's start and its mirror
+    s = record["settings"]
+    assert (s["ascent_steps"], s["ascent_tol"], s["sharpness_starts"], s["m_sharpness"]) == (1, 0.01, 1, 16)
+    # Another tolerance is another analysis, not an up-to-date one.
+    assert main([str(run), *FAST, *sharp, "--ascent-steps", "1"]) == 0
+    assert _lines(capsys)[0][0].endswith("is up to date (made with the same settings)")
+    assert main([str(run), *FAST, *sharp, "--ascent-steps", "1", "--ascent-tol", "0.5"]) == 0
+    assert "up to date" not in _lines(capsys)[0][0]
+    assert _strict((run / "analysis.json").read_text())["settings"]["ascent_tol"] == 0.5
+
+
 def test_the_file_names_the_commit_checked_out_when_the_analysis_began(run, monkeypatch):
     head = {"commit": "a" * 40}
     monkeypatch.setattr("gnp.analysis.run.git_commit", lambda: head["commit"])
@@ -523,6 +551,7 @@ def test_a_run_trained_in_bfloat16_is_analysed_in_float32_with_a_note(run, capsy
     (["--subset", "33"], "--subset 33 is larger than the training set of {run} (32 images): use --subset 32 or less"),
     (["--top-k", "0"], "argument --top-k: 0 is invalid: it must be positive"),
     (["--trace-samples", "1"], "--trace-samples 1 is invalid: a standard error needs at least 2"),
+    (["--m-sharpness", "33"], "--m-sharpness 33 is larger than the subset (32 images): use --m-sharpness 32 or less"),
     (["--device", "tpu"], "--device tpu is invalid: choose auto, cpu, cuda or cuda:N"),
     (["--between", "{run}", "{run}/nowhere"], "--between: {run}/nowhere is not a run directory (no config.yaml)"),
 ])

@@ -536,8 +536,9 @@ def test_the_gradient_norm_figure_has_one_line_per_alpha_and_a_panel_per_r():
 
 
 # the settings python -m gnp.analysis records (those that change a value, and two that do not)
-ANALYSED_WITH = {"subset": 500, "rho": 0.05, "top_k": 3, "trace_samples": 20, "ascent_steps": 5, "seed": 0,
-                 "dtype": "float32", "device": "cpu", "batch_size": 500}
+ANALYSED_WITH = {"subset": 500, "rho": 0.05, "top_k": 3, "trace_samples": 20, "ascent_steps": 5, "ascent_tol": 0.01,
+                 "sharpness_starts": 3, "m_sharpness": None, "seed": 0, "dtype": "float32", "device": "cpu",
+                 "batch_size": 500}
 
 
 def write_analysis(run, settings=ANALYSED_WITH, **quantities):
@@ -615,7 +616,8 @@ def test_the_analysis_table_says_its_options_and_when_they_differ_between_runs(t
     md = (tmp_path / "tables" / "digits-analysis.md").read_text()
     # the batch size changes no value: the analyses compare
     assert ("Analysed with `python -m gnp.analysis --subset 500 --rho 0.05 --top-k 3 --trace-samples 20 "
-            "--ascent-steps 5 --seed 0 --float64`.\n") in md and "Not comparable" not in md
+            "--ascent-steps 5 --ascent-tol 0.01 --sharpness-starts 3 --seed 0 --float64`.\n") in md  # no --m-sharpness
+    assert "Not comparable" not in md
     assert capsys.readouterr().err == ""
 
     write_analysis(runs / "gnp0", {**settings, "rho": 0.1, "dtype": "float32"}, sam_sharpness=0.3)
@@ -625,8 +627,8 @@ def test_the_analysis_table_says_its_options_and_when_they_differ_between_runs(t
                "no (1 run); 1 run recorded no settings in analysis.json; analyse every run with the same ones")
     assert problem in capsys.readouterr().err
     md = (tmp_path / "tables" / "digits-analysis.md").read_text()
-    assert ("Analysed with `python -m gnp.analysis --subset 500 --top-k 3 --trace-samples 20 --ascent-steps 5 --seed 0`. "
-            f"**Not comparable**: {problem}") in md
+    assert ("Analysed with `python -m gnp.analysis --subset 500 --top-k 3 --trace-samples 20 --ascent-steps 5 "
+            f"--ascent-tol 0.01 --sharpness-starts 3 --seed 0`. **Not comparable**: {problem}") in md
 
 
 def test_chosen_analysis_quantities_and_runs_without_any(tmp_path, capsys):

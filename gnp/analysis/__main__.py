@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gnp.analysis import sharpness
 from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
                               is_up_to_date, read_run)
 from gnp.console import first_line
@@ -55,10 +56,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Hutchinson samples for the Hessian trace (default 100, at least 2)")
     parser.add_argument("--rho", type=_positive(float), help="SAM sharpness radius (default the run's method.r if "
                         "positive, else 0.05)")
-    parser.add_argument("--ascent-steps", type=int, default=5, help="projected gradient ascent steps of the "
-                        "sharpness (default 5)")
+    parser.add_argument("--ascent-steps", type=int, default=sharpness.STEPS, help="the most trial points of each "
+                        f"ascent of the sharpness, one gradient pass each (default {sharpness.STEPS})")
+    parser.add_argument("--ascent-tol", type=_positive(float), default=sharpness.TOL, help="an ascent has converged "
+                        "when the gradient's part along the sphere is at most this share of the gradient (default "
+                        f"{sharpness.TOL:g})")
+    parser.add_argument("--sharpness-starts", type=_positive(int), default=sharpness.STARTS, help="ascents of the "
+                        "sharpness: from SAM's perturbation, then from random points, each followed by one from the "
+                        f"mirror image of the point it reached (default {sharpness.STARTS})")
+    parser.add_argument("--m-sharpness", type=_positive(int), metavar="M", help="also SAM's m-sharpness: the "
+                        "sharpness of each batch of M images of the subset, averaged")
     parser.add_argument("--seed", type=int, default=0, help="the subset, the Lanczos start vector, the "
-                        "Hutchinson vectors and the landscape's directions (default 0)")
+                        "Hutchinson vectors, the landscape's directions and the sharpness's random starts (default 0)")
     parser.add_argument("--float64", action="store_true", help="compute in float64 (small models)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N")
     parser.add_argument("--landscape", action="store_true", help="also the 1-D and 2-D loss surfaces along "
@@ -76,6 +85,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--trace-samples {args.trace_samples} is invalid: a standard error needs at least 2")
     if args.ascent_steps < 0:
         parser.error(f"--ascent-steps {args.ascent_steps} is invalid: it must be 0 or more")
+    if args.ascent_tol >= 1:
+        parser.error(f"--ascent-tol {args.ascent_tol:g} is invalid: it must be below 1 (every point would count as "
+                     f"converged)")
     if args.landscape_points < 2:
         parser.error(f"--landscape-points {args.landscape_points} is invalid: it must be at least 2")
     args.quantities = QUANTITIES
@@ -111,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     options = Options(subset=args.subset, batch_size=args.batch_size, seed=args.seed, float64=args.float64,
                       quantities=args.quantities, top_k=args.top_k, trace_samples=args.trace_samples, rho=args.rho,
-                      ascent_steps=args.ascent_steps, landscape=args.landscape,
+                      ascent_steps=args.ascent_steps, ascent_tol=args.ascent_tol,
+                      sharpness_starts=args.sharpness_starts, m_sharpness=args.m_sharpness, landscape=args.landscape,
                       landscape_points=args.landscape_points, landscape_range=args.landscape_range)
     jobs: dict[Path, tuple[Path, Path | None]] = {}  # by resolved path: (run, the other end of its interpolation)
     errors, skipped, analysed, up_to_date = 0, Counter(), 0, 0
@@ -152,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _describe(record: dict) -> str:
     """One line of the main numbers, each saying what it holds: the loss and the trace with the in-loss L2
-    term's share, the sharpness beside its first-order value rho * |grad L|."""
+    term's share, the sharpness beside its first-order value rho * |grad L|, and a sharpness whose ascents
+    were cut by the cap says so."""
     q, d = record["quantities"], record["details"]
     parts = []
     if q.get("train_loss") is not None:
@@ -165,11 +179,15 @@ def _describe(record: dict) -> str:
     if q.get("hessian_trace") is not None:
         parts.append(f"tr(H) {q['hessian_trace']:.4g}" + (f" ({q['hessian_trace_l2']:.4g} of it the in-loss L2 "
                      f"term's)" if q.get("hessian_trace_l2") else ""))
-    if q.get("sam_sharpness") is not None:
-        s = d["sam_sharpness"]
-        parts.append(f"sharpness {q['sam_sharpness']:.4g} at rho {s['rho']:g} (first order rho*|grad L| "
-                     f"{s['first_order']:.4g})")
+    for key, label in (("sam_sharpness", "sharpness"), ("m_sharpness", "m-sharpness")):
+        if q.get(key) is not None:
+            s = d[key]
+            parts.append(f"{label} {q[key]:.4g} at rho {s['rho']:g} (first order rho*|grad L| {s['first_order']:.4g})")
+    if any(d.get(key, {}).get("rising") for key in ("sam_sharpness", "m_sharpness")):
+        parts.append(f"sharpness still rising at --ascent-steps {record['settings']['ascent_steps']} (a lower "
+                     f"bound: raise it)")
     return ", ".join(parts) + f" -> {Path(record['run']['dir']) / RESULT_FILE}"
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,7 +65,10 @@ class Options:
     top_k: int = 5
     trace_samples: int = 100
     rho: float | None = None  # None: the run's method.r if > 0, else 0.05
-    ascent_steps: int = 5
+    ascent_steps: int = sharpness.STEPS  # the cap of each ascent
+    ascent_tol: float = sharpness.TOL
+    sharpness_starts: int = sharpness.STARTS
+    m_sharpness: int | None = None  # also SAM's m-sharpness with batches of m images
     landscape: bool = False
     landscape_points: int = 21
     landscape_range: float = 1.0
@@ -162,8 +165,9 @@ def check_fits(net: nn.Module, state_dict: dict, source: Path, run: Run) -> None
 
 
 def sub_seed(seed: int, purpose: str) -> int:
-    """An independent seed for each random draw (subset, Lanczos, Hutchinson, directions) from --seed."""
-    index = ("subset", "lanczos", "hutchinson", "directions").index(purpose)
+    """An independent seed for each random draw (subset, Lanczos, Hutchinson, directions, sharpness's
+    starts) from --seed."""
+    index = ("subset", "lanczos", "hutchinson", "directions", "sharpness").index(purpose)
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -193,6 +197,9 @@ class Analysis:
                                on_pass=self._passed)
         method_r = run.config["method"].get("r", 0)
         self.rho = options.rho if options.rho is not None else (method_r if method_r > 0 else 0.05)
+        if options.m_sharpness is not None and options.m_sharpness > self.subset_size:
+            raise AnalysisError(f"--m-sharpness {options.m_sharpness} is larger than the subset ({self.subset_size} "
+                                f"images): use --m-sharpness {self.subset_size} or less")
         self.settings = self._settings()
         self.bar: tqdm | None = None
         self.current, self.passes = "", 0
@@ -230,12 +237,15 @@ class Analysis:
                 "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
                 "quantities": list(o.quantities), "top_k": o.top_k, "lanczos_tol": hessian.LANCZOS_TOL[self.dtype],
                 "trace_samples": o.trace_samples, "rho": self.rho, "ascent_steps": o.ascent_steps,
+                "ascent_tol": o.ascent_tol, "sharpness_starts": o.sharpness_starts, "m_sharpness": o.m_sharpness,
                 "landscape": {"points": o.landscape_points, "range": o.landscape_range} if o.landscape else None,
                 "between": {"run": str(o.between.resolve()), "points": o.landscape_points} if o.between else None}
 
     def units(self) -> dict[str, Callable[[], tuple[dict, dict]]]:
         """Each piece of work by name, in order; each returns (flat quantities, details)."""
         units = {name: getattr(self, name) for name in self.options.quantities}
+        if self.options.m_sharpness is not None:
+            units["m_sharpness"] = self.m_sharpness
         if self.options.landscape:
             units["landscape"] = self.landscape
         if self.other is not None:
@@ -321,8 +331,17 @@ class Analysis:
         return {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}, {"hessian_trace": result}
 
     def sam_sharpness(self) -> tuple[dict, dict]:
-        result = sharpness.sam_sharpness(self.loss, self.rho, self.options.ascent_steps)
+        result = sharpness.sam_sharpness(self.loss, self.rho, **self._ascent())
         return {"sam_sharpness": result["value"]}, {"sam_sharpness": result}
+
+    def m_sharpness(self) -> tuple[dict, dict]:
+        result = sharpness.m_sharpness(self.loss, self.rho, self.options.m_sharpness, **self._ascent())
+        return {"m_sharpness": result["value"]}, {"m_sharpness": result}
+
+    def _ascent(self) -> dict:
+        o = self.options
+        return {"steps": o.ascent_steps, "tol": o.ascent_tol, "starts": o.sharpness_starts,
+                "seed": sub_seed(o.seed, "sharpness")}
 
     def landscape(self) -> tuple[dict, dict]:
         o = self.options

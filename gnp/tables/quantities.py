@@ -36,13 +36,16 @@ ANALYSIS_QUANTITIES = {q.name: q for q in (
     Quantity("hessian_top_eigenvalue", "largest Hessian eigenvalue", None, True),
     Quantity("hessian_trace", "Hessian trace (with the in-loss L2 term's wd · P)", None, True),
     Quantity("sam_sharpness", "SAM sharpness", None, True),
+    Quantity("m_sharpness", "SAM m-sharpness (the mean over batches of m of each batch's maximum)", None, True),
 )}
 
 
 # analysis.json's settings that change a value (not the device or the batch size, beyond rounding),
 # by the option of python -m gnp.analysis that sets each.
 ANALYSIS_OPTIONS = {"subset": "--subset", "rho": "--rho", "top_k": "--top-k", "trace_samples": "--trace-samples",
-                    "ascent_steps": "--ascent-steps", "seed": "--seed", "dtype": "--float64"}
+                    "ascent_steps": "--ascent-steps", "ascent_tol": "--ascent-tol",
+                    "sharpness_starts": "--sharpness-starts", "m_sharpness": "--m-sharpness", "seed": "--seed",
+                    "dtype": "--float64"}
 
 
 def analysis_options(runs: list[Run]) -> tuple[list[str], dict[str, Counter], int]:
@@ -70,4 +73,6 @@ def analysis_options(runs: list[Run]) -> tuple[list[str], dict[str, Counter], in
 def _shown(key: str, value) -> str:
     if key == "dtype":  # --float64 is a switch
         return "yes" if value == "float64" else "no"
+    if value is None:  # an option not given (--m-sharpness), or one its analysis did not have
+        return "no"
     return f"{value:g}" if is_number(value) else str(value)
