@@ -8,13 +8,16 @@ exists. `method_settings` turns the config into those arguments, for the check a
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import yaml
 from omegaconf import DictConfig
 
+from gnp import methods
 from gnp.augment import build_augmentation
 from gnp.checks import is_int, is_number
 from gnp.console import first_line
@@ -121,6 +124,22 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
 RUN_SETTINGS = {"l2": "optimizer.weight_decay_mode=loss", "seed": "seed", "grad_scaler": "precision=fp16",
                 "warmup_steps": "method.warmup_epochs"}
 _METHOD_KEYS = ("_target_", "name")  # the config's own keys of a method: its class, and its name in outputs
+# Where the suite's method configs differ from the constructors' defaults, for every method: the authors' code
+# clips the final gradient at norm 5, where a method built in Python clips only when asked.
+SUITE_SETTINGS = {"max_grad_norm": 5.0}
+
+
+def config_settings(cls: type[Method]) -> dict:
+    """The settings a config of `cls` gives, at their values in the suite's configs: each argument of the
+    constructor the run does not fill in (warmup_steps as method.warmup_epochs) at its default, or the suite's
+    (SUITE_SETTINGS); "???" (Hydra's "required") where the constructor has no default."""
+    settings = {}
+    for key, default in cls.setting_defaults().items():
+        if key == "warmup_steps":
+            settings["warmup_epochs"] = 0 if default == 0 else "???"  # steps cannot be said in epochs
+        elif key not in RUN_SETTINGS:
+            settings[key] = SUITE_SETTINGS.get(key, "???" if default is inspect.Parameter.empty else default)
+    return settings
 
 
 def method_class(method: Mapping) -> type[Method]:
@@ -136,6 +155,30 @@ def method_class(method: Mapping) -> type[Method]:
         raise ConfigError(f"method._target_={target!r} is invalid: name a subclass of gnp.methods.Method as "
                           f"module.Class, e.g. gnp.methods.GNP (every conf/method/*.yaml has one)")
     return cls
+
+
+def settings_file(name: str) -> str:
+    """conf/method/settings/<name>.yaml for the class gnp.methods.<name>: its `_target_` and `config_settings`."""
+    suite = ", ".join(f"{key}: {value}" for key, value in SUITE_SETTINGS.items())
+    header = (f"# Generated from the constructor of gnp.methods.{name} by `python scripts/method_settings.py`: do not\n"
+              f"# edit. Every setting of a config of {name} at the constructor's default (help(gnp.methods.{name})\n"
+              f"# says what each means), but {suite} (gnp.config.SUITE_SETTINGS). conf/method/*.yaml build on it.\n")
+    settings = {"_target_": f"gnp.methods.{name}", **config_settings(getattr(methods, name))}
+    return header + yaml.safe_dump(settings, sort_keys=False)
+
+
+def method_class_names() -> list[str]:
+    """The classes gnp.methods exports that a config can build (not the bases, which say no gradient)."""
+    names = []
+    for name in methods.__all__:
+        cls = getattr(methods, name)
+        if isinstance(cls, type) and issubclass(cls, Method):
+            try:
+                cls.check_contract()
+                names.append(name)
+            except TypeError:
+                continue
+    return names
 
 
 def _nominal_train_size(cfg: DictConfig) -> int:

@@ -33,8 +33,10 @@ from gnp.models import count_parameters
 
 
 def method_configs(folder: Path = CONF_DIR / "method") -> list[str]:
-    """The methods of conf/method/: each config that is not built on another's (no `defaults` list)."""
-    return sorted(path.stem for path in folder.glob("*.yaml") if "defaults" not in yaml.safe_load(path.read_text()))
+    """The methods of conf/method/: each config built on its class's settings alone, not on another config."""
+    return sorted(path.stem for path in folder.glob("*.yaml")
+                  if all(entry == "_self_" or entry.startswith("settings/")
+                         for entry in yaml.safe_load(path.read_text()).get("defaults", [])))
 
 
 # name -> (config method, extra override): every method, and the reference with hybrid steps. The baseline
