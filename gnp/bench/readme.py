@@ -7,7 +7,7 @@ from typing import Callable
 
 from gnp import io
 from gnp import measurements as files
-from gnp.augment import PRESETS
+from gnp.augment import presets
 from gnp.bench.stages.shards import SHARDS
 from gnp.methods import BASELINE, REFERENCE
 from gnp.tables.render import marked, replace_marked
@@ -68,8 +68,8 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
             shard_rows.append([where, *_shard_cells(data["shards"])])
         if "loader" in data:
             first = data["models"][0]["label"] if data["models"] else None
-            for style, presets in data["loader"]["styles"].items():
-                loader_rows.append([where, style, *(_loader_cell(presets.get(k), first) for k in PRESETS)])
+            for style, measured in data["loader"]["styles"].items():
+                loader_rows.append([where, style, *(_loader_cell(measured.get(k), first) for k in presets())])
     return "\n".join([
         "Steps (plain: median ms/step of the one-pass step; ratios: medians over rounds of the ratio within a "
         "round; hybrid: its mean step time, with the share of two-pass steps it drew; two-pass: the hand-written "
@@ -89,7 +89,7 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         "",
         "The input pipeline alone (images/s; in brackets × the first model's GNP step):",
         "",
-        *_markdown(["measured on", "style", *PRESETS], loader_rows),
+        *_markdown(["measured on", "style", *presets()], loader_rows),
         "",
         "What a flatness analysis costs (one Hessian-vector product ÷ one plain training step of the same batch, "
         "both float32 and eager, paired by round; the wall time of a default `python -m gnp.analysis` of a run "
