@@ -24,10 +24,12 @@ from gnp.console import first_line
 from gnp.data import DATASETS, TRAIN_SIZES, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
 from gnp.models import check_model_options, normalises_with_batch_statistics
-from gnp.schema import ConfigError, check_keys
+from gnp.schema import SHARED_OPTIMIZER_KEYS, ConfigError, check_keys
 from gnp.tracking import has_wandb_credentials
 
-OPTIMIZERS = ("sgd", "adamw")
+# The class of each base optimizer a config names (conf/optimizer/<name>.yaml, whose keys beyond the shared
+# ones are the class's own arguments: SGD's momentum and nesterov, AdamW's betas and eps).
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 WEIGHT_DECAY_MODES = ("loss", "optimizer")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
@@ -68,7 +70,7 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     _check(t.compile in (True, False) or t.compile in COMPILE_MODES, "train.compile", t.compile,
            f"choose false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})")
 
-    _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"choose one of {', '.join(OPTIMIZERS)}")
+    _check(o.name in BASE_OPTIMIZERS, "optimizer.name", o.name, f"choose one of {', '.join(BASE_OPTIMIZERS)}")
     _check(is_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
     _check(is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
            "must be a number >= 0")
@@ -77,15 +79,16 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     _check(isinstance(o.decay_norm_and_bias, bool), "optimizer.decay_norm_and_bias", o.decay_norm_and_bias,
            "true (decay every parameter, as the official code) or false (no decay on biases and norm weights)")
     _check(o.fused in ("auto", True, False), "optimizer.fused", o.fused, AUTO_OR_BOOL)
-    if o.name == "sgd":
+    if "momentum" in o:
         _check(is_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
         _check(o.nesterov in (True, False), "optimizer.nesterov", o.nesterov, "true or false")
         _check(not o.nesterov or o.momentum > 0, "optimizer.nesterov", o.nesterov,
                "Nesterov needs momentum > 0; with optimizer.momentum=0 set optimizer.nesterov=false too")
-    if o.name == "adamw":
+    if "betas" in o:
         betas = list(o.betas) if isinstance(o.betas, Sequence) and not isinstance(o.betas, str) else o.betas
         _check(isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
                "optimizer.betas", betas, "must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    if "eps" in o:
         _check(is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a number > 0")
 
     _check(d.name in DATASETS, "dataset.name", d.name, f"choose one of {', '.join(DATASETS)}")
@@ -253,6 +256,12 @@ def probe_method(cfg: DictConfig) -> Method:
 def method_passes(cfg: DictConfig) -> float:
     """Mean forward/backward passes per step of the config's method over its whole run (cost estimates)."""
     return probe_method(cfg).expected_passes(cfg.train.epochs * train_steps_per_epoch(cfg))
+
+
+def optimizer_arguments(optimizer: DictConfig) -> dict:
+    """The base optimizer's own arguments: the keys of its config beyond the shared ones (lists as tuples)."""
+    return {key: tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+            for key, value in optimizer.items() if key not in SHARED_OPTIMIZER_KEYS}
 
 
 def model_options(cfg: DictConfig) -> dict:

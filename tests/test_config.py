@@ -8,9 +8,11 @@ import torch
 import yaml
 
 from conftest import CONF, ROOT, compose_config
-from gnp.config import (SUITE_SETTINGS, ConfigError, build_method, config_settings, method_class, method_class_names,
-                        settings_file, validate)
+from gnp.config import (BASE_OPTIMIZERS, SUITE_SETTINGS, ConfigError, build_method, config_settings, method_class,
+                        method_class_names, settings_file, validate)
 from gnp.methods import GSAM, LookSAM
+from gnp.schema import OPTIMIZER_SCHEMA, SCHEMA, SHARED_OPTIMIZER_KEYS
+from gnp.training import build_optimizer
 
 GROUPS = ["dataset", "model", "method", "optimizer", "aug", "experiment"]
 CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -146,3 +148,28 @@ def test_gsam_and_looksam_defaults_are_the_documented_ones():
     looksam = LookSAM(probe, torch.optim.SGD(probe.parameters(), lr=1.0))
     assert (gsam.r, gsam.alpha, looksam.r, looksam.k, looksam.alpha) == (0.05, 0.2, 0.05, 5, 0.7)
     assert (compose_config("method=gsam").method.alpha, compose_config("method=looksam").method.r) == (0.2, 0.05)
+
+
+def test_the_schema_is_what_conf_states():
+    """The keys the first check allows, read from conf/ with PyYAML, are those Hydra composes: of every section,
+    every dataset and every optimizer (model, aug and method are their builders' to check)."""
+    for dataset in ("cifar10", "cifar100", "digits"):
+        cfg = compose_config(f"dataset={dataset}")
+        assert set(cfg) == SCHEMA[""]
+        assert all(set(cfg[section]) == SCHEMA[section] for section in ("train", "wandb", "dataset"))
+    assert set(OPTIMIZER_SCHEMA) == set(BASE_OPTIMIZERS) == {"sgd", "adamw"}
+    for name in OPTIMIZER_SCHEMA:
+        assert set(compose_config(f"optimizer={name}").optimizer) == OPTIMIZER_SCHEMA[name]
+    assert {"lr", "weight_decay", "fused"} <= SHARED_OPTIMIZER_KEYS and "momentum" not in SHARED_OPTIMIZER_KEYS
+
+
+@pytest.mark.parametrize("name,arguments", [("sgd", {"momentum": 0.9, "nesterov": True, "lr": 0.1}),
+                                            ("adamw", {"betas": (0.9, 0.999), "eps": 1e-8, "lr": 1e-3})])
+def test_a_base_optimizer_gets_the_arguments_of_its_file(name, arguments):
+    cfg = compose_config(f"optimizer={name}", "optimizer.weight_decay_mode=optimizer")
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
+    assert type(optimizer) is BASE_OPTIMIZERS[name]
+    group = optimizer.param_groups[0]
+    assert {key: group[key] for key in arguments} == arguments
+    assert group["weight_decay"] == cfg.optimizer.weight_decay and group["fused"] is False
