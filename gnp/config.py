@@ -184,6 +184,12 @@ def method_class_names() -> list[str]:
     return names
 
 
+def method_label(method: Mapping) -> str:
+    """The settings that tell a method's runs apart (its class's `label_settings`), e.g. `r=0.1 alpha=0.8`."""
+    return " ".join(f"{key}={method[key]:g}" if is_number(method[key]) else f"{key}={method[key]}"
+                    for key in method_class(method).label_settings if key in method)
+
+
 def _nominal_train_size(cfg: DictConfig) -> int:
     """The training images a run uses if its dataset has the published size, cut at dataset.limit_train."""
     n = TRAIN_SIZES[cfg.dataset.name]

@@ -8,6 +8,7 @@ one run has on the directory while it trains.
         checkpoint.pt   the latest state (gnp.training.checkpointing writes and reads its content)
         summary.json    how it ended, and what it trained (`Summary`)
         analysis.json   its flatness (`python -m gnp.analysis`), added to a finished run
+        analysis.partial.json   what an analysis in progress has computed (it continues from there)
         .lock           the PID of the process that holds it, while one does
         launcher.log    a job's console output, under the parallel launcher (hydra/launcher=parallel)
         .hydra/         Hydra's record of the job's config
@@ -41,6 +42,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 ANALYSIS = "analysis.json"
+ANALYSIS_PARTIAL = "analysis.partial.json"
 LOCK = ".lock"
 LAUNCHER_LOG = "launcher.log"
 HYDRA_RECORD = ".hydra"

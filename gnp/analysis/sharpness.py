@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from gnp.analysis.objective import SubsetLoss, norm
-
-_NORM_FLOOR = 1e-12  # a zero gradient gives a zero perturbation, not NaN
+from gnp.methods import NORM_FLOOR
 
 
 def sam_sharpness(loss: SubsetLoss, rho: float, steps: int) -> dict:
@@ -18,7 +17,7 @@ def sam_sharpness(loss: SubsetLoss, rho: float, steps: int) -> dict:
         base, grad = loss.gradient()
         gains, first_order = [], rho * norm(grad)
         for step in range(steps + 1):
-            loss.set_params(theta, (rho / norm(grad).clamp_min(_NORM_FLOOR), grad))
+            loss.set_params(theta, (rho / norm(grad).clamp_min(NORM_FLOOR), grad))
             if step < steps:
                 value, grad = loss.gradient()
             else:
