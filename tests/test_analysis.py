@@ -525,7 +525,7 @@ def test_a_run_trained_in_bfloat16_is_analysed_in_float32_with_a_note(run, capsy
     (["--only", "train_loss,sharpness"], "--only train_loss,sharpness: unknown quantity sharpness; choose from "
                                          + ", ".join(QUANTITIES)),
     (["--subset", "33"], "--subset 33 is larger than the training set of {run} (32 images): use --subset 32 or less"),
-    (["--top-k", "0"], "argument --top-k: 0 is invalid: it must be positive"),
+    (["--top-k", "0"], "argument --top-k: 0 is invalid: it must be an integer >= 1"),
     (["--trace-samples", "1"], "--trace-samples 1 is invalid: a standard error needs at least 2"),
     (["--device", "tpu"], "--device tpu is invalid: choose auto, cpu, cuda or cuda:N"),
     (["--between", "{run}", "{run}/nowhere"], "--between: {run}/nowhere is not a run directory (no config.yaml)"),

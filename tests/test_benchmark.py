@@ -340,7 +340,7 @@ def test_analysis_options_are_checked_before_anything_is_measured(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--device", "cpu", "--analysis-args", "--top-k 0"])
     err = capsys.readouterr().err
-    assert "--top-k: 0 is invalid: it must be positive" in err
+    assert "--top-k: 0 is invalid: it must be an integer >= 1" in err
     assert "--analysis-args '--top-k 0' are not options of python -m gnp.analysis" in err
 
 

@@ -18,6 +18,7 @@ import torch
 
 from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
                               is_up_to_date, read_run)
+from gnp.checks import positive as _positive
 from gnp.console import first_line
 
 BAD_INPUT, OUT_OF_MEMORY = 2, 1
@@ -27,16 +28,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """A mistake on the command line is one line (argparse's usage block is left out)."""
         self.exit(BAD_INPUT, f"error: {message} (python -m gnp.analysis --help)\n")
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is invalid: it must be positive")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

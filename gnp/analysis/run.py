@@ -135,19 +135,11 @@ def build_network(run: Run, device: torch.device, dtype: torch.dtype) -> nn.Modu
 
 def check_fits(net: nn.Module, state_dict: dict, source: Path, run: Run) -> None:
     """AnalysisError naming `source` and the first tensor that does not fit `run`'s model `net`."""
-    expected = net.state_dict()
-    mismatch = None
-    for key, tensor in expected.items():
-        if key not in state_dict:
-            mismatch = f"it has no tensor {key}"
-        elif state_dict[key].shape != tensor.shape:
-            mismatch = f"its {key} has shape {list(state_dict[key].shape)}, not {list(tensor.shape)}"
-        if mismatch:
-            break
-    else:
-        extra = sorted(set(state_dict) - set(expected))
-        mismatch = f"it has a tensor {extra[0]} that the model lacks" if extra else None
-    if mismatch:
+    found = checkpointing.misfit(net.state_dict(), state_dict)
+    if found:
+        mismatch = (f"it has no tensor {found.key}" if found.saved is None else
+                    f"it has a tensor {found.key} that the model lacks" if found.own is None else
+                    f"its {found.key} has shape {found.saved}, not {found.own}")
         model = run.config["model"]
         options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "name")
         raise AnalysisError(f"{source} holds another model than {run.dir}'s {model['name']}({options}): "
