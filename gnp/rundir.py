@@ -35,6 +35,7 @@ from typing import Iterable
 
 from gnp import io
 from gnp.console import first_line, log
+from gnp.paths import OUTPUTS_DIR
 
 CONFIG = "config.yaml"
 LOG = "train.log"
@@ -48,7 +49,6 @@ LAUNCHER_LOG = "launcher.log"
 HYDRA_RECORD = ".hydra"
 RUN_MARKERS = (SUMMARY, CHECKPOINT, METRICS)  # a folder holding any of them holds a run
 ANALYSIS_FORMAT = "gnp-analysis/1"
-DEFAULT_OUTPUTS = "outputs"  # where conf/config.yaml's hydra.run.dir puts single runs
 
 
 class Status(str, Enum):
@@ -387,7 +387,7 @@ def remove_stub(path: str | Path) -> None:
         return
     shutil.rmtree(path, ignore_errors=True)
     # The default layout's folders (outputs/<dataset>/<model>/<method>/) go too when nothing else is in them.
-    root = Path.cwd() / DEFAULT_OUTPUTS
+    root = Path.cwd() / OUTPUTS_DIR
     for parent in path.parents:
         if parent == root or not parent.is_relative_to(root):
             break

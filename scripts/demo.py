@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from gnp.compose import compose_config
 from gnp.config import method_label
+from gnp.paths import OUTPUTS_DIR, ROOT
 from gnp.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("plain", "sam", "gnp", "asam")
 
 
 def main(overrides: list[str]) -> None:
-    out = ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = ROOT / OUTPUTS_DIR / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     summaries = []
     for method in METHODS:
         cfg = compose_config("experiment=digits_demo", f"method={method}", *overrides)

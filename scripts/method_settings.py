@@ -6,8 +6,8 @@ default, which conf/method/*.yaml build on: run it after changing a constructor'
 """
 from __future__ import annotations
 
-from gnp.compose import CONF_DIR
 from gnp.config import method_class_names, settings_file
+from gnp.paths import CONF_DIR
 
 SETTINGS_DIR = CONF_DIR / "method" / "settings"
 
