@@ -11,14 +11,13 @@ The command line's checks, the tables, the benchmark, the demo and the tests all
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from gnp.paths import CONF_DIR
 
 
 @contextmanager

@@ -8,23 +8,28 @@ exists. `method_settings` turns the config into those arguments, for the check a
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import yaml
 from omegaconf import DictConfig
 
+from gnp import methods
 from gnp.augment import build_augmentation
 from gnp.checks import is_int, is_number
 from gnp.console import first_line
 from gnp.data import DATASETS, TRAIN_SIZES, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
 from gnp.models import check_model_options, normalises_with_batch_statistics
-from gnp.schema import ConfigError, check_keys
+from gnp.schema import SHARED_OPTIMIZER_KEYS, ConfigError, check_keys
 from gnp.tracking import has_wandb_credentials
 
-OPTIMIZERS = ("sgd", "adamw")
+# The class of each base optimizer a config names (conf/optimizer/<name>.yaml, whose keys beyond the shared
+# ones are the class's own arguments: SGD's momentum and nesterov, AdamW's betas and eps).
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 WEIGHT_DECAY_MODES = ("loss", "optimizer")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
@@ -65,7 +70,7 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     _check(t.compile in (True, False) or t.compile in COMPILE_MODES, "train.compile", t.compile,
            f"choose false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})")
 
-    _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"choose one of {', '.join(OPTIMIZERS)}")
+    _check(o.name in BASE_OPTIMIZERS, "optimizer.name", o.name, f"choose one of {', '.join(BASE_OPTIMIZERS)}")
     _check(is_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
     _check(is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
            "must be a number >= 0")
@@ -74,15 +79,16 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
     _check(isinstance(o.decay_norm_and_bias, bool), "optimizer.decay_norm_and_bias", o.decay_norm_and_bias,
            "true (decay every parameter, as the official code) or false (no decay on biases and norm weights)")
     _check(o.fused in ("auto", True, False), "optimizer.fused", o.fused, AUTO_OR_BOOL)
-    if o.name == "sgd":
+    if "momentum" in o:
         _check(is_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
         _check(o.nesterov in (True, False), "optimizer.nesterov", o.nesterov, "true or false")
         _check(not o.nesterov or o.momentum > 0, "optimizer.nesterov", o.nesterov,
                "Nesterov needs momentum > 0; with optimizer.momentum=0 set optimizer.nesterov=false too")
-    if o.name == "adamw":
+    if "betas" in o:
         betas = list(o.betas) if isinstance(o.betas, Sequence) and not isinstance(o.betas, str) else o.betas
         _check(isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
                "optimizer.betas", betas, "must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    if "eps" in o:
         _check(is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a number > 0")
 
     _check(d.name in DATASETS, "dataset.name", d.name, f"choose one of {', '.join(DATASETS)}")
@@ -121,6 +127,22 @@ def validate(cfg: DictConfig, *, check_environment: bool = True) -> None:
 RUN_SETTINGS = {"l2": "optimizer.weight_decay_mode=loss", "seed": "seed", "grad_scaler": "precision=fp16",
                 "warmup_steps": "method.warmup_epochs"}
 _METHOD_KEYS = ("_target_", "name")  # the config's own keys of a method: its class, and its name in outputs
+# Where the suite's method configs differ from the constructors' defaults, for every method: the authors' code
+# clips the final gradient at norm 5, where a method built in Python clips only when asked.
+SUITE_SETTINGS = {"max_grad_norm": 5.0}
+
+
+def config_settings(cls: type[Method]) -> dict:
+    """The settings a config of `cls` gives, at their values in the suite's configs: each argument of the
+    constructor the run does not fill in (warmup_steps as method.warmup_epochs) at its default, or the suite's
+    (SUITE_SETTINGS); "???" (Hydra's "required") where the constructor has no default."""
+    settings = {}
+    for key, default in cls.setting_defaults().items():
+        if key == "warmup_steps":
+            settings["warmup_epochs"] = 0 if default == 0 else "???"  # steps cannot be said in epochs
+        elif key not in RUN_SETTINGS:
+            settings[key] = SUITE_SETTINGS.get(key, "???" if default is inspect.Parameter.empty else default)
+    return settings
 
 
 def method_class(method: Mapping) -> type[Method]:
@@ -136,6 +158,36 @@ def method_class(method: Mapping) -> type[Method]:
         raise ConfigError(f"method._target_={target!r} is invalid: name a subclass of gnp.methods.Method as "
                           f"module.Class, e.g. gnp.methods.GNP (every conf/method/*.yaml has one)")
     return cls
+
+
+def settings_file(name: str) -> str:
+    """conf/method/settings/<name>.yaml for the class gnp.methods.<name>: its `_target_` and `config_settings`."""
+    suite = ", ".join(f"{key}: {value}" for key, value in SUITE_SETTINGS.items())
+    header = (f"# Generated from the constructor of gnp.methods.{name} by `python scripts/method_settings.py`: do not\n"
+              f"# edit. Every setting of a config of {name} at the constructor's default (help(gnp.methods.{name})\n"
+              f"# says what each means), but {suite} (gnp.config.SUITE_SETTINGS). conf/method/*.yaml build on it.\n")
+    settings = {"_target_": f"gnp.methods.{name}", **config_settings(getattr(methods, name))}
+    return header + yaml.safe_dump(settings, sort_keys=False)
+
+
+def method_class_names() -> list[str]:
+    """The classes gnp.methods exports that a config can build (not the bases, which say no gradient)."""
+    names = []
+    for name in methods.__all__:
+        cls = getattr(methods, name)
+        if isinstance(cls, type) and issubclass(cls, Method):
+            try:
+                cls.check_contract()
+                names.append(name)
+            except TypeError:
+                continue
+    return names
+
+
+def method_label(method: Mapping) -> str:
+    """The settings that tell a method's runs apart (its class's `label_settings`), e.g. `r=0.1 alpha=0.8`."""
+    return " ".join(f"{key}={method[key]:g}" if is_number(method[key]) else f"{key}={method[key]}"
+                    for key in method_class(method).label_settings if key in method)
 
 
 def _nominal_train_size(cfg: DictConfig) -> int:
@@ -210,6 +262,12 @@ def probe_method(cfg: DictConfig) -> Method:
 def method_passes(cfg: DictConfig) -> float:
     """Mean forward/backward passes per step of the config's method over its whole run (cost estimates)."""
     return probe_method(cfg).expected_passes(cfg.train.epochs * train_steps_per_epoch(cfg))
+
+
+def optimizer_arguments(optimizer: DictConfig) -> dict:
+    """The base optimizer's own arguments: the keys of its config beyond the shared ones (lists as tuples)."""
+    return {key: tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+            for key, value in optimizer.items() if key not in SHARED_OPTIMIZER_KEYS}
 
 
 def model_options(cfg: DictConfig) -> dict:

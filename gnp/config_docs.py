@@ -118,7 +118,7 @@ def method_settings() -> str:
         for path in sorted((CONF_DIR / "method").glob("*.yaml")):
             method = compose([f"method={path.stem}"]).method
             klass = method_class(method)
-            texts = [file_comments(p) for p in (path, *(path.with_name(f"{name}.yaml") for name in _parents(path)))]
+            texts = [file_comments(p) for p in (path, *_parents(path))]
             rows = [[f"`method.{key}`", _value(value), _cell(next((c.keys[key] for c in texts if key in c.keys), ""))]
                     for key, value in _flat(method).items() if key not in ("_target_", "name")]
             rows += [[f"`+method.{name}`", _value(_default(klass, name)), "the class's default; not in the file"]
@@ -147,10 +147,13 @@ def _first_comment(key: str, names: list[str], texts: list[dict[str, str]]) -> s
     return ""
 
 
-def _parents(path: Path) -> list[str]:
-    """The method files a method file builds on (its defaults list, e.g. gnp_warmup's gnp)."""
+def _parents(path: Path) -> list[Path]:
+    """The method files a method file builds on, nearest first (its defaults list: gnp_warmup's gnp, each
+    built-in file's generated settings/<Class>@_here_)."""
     defaults = OmegaConf.load(path).get("defaults", [])
-    return [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    names = [entry.partition("@")[0] for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    files = [path.parent / f"{name}.yaml" for name in names]
+    return [p for file in files for p in (file, *_parents(file))]
 
 
 def _default(klass: type, name: str):

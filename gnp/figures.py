@@ -65,12 +65,12 @@ def heatmap(stem: Path, title: str, row_name: str, column_name: str, row_values:
     ax.set_xlabel(column_name)
     ax.set_ylabel(row_name)
     ax.set_title(title, fontsize=9)
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def curves(stem: Path, title: str, series: dict[str, list[list[dict]]]) -> list[Path]:
     """`series`: method label -> one list of metrics.jsonl rows per seed."""
-    return _save(curves_figure(title, series), stem)
+    return save_figure(curves_figure(title, series), stem)
 
 
 def curves_figure(title: str, series: dict[str, list[list[dict]]]):
@@ -104,7 +104,7 @@ def curves_figure(title: str, series: dict[str, list[list[dict]]]):
 def gradient_norms(stem: Path, title: str, row_name: str, column_name: str,
                    series: dict[float, dict[float, list[list[dict]]]]) -> list[Path]:
     """`series`: column value (r) -> row value (alpha) -> one list of metrics.jsonl rows per seed."""
-    return _save(gradient_norms_figure(title, row_name, column_name, series), stem)
+    return save_figure(gradient_norms_figure(title, row_name, column_name, series), stem)
 
 
 def gradient_norms_figure(title: str, row_name: str, column_name: str,
@@ -131,7 +131,7 @@ def gradient_norms_figure(title: str, row_name: str, column_name: str,
 
 def scatter(stem: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]]) -> list[Path]:
     """`panels`: (quantity label, method label -> one (quantity, test error) point per run)."""
-    return _save(scatter_figure(title, panels), stem)
+    return save_figure(scatter_figure(title, panels), stem)
 
 
 def scatter_figure(title: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]]):
@@ -190,7 +190,8 @@ def _mean_and_range(seeds: list[list[dict]], key: str):
             np.array([max(v) for v in values]))
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def save_figure(fig, stem: Path) -> list[Path]:
+    """Write `fig` as <stem>.png and <stem>.pdf (atomically) and close it; returns the two paths."""
     paths = []
     for fmt in ("png", "pdf"):
         buffer = _io.BytesIO()

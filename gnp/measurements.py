@@ -15,9 +15,9 @@ from pathlib import Path
 
 from gnp import io
 from gnp.console import first_line
+from gnp.paths import BENCHMARK_DIR
 
 FORMAT = "gnp-benchmark/2"
-BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "results" / "benchmarks"
 METHOD, REFERENCE, FAST_PATH = "method", "reference", "fast_path"  # a step variant's role
 
 

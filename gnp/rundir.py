@@ -8,6 +8,7 @@ one run has on the directory while it trains.
         checkpoint.pt   the latest state (gnp.training.checkpointing writes and reads its content)
         summary.json    how it ended, and what it trained (`Summary`)
         analysis.json   its flatness (`python -m gnp.analysis`), added to a finished run
+        analysis.partial.json   what an analysis in progress has computed (it continues from there)
         .lock           the PID of the process that holds it, while one does
         launcher.log    a job's console output, under the parallel launcher (hydra/launcher=parallel)
         .hydra/         Hydra's record of the job's config
@@ -34,6 +35,7 @@ from typing import Iterable
 
 from gnp import io
 from gnp.console import first_line, log
+from gnp.paths import OUTPUTS_DIR
 
 CONFIG = "config.yaml"
 LOG = "train.log"
@@ -41,12 +43,12 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 ANALYSIS = "analysis.json"
+ANALYSIS_PARTIAL = "analysis.partial.json"
 LOCK = ".lock"
 LAUNCHER_LOG = "launcher.log"
 HYDRA_RECORD = ".hydra"
 RUN_MARKERS = (SUMMARY, CHECKPOINT, METRICS)  # a folder holding any of them holds a run
 ANALYSIS_FORMAT = "gnp-analysis/1"
-DEFAULT_OUTPUTS = "outputs"  # where conf/config.yaml's hydra.run.dir puts single runs
 
 
 class Status(str, Enum):
@@ -385,7 +387,7 @@ def remove_stub(path: str | Path) -> None:
         return
     shutil.rmtree(path, ignore_errors=True)
     # The default layout's folders (outputs/<dataset>/<model>/<method>/) go too when nothing else is in them.
-    root = Path.cwd() / DEFAULT_OUTPUTS
+    root = Path.cwd() / OUTPUTS_DIR
     for parent in path.parents:
         if parent == root or not parent.is_relative_to(root):
             break

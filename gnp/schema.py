@@ -1,27 +1,40 @@
 """The config's keys, without importing torch: which keys each section may hold, the error for one that does
 not exist (with its closest spelling), and configs as dotted keys. The command line's first check and
-gnp.config's checks both stand on it."""
+gnp.config's checks both stand on it.
+
+The keys are those conf/ states (read with PyYAML, no Hydra): conf/config.yaml's own and its groups', every
+dataset file's, and each optimizer's file's own. `model` and `aug` are open to their builders' own options,
+which gnp.models and gnp.augment check, and `method` to its class's, which gnp.config checks."""
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
-# Every key a section may hold. `model` and `aug` are open to their builders' own options, which
-# gnp.models and gnp.augment check, and `method` to its class's; an optimizer's keys depend on which one it is.
-SCHEMA: dict[str, frozenset[str]] = {
-    "": frozenset({"seed", "init_seed", "device", "precision", "train", "wandb", "dataset", "model", "method",
-                   "optimizer", "aug"}),
-    "train": frozenset({"epochs", "batch_size", "shards", "label_smoothing", "warmup_epochs", "eval_batch_size", "progress",
-                        "checkpoint_minutes", "sync_every", "ema_decay", "channels_last", "compile"}),
-    "wandb": frozenset({"mode", "project", "entity", "group", "tags", "silent"}),
-    "dataset": frozenset({"name", "root", "download", "verify", "limit_train", "limit_test", "mean",
-                          "std"}),
-}
-_OPTIMIZER_KEYS = frozenset({"name", "lr", "weight_decay", "weight_decay_mode", "decay_norm_and_bias", "fused"})
-OPTIMIZER_SCHEMA: dict[str, frozenset[str]] = {
-    "sgd": _OPTIMIZER_KEYS | {"momentum", "nesterov"},
-    "adamw": _OPTIMIZER_KEYS | {"betas", "eps"},
-}
+import yaml
+
+from gnp.paths import CONF_DIR
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _schema() -> dict[str, frozenset[str]]:
+    """Every key a section of conf/config.yaml (or its dataset group) may hold; "" is the top level."""
+    config = {k: v for k, v in _load(CONF_DIR / "config.yaml").items() if k != "hydra"}
+    groups = {group for entry in config.pop("defaults") if isinstance(entry, dict)
+              for group, choice in entry.items() if choice is not None and not group.startswith("override ")}
+    sections = {key: frozenset(value) for key, value in config.items() if isinstance(value, dict)}
+    dataset = frozenset(key for path in (CONF_DIR / "dataset").glob("*.yaml") for key in _load(path))
+    return {"": frozenset({*config, *groups}), **sections, "dataset": dataset}
+
+
+SCHEMA = _schema()
+# The keys of each optimizer: its file's, conf/optimizer/<name>.yaml.
+OPTIMIZER_SCHEMA = {path.stem: frozenset(_load(path)) for path in sorted((CONF_DIR / "optimizer").glob("*.yaml"))}
+# The keys every optimizer has; the others of a file are its class's own arguments.
+SHARED_OPTIMIZER_KEYS = frozenset.intersection(*OPTIMIZER_SCHEMA.values())
 
 
 class ConfigError(ValueError):
@@ -46,7 +59,7 @@ def check_keys(cfg: Mapping) -> None:
     def full(section: str, keys: Iterable[str]) -> set[str]:
         return {f"{section}.{k}" if section else k for k in keys}
 
-    optimizer_keys = OPTIMIZER_SCHEMA.get(cfg.get("optimizer", {}).get("name"), _OPTIMIZER_KEYS)
+    optimizer_keys = OPTIMIZER_SCHEMA.get(cfg.get("optimizer", {}).get("name"), SHARED_OPTIMIZER_KEYS)
     for section, allowed in [*SCHEMA.items(), ("optimizer", optimizer_keys)]:
         node = cfg if not section else cfg.get(section)
         if not isinstance(node, Mapping):

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from gnp.compose import compose_config
-from gnp.config import method_class
+from gnp.config import method_label
+from gnp.paths import OUTPUTS_DIR, ROOT
 from gnp.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("plain", "sam", "gnp", "asam")
 
 
 def main(overrides: list[str]) -> None:
-    out = ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = ROOT / OUTPUTS_DIR / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     summaries = []
     for method in METHODS:
         cfg = compose_config("experiment=digits_demo", f"method={method}", *overrides)
-        settings = label(cfg.method)
+        settings = method_label(cfg.method)
         print(f"\n== {method} ({settings or 'one pass'}), {cfg.train.epochs} epochs on digits ==")
         summaries.append((settings, train(cfg, out / method)))
 
@@ -32,10 +31,6 @@ def main(overrides: list[str]) -> None:
         print(f"{s.method:<8}{settings or '-':<18}{s.test_error:>11.2f}%{s.best_test_error:>7.2f}%"
               f"{s.wall_seconds:>9.0f}")
 
-
-def label(method: dict) -> str:
-    """The settings that tell a method's runs apart (its class's `label_settings`), e.g. `r=0.1 alpha=0.8`."""
-    return " ".join(f"{key}={method[key]}" for key in method_class(method).label_settings if key in method)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -25,7 +25,7 @@ from gnp.analysis import landscape
 from gnp.analysis.__main__ import main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
 from gnp.analysis.objective import SubsetLoss, norm
-from gnp.analysis.run import QUANTITIES, Analysis, trained_l2
+from gnp.analysis.run import QUANTITIES, Analysis, Options, read_run, trained_l2
 from gnp.analysis.sharpness import sam_sharpness
 from gnp.data import load_dataset
 from gnp.models import build_model
@@ -536,6 +536,24 @@ def test_bad_input_is_one_line_each_and_the_good_runs_are_still_analysed(runs, t
     assert _lines(capsys)[0][-1] == "0 analysed, 0 up to date, 2 skipped (1 diverged, 1 stopped)"
 
 
+def test_a_summary_without_a_status_is_damaged_not_finished(run, capsys):
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["status"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main([str(run), *FAST, "--only", "train_loss"]) == 2
+    _, err = _lines(capsys)
+    assert err == [f"error: {run / 'summary.json'}: has no status (finished, diverged, stopped, failed): restore it, "
+                   f"or train the run again"]
+    assert not (run / "analysis.json").exists()
+
+
+def test_a_figure_title_names_the_run_and_its_method_settings(runs):
+    titles = {method: Analysis(read_run(runs / method), Options(subset=32, batch_size=32), torch.device("cpu")).title()
+              for method in ("gnp", "plain")}
+    assert titles == {"gnp": f"digits resnet18 gnp r=0.1 alpha=0.8 seed 0: {runs / 'gnp'}",
+                      "plain": f"digits resnet18 plain seed 0: {runs / 'plain'}"}
+
+
 def test_a_run_trained_in_bfloat16_is_analysed_in_float32_with_a_note(run, capsys):
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "precision": "bf16"}))  # as a CUDA run records it
@@ -549,7 +567,7 @@ def test_a_run_trained_in_bfloat16_is_analysed_in_float32_with_a_note(run, capsy
     (["--only", "train_loss,sharpness"], "--only train_loss,sharpness: unknown quantity sharpness; choose from "
                                          + ", ".join(QUANTITIES)),
     (["--subset", "33"], "--subset 33 is larger than the training set of {run} (32 images): use --subset 32 or less"),
-    (["--top-k", "0"], "argument --top-k: 0 is invalid: it must be positive"),
+    (["--top-k", "0"], "argument --top-k: 0 is invalid: it must be an integer >= 1"),
     (["--trace-samples", "1"], "--trace-samples 1 is invalid: a standard error needs at least 2"),
     (["--m-sharpness", "33"], "--m-sharpness 33 is larger than the subset (32 images): use --m-sharpness 32 or less"),
     (["--device", "tpu"], "--device tpu is invalid: choose auto, cpu, cuda or cuda:N"),

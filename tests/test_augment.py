@@ -18,7 +18,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
-from gnp.augment import PRESETS, STYLES, Augmentation, build_augmentation
+from gnp.augment import OPTIONS, STYLES, build_augmentation, presets
 from gnp.augment.crop import _reflect, batch_cutout, cutout, random_crop_flip
 from gnp.augment.mixing import sample_beta
 from gnp.augment.official import OFFICIAL
@@ -533,8 +533,12 @@ def test_every_aug_config_builds_in_each_style_and_is_named_after_its_file(path)
         assert out.dtype == torch.uint8 and out.shape == (4, 3, 32, 32)
 
 
-def test_presets_have_configs():
-    assert {p.stem for p in CONF_AUG.glob("*.yaml")} == set(PRESETS)
+def test_each_preset_states_every_option():
+    """A preset is its conf/aug file, whole: every option is there to override without a +."""
+    assert list(presets()) == ["none", "basic", "cutout", "autoaugment", "autoaugment_mixcut"]  # least first
+    assert all(set(options) == set(OPTIONS) for options in presets().values())
+    assert presets()["cutout"] == {"style": "official", "autoaugment": False, "crop_flip": True, "cutout_size": 16,
+                                   "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
 
 
 def test_config_keys_override_the_preset():
@@ -566,7 +570,7 @@ def test_style_defaults_to_official_and_an_unknown_one_names_the_choices():
 
 def test_float_images_are_rejected():
     with pytest.raises(ValueError, match="uint8"):
-        Augmentation()(torch.rand(2, 3, 32, 32), generator())
+        build_augmentation({"name": "basic"}, mean=CIFAR10_MEAN)(torch.rand(2, 3, 32, 32), generator())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gnp import tables
 from gnp import measurements as files
 from gnp.analysis import __main__ as analysis_command
-from gnp.augment import PRESETS, STYLES
+from gnp.augment import STYLES, presets
 from gnp.bench import speed_tables, timing
 from gnp.bench.settings import FastPaths, ModelSpec, parse_model, run_overrides
 from gnp.compose import compose_config
@@ -194,7 +194,7 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run, tmp_path):
     assert memory["limit_bytes"] == pytest.approx((memory["plain_bytes"] + 2 * memory["parameter_bytes"]) * 1.05)
     assert model["evaluation"]["images"] == 8 and model["evaluation"]["images_per_second"] > 0
     assert set(data["loader"]["styles"]) == set(STYLES)
-    assert all(set(presets) == set(PRESETS) for presets in data["loader"]["styles"].values())
+    assert all(set(measured) == set(presets()) for measured in data["loader"]["styles"].values())
     basic = data["loader"]["styles"]["official"]["basic"]
     assert basic["times_gnp_step"][model["label"]] == pytest.approx(
         basic["images_per_second"] / model["variants"]["gnp"]["images_per_second"])
@@ -340,7 +340,7 @@ def test_analysis_options_are_checked_before_anything_is_measured(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--device", "cpu", "--analysis-args", "--top-k 0"])
     err = capsys.readouterr().err
-    assert "--top-k: 0 is invalid: it must be positive" in err
+    assert "--top-k: 0 is invalid: it must be an integer >= 1" in err
     assert "--analysis-args '--top-k 0' are not options of python -m gnp.analysis" in err
 
 

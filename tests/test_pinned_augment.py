@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnp.augment import PRESETS, STYLES, build_augmentation
+from gnp.augment import STYLES, build_augmentation, presets
 from gnp.augment.autoaugment import AutoAugment
 from gnp.augment.official import OFFICIAL
 from gnp.augment.standard import STANDARD
@@ -31,7 +31,7 @@ BATCH, CLASSES, SEEDS = 64, 10, range(5)
 AUTOAUGMENT = {"official": OFFICIAL, "standard": STANDARD}
 # name -> (the aug config, image height, width)
 CASES: dict[str, tuple[dict, int, int]] = {
-    **{f"{preset}/{style}": ({"name": preset, "style": style}, 32, 32) for preset in PRESETS for style in STYLES},
+    **{f"{preset}/{style}": ({"name": preset, "style": style}, 32, 32) for preset in presets() for style in STYLES},
     **{f"cutout_size=15/{style}": ({"name": "cutout", "cutout_size": 15, "style": style}, 32, 32) for style in STYLES},
     **{f"mixup_alpha=0.4/{style}": ({"name": "basic", "mixup_alpha": 0.4, "style": style}, 32, 32)
        for style in STYLES},

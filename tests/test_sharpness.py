@@ -170,10 +170,10 @@ def test_m_sharpness_is_the_size_weighted_mean_of_each_batchs_own_maximum(traine
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--ascent-tol", "0"], "argument --ascent-tol: 0 is invalid: it must be positive"),
+    (["--ascent-tol", "0"], "argument --ascent-tol: 0 is invalid: it must be a number > 0"),
     (["--ascent-tol", "1"], "--ascent-tol 1 is invalid: it must be below 1 (every point would count as converged)"),
-    (["--sharpness-starts", "0"], "argument --sharpness-starts: 0 is invalid: it must be positive"),
-    (["--m-sharpness", "-4"], "argument --m-sharpness: -4 is invalid: it must be positive"),
+    (["--sharpness-starts", "0"], "argument --sharpness-starts: 0 is invalid: it must be an integer >= 1"),
+    (["--m-sharpness", "-4"], "argument --m-sharpness: -4 is invalid: it must be an integer >= 1"),
     (["--ascent-steps", "-1"], "--ascent-steps -1 is invalid: it must be 0 or more"),
 ])
 def test_a_bad_sharpness_option_is_one_line(tmp_path, capsys, argv, message):

@@ -19,6 +19,7 @@ import torch
 from gnp.analysis import sharpness
 from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
                               is_up_to_date, read_run)
+from gnp.checks import positive
 from gnp.console import first_line
 
 BAD_INPUT, OUT_OF_MEMORY = 2, 1
@@ -30,41 +31,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(BAD_INPUT, f"error: {message} (python -m gnp.analysis --help)\n")
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is invalid: it must be positive")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m gnp.analysis", description="The flatness of finished runs: training loss, "
                      "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness and loss "
                      "landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
     parser.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
                         help="run directories, or folders holding them (every run under them is analysed)")
-    parser.add_argument("--subset", type=_positive(int), help="training images used (default 5000, or all of a "
+    parser.add_argument("--subset", type=positive(int), help="training images used (default 5000, or all of a "
                         "smaller training set)")
-    parser.add_argument("--batch-size", type=_positive(int), default=500, help="images per pass (default 500); "
+    parser.add_argument("--batch-size", type=positive(int), default=500, help="images per pass (default 500); "
                         "every quantity is of the whole subset")
     parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all): {', '.join(QUANTITIES)}")
-    parser.add_argument("--top-k", type=_positive(int), default=5, help="Hessian eigenvalues (default 5)")
-    parser.add_argument("--trace-samples", type=_positive(int), default=100,
+    parser.add_argument("--top-k", type=positive(int), default=5, help="Hessian eigenvalues (default 5)")
+    parser.add_argument("--trace-samples", type=positive(int), default=100,
                         help="Hutchinson samples for the Hessian trace (default 100, at least 2)")
-    parser.add_argument("--rho", type=_positive(float), help="SAM sharpness radius (default the run's method.r if "
+    parser.add_argument("--rho", type=positive(float), help="SAM sharpness radius (default the run's method.r if "
                         "positive, else 0.05)")
     parser.add_argument("--ascent-steps", type=int, default=sharpness.STEPS, help="the most trial points of each "
                         f"ascent of the sharpness, one gradient pass each (default {sharpness.STEPS})")
-    parser.add_argument("--ascent-tol", type=_positive(float), default=sharpness.TOL, help="an ascent has converged "
+    parser.add_argument("--ascent-tol", type=positive(float), default=sharpness.TOL, help="an ascent has converged "
                         "when the gradient's part along the sphere is at most this share of the gradient (default "
                         f"{sharpness.TOL:g})")
-    parser.add_argument("--sharpness-starts", type=_positive(int), default=sharpness.STARTS, help="ascents of the "
+    parser.add_argument("--sharpness-starts", type=positive(int), default=sharpness.STARTS, help="ascents of the "
                         "sharpness: from SAM's perturbation, then from random points, each followed by one from the "
                         f"mirror image of the point it reached (default {sharpness.STARTS})")
-    parser.add_argument("--m-sharpness", type=_positive(int), metavar="M", help="also SAM's m-sharpness: the "
+    parser.add_argument("--m-sharpness", type=positive(int), metavar="M", help="also SAM's m-sharpness: the "
                         "sharpness of each batch of M images of the subset, averaged")
     parser.add_argument("--seed", type=int, default=0, help="the subset, the Lanczos start vector, the "
                         "Hutchinson vectors, the landscape's directions and the sharpness's random starts (default 0)")
@@ -74,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "filter-normalised random directions (figures analysis_landscape.png/.pdf)")
     parser.add_argument("--landscape-points", type=int, default=21, help="points per axis of the surfaces "
                         "(default 21: the 2-D grid is 21 x 21); the interpolation's step is 1 / (points - 1)")
-    parser.add_argument("--landscape-range", type=_positive(float), default=1.0,
+    parser.add_argument("--landscape-range", type=positive(float), default=1.0,
                         help="the surfaces span [-range, range] along each direction (default 1)")
     parser.add_argument("--between", nargs=2, type=Path, metavar=("A", "B"), help="also the loss along the line "
                         "from run A's weights to run B's (same model), into A's analysis.json")

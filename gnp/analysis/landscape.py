@@ -14,7 +14,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from gnp.analysis.objective import SubsetLoss, Vector  # noqa: E402
-from gnp.figures import _save as save_figure  # noqa: E402
+from gnp.figures import save_figure  # noqa: E402
+from gnp.methods import NORM_FLOOR  # noqa: E402
 
 DIRECTIONS = ("filter-normalised Gaussian directions (Li et al. 2018): each filter (output channel of a conv, "
               "row of a linear weight) scaled to the norm of the same filter of theta; parameters with fewer "
@@ -31,7 +32,7 @@ def filter_normalized_direction(params: list[torch.Tensor], generator: torch.Gen
             d.zero_()
         else:
             filter_norms = p.detach().reshape(len(p), -1).norm(dim=1)
-            d *= (filter_norms / d.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (p.ndim - 1))
+            d *= (filter_norms / d.reshape(len(d), -1).norm(dim=1).clamp_min(NORM_FLOOR)).view(-1, *[1] * (p.ndim - 1))
         direction.append(d)
     return direction
 

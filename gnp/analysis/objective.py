@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gnp.methods import dot, global_norm as norm  # noqa: F401 (one copy: the methods'; norm is also the analysis's)
+
 Vector = list[torch.Tensor]  # one tensor per parameter, as the parameters are shaped
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -143,14 +145,6 @@ class SubsetLoss:
 
 
 # --- vectors as lists of tensors ---------------------------------------------------------------
-
-def dot(a: Vector, b: Vector) -> torch.Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b)]).sum()
-
-
-def norm(a: Vector) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
-
 
 def flatten(a: Vector) -> torch.Tensor:
     return torch.cat([x.reshape(-1) for x in a])

@@ -16,25 +16,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from gnp import io
 from gnp.analysis import hessian, landscape, sharpness
 from gnp.analysis.objective import SubsetLoss, describe_loss, norm
-from gnp.config import build_method, train_steps_per_epoch
+from gnp.config import build_method, method_label, train_steps_per_epoch
 from gnp.console import first_line
 from gnp.data import CLASSES, BatchLoader, DataError, load_dataset
 from gnp.models import build_model
-from gnp.rundir import CHECKPOINT
+from gnp import rundir
+from gnp.rundir import (ANALYSIS as RESULT_FILE, ANALYSIS_FORMAT as FORMAT, ANALYSIS_PARTIAL as PARTIAL_FILE,
+                        CHECKPOINT, CONFIG as CONFIG_FILE, Damaged, RunDir, Summary)
 from gnp.training import build_optimizer, checkpointing, git_commit
 
-FORMAT = "gnp-analysis/1"
-RESULT_FILE = "analysis.json"
-PARTIAL_FILE = "analysis.partial.json"
-CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"
-RUN_FILES = (SUMMARY_FILE, CHECKPOINT, "metrics.jsonl")  # what marks a folder with config.yaml as a run
 DEFAULT_SUBSET = 5000
 # The quantities `--only` chooses from, in the order they are computed.
 QUANTITIES = ("train_loss", "train_error", "train_grad_norm", "hessian_top_eigenvalues", "hessian_trace",
@@ -80,7 +76,7 @@ class Run:
     """A finished run's directory, read: its config, summary and checkpoint."""
     dir: Path
     config: dict
-    summary: dict
+    summary: Summary
     state: dict = field(repr=False)
 
 
@@ -88,13 +84,13 @@ class Run:
 
 def find_runs(path: str | Path) -> list[Path]:
     """`path` itself when it is a run directory (it holds config.yaml), else every run directory
-    under it (config.yaml beside summary.json, checkpoint.pt or metrics.jsonl)."""
+    under it that holds config.yaml."""
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path} does not exist: give a run directory that train.py wrote (its hydra.run.dir)")
     if (path / CONFIG_FILE).is_file():
         return [path]
-    runs = sorted({p.parent for name in RUN_FILES for p in path.rglob(name) if (p.parent / CONFIG_FILE).is_file()})
+    runs = [run for run in rundir.find_runs(path) if (run / CONFIG_FILE).is_file()]
     if not runs:
         raise AnalysisError(f"{path} is not a run directory (no {CONFIG_FILE}) and holds none: give a run directory "
                             f"that train.py wrote (its hydra.run.dir) or a folder of them")
@@ -103,22 +99,19 @@ def find_runs(path: str | Path) -> list[Path]:
 
 def read_run(run_dir: Path) -> Run:
     """The run's config, summary and checkpoint; Skipped unless it finished, AnalysisError when a
-    file is missing or unreadable."""
+    file is missing or damaged (a summary without a status too)."""
+    files = RunDir(run_dir)
     try:
-        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise AnalysisError(f"{run_dir / CONFIG_FILE} is unreadable ({first_line(e)}): it is not a run "
-                            f"directory that train.py wrote") from None
-    if not (run_dir / SUMMARY_FILE).is_file():
+        config = files.read_config()
+        summary = files.read_summary()
+    except Damaged as e:
+        raise AnalysisError(f"{e}: restore it, or train the run again") from None
+    if config is None:
+        raise AnalysisError(f"{files / CONFIG_FILE} is missing: it is not a run directory that train.py wrote")
+    if summary is None:
         raise Skipped("no summary")  # still training, or killed before it could write one
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise AnalysisError(f"{run_dir / SUMMARY_FILE} is unreadable ({first_line(e)}): restore it, or train the "
-                            f"run again") from None
-    status = summary.get("status", "finished")
-    if status != "finished":
-        raise Skipped(status)
+    if not summary.finished:
+        raise Skipped(str(summary.status))
     try:
         state = checkpointing.load(run_dir)
     except checkpointing.CheckpointError as e:
@@ -145,19 +138,11 @@ def build_network(run: Run, device: torch.device, dtype: torch.dtype) -> nn.Modu
 
 def check_fits(net: nn.Module, state_dict: dict, source: Path, run: Run) -> None:
     """AnalysisError naming `source` and the first tensor that does not fit `run`'s model `net`."""
-    expected = net.state_dict()
-    mismatch = None
-    for key, tensor in expected.items():
-        if key not in state_dict:
-            mismatch = f"it has no tensor {key}"
-        elif state_dict[key].shape != tensor.shape:
-            mismatch = f"its {key} has shape {list(state_dict[key].shape)}, not {list(tensor.shape)}"
-        if mismatch:
-            break
-    else:
-        extra = sorted(set(state_dict) - set(expected))
-        mismatch = f"it has a tensor {extra[0]} that the model lacks" if extra else None
-    if mismatch:
+    found = checkpointing.misfit(net.state_dict(), state_dict)
+    if found:
+        mismatch = (f"it has no tensor {found.key}" if found.saved is None else
+                    f"it has a tensor {found.key} that the model lacks" if found.own is None else
+                    f"its {found.key} has shape {found.saved}, not {found.own}")
         model = run.config["model"]
         options = ", ".join(f"{k}={v}" for k, v in model.items() if k != "name")
         raise AnalysisError(f"{source} holds another model than {run.dir}'s {model['name']}({options}): "
@@ -288,7 +273,7 @@ class Analysis:
         for name in self.units():
             quantities.update(done[name]["quantities"])
             details.update(done[name]["details"])
-        precision = self.run.summary.get("precision", self.run.config.get("precision"))
+        precision = self.run.summary.precision or self.run.config.get("precision")
         notes = [f"trained with {precision} autocast; analysed in {self.settings['dtype']}"] \
             if precision in LOW_PRECISION else []
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -296,7 +281,7 @@ class Analysis:
             "format": FORMAT, "quantities": quantities, "details": details, "settings": self.settings,
             "loss": describe_loss(self.label_smoothing, self.l2, self.net),
             "run": {"dir": str(self.run.dir), "epoch": self.run.state["epoch"],
-                    "test_error": self.run.summary.get("test_error")},
+                    "test_error": self.run.summary.test_error},
             "environment": {"commit": self.commit, "device": device_name, "torch_version": torch.__version__},
             "notes": notes,
         }
@@ -364,9 +349,8 @@ class Analysis:
 
     def title(self) -> str:
         s = self.run.summary
-        settings = " ".join(f"{key}={s[key]:g}" for key in ("r", "alpha") if s.get(key) is not None)
-        return " ".join(filter(None, [s.get("dataset"), s.get("model"), s.get("method"), settings,
-                                      f"seed {s.get('seed')}: {self.run.dir}"]))
+        return " ".join(filter(None, [s.dataset, s.model, s.method, method_label(self.run.config["method"]),
+                                      f"seed {s.seed}: {self.run.dir}"]))
 
 
 def read_other_run(path: Path) -> Run:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from gnp.analysis.objective import SubsetLoss, Vector, dot, norm
+from gnp.methods import NORM_FLOOR
 
 STEPS, TOL, STARTS = 50, 0.01, 3  # the analysis's defaults: --ascent-steps, --ascent-tol, --sharpness-starts
 _ARMIJO = 1e-4        # the share of its first-order increase a step must deliver to be accepted
 _SHRINK = 0.25        # a rejected step is tried again this much shorter ...
 _STALL = 1e-6         # ... until it is this much shorter than the first one tried from that point
-_NORM_FLOOR = 1e-30   # a zero gradient gives a zero direction, not NaN
 
 
 def sam_sharpness(loss: SubsetLoss, rho: float, *, steps: int = STEPS, tol: float = TOL, starts: int = STARTS,
@@ -143,4 +143,4 @@ def _tangent(grad: Vector, e: Vector, rho: float) -> Vector:
 
 
 def _norm(vector: Vector) -> float:
-    return max(norm(vector).item(), _NORM_FLOOR)
+    return max(norm(vector).item(), NORM_FLOOR)

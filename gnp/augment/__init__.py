@@ -25,64 +25,62 @@ does its own way), policies.py (the two policies as data).
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import torch
+import yaml
 
 from gnp.augment.autoaugment import AutoAugment, PolicyTable
 from gnp.augment.crop import batch_cutout, cutout, random_crop_flip
 from gnp.augment.mixing import mix_with_reverse
 from gnp.augment.official import OFFICIAL
 from gnp.augment.standard import STANDARD
+from gnp.paths import CONF_DIR
 
 STYLES = ("official", "standard")
 _AUTOAUGMENT: dict[str, AutoAugment] = {"official": OFFICIAL, "standard": STANDARD}
-# Each preset fills in the options a config leaves out; the config's own keys win.
-_DEFAULT_OPTIONS: dict[str, Any] = {
-    "style": "official",
-    "autoaugment": False,
-    "crop_flip": True,
-    "cutout_size": 0,
-    "mixup_alpha": 0.0,
-    "cutmix_alpha": 0.0,
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "none": {"crop_flip": False},
-    "basic": {},
-    "cutout": {"cutout_size": 16},
-    "autoaugment": {"autoaugment": True},
-    "autoaugment_mixcut": {"autoaugment": True, "cutout_size": 16, "mixup_alpha": 1.0},
-}
+PRESET_DIR = CONF_DIR / "aug"  # the presets, each every option of the augmentation: conf/aug/<name>.yaml
+
+
+@cache
+def presets() -> dict[str, dict[str, Any]]:
+    """Each preset's options by its name: conf/aug/*.yaml, the one place they are stated. In the order tables
+    show them, the least augmentation first (AutoAugment outweighs mixing, mixing a hole, a hole crop + flip)."""
+    options = {path.stem: {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "name"}
+               for path in sorted(PRESET_DIR.glob("*.yaml"))}
+    return dict(sorted(options.items(), key=lambda item: (item[1]["autoaugment"], item[1]["mixup_alpha"] +
+                                                          item[1]["cutmix_alpha"], item[1]["cutout_size"],
+                                                          item[1]["crop_flip"])))
 
 
 def build_augmentation(cfg: Mapping[str, Any], mean: Sequence[float]) -> Augmentation:
-    """The augmentation that `cfg` (`name` from PRESETS plus optional overrides of its options)
+    """The augmentation that `cfg` (`name`, a preset, plus optional overrides of its options)
     describes; `mean` (per channel, in [0, 1]) is the cutout fill, which normalises to about 0."""
     options = dict(cfg)
     name = options.pop("name", None)
-    if name not in PRESETS:
-        raise ValueError(f"aug.name={name!r} is not a known augmentation; choose one of: {', '.join(PRESETS)}")
-    unknown = sorted(set(options) - set(_DEFAULT_OPTIONS))
+    if name not in presets():
+        raise ValueError(f"aug.name={name!r} is not a known augmentation; choose one of: {', '.join(presets())}")
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(
-            f"aug has no option(s) {', '.join(unknown)}; its options are: {', '.join(_DEFAULT_OPTIONS)}"
-        )
+        raise ValueError(f"aug has no option(s) {', '.join(unknown)}; its options are: {', '.join(OPTIONS)}")
     mean = [float(m) for m in mean]
     if len(mean) != 3 or not all(0.0 <= m <= 1.0 for m in mean):
         raise ValueError(f"mean={mean} must be 3 per-channel values in [0, 1] (dataset.mean)")
-    settings = {**_DEFAULT_OPTIONS, **PRESETS[name], **options}
-    return Augmentation(**settings, fill=tuple(round(255 * m) for m in mean))
+    return Augmentation(**{**presets()[name], **options}, fill=tuple(round(255 * m) for m in mean))
 
 
 class Augmentation:
     """Per-image AutoAugment and random crop + flip of uint8 batches (in that order; the standard
     style then cuts one hole per image), and the batch stage of the normalised batch (`mix`):
-    mixup / cutmix, then, in the official style, one cutout hole for the whole batch."""
+    mixup / cutmix, then, in the official style, one cutout hole for the whole batch.
 
-    def __init__(self, autoaugment: bool = False, crop_flip: bool = True, cutout_size: int = 0,
-                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 fill: tuple[int, int, int] = (0, 0, 0), padding: int = 4, style: str = "official"):
+    Every option is given: the presets (conf/aug/*.yaml, `build_augmentation`) say their values."""
+
+    def __init__(self, *, style: str, autoaugment: bool, crop_flip: bool, cutout_size: int, mixup_alpha: float,
+                 cutmix_alpha: float, fill: tuple[int, int, int] = (0, 0, 0), padding: int = 4):
         if style not in STYLES:
             raise ValueError(
                 f"aug.style={style!r} is not a known augmentation style; choose one of: {', '.join(STYLES)}"
@@ -143,3 +141,7 @@ class Augmentation:
         return (f"Augmentation(style={self.style!r}, autoaugment={self.autoaugment}, crop_flip={self.crop_flip}, "
                 f"cutout_size={self.cutout_size}, mixup_alpha={self.mixup_alpha}, "
                 f"cutmix_alpha={self.cutmix_alpha}, fill={self.fill})")
+
+
+# The options a config gives: the constructor's arguments but the fill (the dataset's mean gives it) and the padding.
+OPTIONS = tuple(name for name in inspect.signature(Augmentation).parameters if name not in ("fill", "padding"))

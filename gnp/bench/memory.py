@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-import gnp
 from gnp.bench.steps import SuiteStep
 from gnp.bench.timing import release, synchronize
 from gnp.compose import compose_config
+from gnp.paths import ROOT
 
 STEPS = 3  # steps of the variant the peak is taken over
 # For a CPU's peak resident memory to follow the live tensors: glibc's malloc otherwise raises its
@@ -36,7 +36,7 @@ def peak_bytes(variants: dict[str, list[str]], device: torch.device) -> dict[str
         return {name: variant_peak_memory(overrides, device) for name, overrides in variants.items()}
     # A child process per variant, all at once; the child imports the same gnp as this process.
     env = os.environ | CPU_ENV | {"PYTHONPATH": os.pathsep.join(
-        filter(None, [str(Path(gnp.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     children = {name: subprocess.Popen([sys.executable, "-m", "gnp.bench.memory", json.dumps(overrides)],
                                        stdout=subprocess.PIPE, text=True, env=env)
                 for name, overrides in variants.items()}

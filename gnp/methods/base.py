@@ -163,18 +163,26 @@ class Method:
     # --- what a method says of itself ----------------------------------------------------------------
 
     @classmethod
-    def setting_names(cls) -> list[str]:
-        """The keyword settings the constructor takes, following the `**settings` each class passes on."""
-        names: list[str] = []
+    def setting_defaults(cls) -> dict[str, Any]:
+        """The keyword settings the constructor takes, following the `**settings` each class passes on, with
+        their defaults (`inspect.Parameter.empty` where it has none); a subclass's default is the one in force."""
+        defaults: dict[str, Any] = {}
         for klass in cls.__mro__:
             init = klass.__dict__.get("__init__")
             if init is None:
                 continue
             params = list(inspect.signature(init).parameters.values())[3:]  # after self, model, base_optimizer
-            names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
+            for p in params:
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    defaults.setdefault(p.name, p.default)
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 break
-        return names
+        return defaults
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """The keyword settings the constructor takes (`setting_defaults`' keys)."""
+        return list(cls.setting_defaults())
 
     @classmethod
     def check_contract(cls) -> None:

@@ -41,7 +41,7 @@ class GSAM(SAM):
     label_settings = ("r", "alpha")
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05,
-                 alpha: float = 0.3, *, r_min: float | None = None, **settings):
+                 alpha: float = 0.2, *, r_min: float | None = None, **settings):
         check_number("alpha", alpha, "a number >= 0 (0 is SAM)", lambda v: v >= 0)
         if r_min is not None:
             check_number("r_min", r_min, f"null (a constant r) or a number in [0, r={r}]", lambda v: 0 <= v <= r)

@@ -48,7 +48,7 @@ class LookSAM(SAM):
     step_overhead = 0.05
     label_settings = ("r", "k", "alpha")
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.1, k: int = 5,
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05, k: int = 5,
                  alpha: float = 0.7, *, layerwise: bool = False, **settings):
         if not is_int(k) or k < 1:
             raise SettingError("k", k, "an integer >= 1 (a SAM step every k steps; 1 is SAM)")

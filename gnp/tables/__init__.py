@@ -31,6 +31,6 @@ from gnp.tables.render import (analysis_settings, cost_markdown, csv_rows, finis
                                render_analysis_markdown, render_csv, render_latex, render_markdown, replace_marked,
                                rewrite_marked)
 from gnp.tables.runs import LAUNCH, Run, matching_options, read_run, read_runs, read_wandb_runs, run_state  # noqa: F401
-from gnp.tables.spec import CONF, ROOT, TABLE_DIR, Table, TableError, load_table, table_names  # noqa: F401
+from gnp.tables.spec import TABLE_DIR, Table, TableError, load_table, table_names  # noqa: F401
 from gnp.tables.stats import (Results, Stat, Versus, best_methods, cell_groups, collect,  # noqa: F401
                               describe_counts, heatmap_grids, stat, t_interval, welch_p)

@@ -8,6 +8,7 @@ import sys
 from typing import Iterable
 
 from gnp.checks import positive
+from gnp.paths import RUNS_DIR
 from gnp.tables.plans import Shrink
 
 
@@ -23,7 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both scripts share: where runs go, and a smoke-test shrink of every cell."""
-    parser.add_argument("--root", default="runs", help="folder of the table's run directories (default: runs)")
+    parser.add_argument("--root", default=RUNS_DIR, help=f"folder of the table's run directories (default: {RUNS_DIR})")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds instead of the table's, e.g. 0,1,2,3")
     parser.add_argument("--limit-train", type=positive(), metavar="N",
                         help="smoke test: N training (and test) images per run (runs go to <root>/<table>-smoke-...)")
@@ -43,7 +44,7 @@ def selection(args: argparse.Namespace) -> dict:
 
 def reproduce_command(table: str, root: str, shrink: Shrink, extra: Iterable[str], seeds=None) -> str:
     """The scripts/reproduce.py command line of a selection (without --launch)."""
-    flags = [table] + (["--root", root] if root != "runs" else [])
+    flags = [table] + (["--root", root] if root != RUNS_DIR else [])
     return "python scripts/reproduce.py " + shlex.join(flags + selection_flags(shrink, extra, seeds))
 
 

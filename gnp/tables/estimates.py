@@ -15,11 +15,11 @@ from gnp.checks import is_number
 from gnp.config import method_passes, train_steps_per_epoch
 from gnp.schema import undotted
 from gnp.models import MODELS
+from gnp.paths import BENCHMARK_DIR
 from gnp.tables.plans import Plan
 from gnp.tables.runs import Run
 from gnp.tables.spec import TableError
 
-BENCHMARK_DIR = measurements.BENCHMARK_DIR
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 from gnp.schema import dotted
 from gnp.console import first_line
-from gnp.tables.spec import CONF, ROOT, Table, TableError
+from gnp.paths import CONF_DIR, ROOT, RUNS_DIR
+from gnp.tables.spec import Table, TableError
 from gnp.training import RESUMABLE_CHANGES
 
 # A run counts for a cell only if it recorded the cell's values of these settings (prefixes), and of
@@ -107,7 +108,7 @@ class Plan:
                 "hydra.sweep.subdir=seed${seed}"]
 
 
-def make_plans(table: Table, root: str | Path = "runs", seeds: Iterable[int] | None = None, shrink: Shrink = Shrink(),
+def make_plans(table: Table, root: str | Path = RUNS_DIR, seeds: Iterable[int] | None = None, shrink: Shrink = Shrink(),
                extra: Iterable[str] = (), only: Iterable[Cell] | None = None) -> list[Plan]:
     """Every cell of `table` (or those of `only`) with its composed config and run directories under
     `root`/<table>."""
@@ -170,7 +171,7 @@ def _composer() -> Iterator[Callable[[tuple[str, ...]], dict]]:
 def _check_experiments(cell: Cell) -> None:
     # An optional default ignores an unknown choice silently, so `experiment=typo` would compose.
     for override in cell.overrides:
-        if override.startswith("experiment=") and not (CONF / "experiment" / f"{override[11:]}.yaml").exists():
+        if override.startswith("experiment=") and not (CONF_DIR / "experiment" / f"{override[11:]}.yaml").exists():
             raise TableError(f"conf/table/{cell.table}.yaml: {override}: conf/experiment/{override[11:]}.yaml "
                              f"does not exist; mark the table runnable: false with a reason until it does")
 

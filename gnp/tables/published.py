@@ -7,9 +7,9 @@ import yaml
 
 from gnp.checks import is_number
 from gnp.tables.plans import Cell
-from gnp.tables.spec import ROOT, Source, TableError
+from gnp.paths import PUBLISHED_DIR
+from gnp.tables.spec import Source, TableError
 
-PUBLISHED_DIR = ROOT / "results" / "published"
 
 NOT_COVERED = object()  # the source does not report this method or row at all
 

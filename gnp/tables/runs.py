@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 from gnp.checks import is_number
 from gnp.schema import dotted
 from gnp.console import first_line
+from gnp.paths import RUNS_DIR
 from gnp.rundir import CHECKPOINT, CONFIG, Damaged, RunDir, Status, find_runs
 from gnp.tables.plans import Plan, Shrink, composed, display_path, make_plans
 from gnp.tables.spec import Table, TableError
@@ -179,7 +180,7 @@ SHRUNK_KEYS = ("dataset.limit_train", "dataset.limit_test", "train.batch_size", 
 CELL_KEYS = ("dataset.name", "model.name", "method.name")     # a run of another cell differs in these
 
 
-def matching_options(table: Table, plans: list[Plan], runs: Iterable[Run], root: str | Path = "runs",
+def matching_options(table: Table, plans: list[Plan], runs: Iterable[Run], root: str | Path = RUNS_DIR,
                      seeds: Iterable[int] | None = None, shrink: Shrink = Shrink(),
                      extra: Iterable[str] = ()) -> tuple[int, dict] | None:
     """For finished runs that count for no plan: the selection (make_plans' seeds, shrink and extra)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
-TABLE_DIR = CONF / "table"
+from gnp.paths import CONF_DIR
+
+TABLE_DIR = CONF_DIR / "table"
 
 _TABLE_KEYS = {"title", "note", "runnable", "reason", "seeds", "overrides", "datasets", "columns", "rows", "methods",
                "published", "heatmap"}

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from gnp import distributed
 from gnp.augment import build_augmentation
-from gnp.config import ConfigError, build_method, model_options, resolve_shards
+from gnp.config import BASE_OPTIMIZERS, ConfigError, build_method, model_options, optimizer_arguments, resolve_shards
 from gnp.console import log
 from gnp.data import CLASSES, BatchLoader, Stream, load_dataset, random_seed, shards_problem, training_batch_problem
 from gnp.methods import Method, SettingError
@@ -199,11 +199,8 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
         groups = [{"params": [p for p in params if p.ndim > 1]},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "l2": 0.0}]
     fused = device.type == "cuda" if cfg.fused == "auto" else bool(cfg.fused)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=weight_decay, fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=weight_decay,
-                             fused=fused)
+    return BASE_OPTIMIZERS[cfg.name](groups, lr=cfg.lr, weight_decay=weight_decay, fused=fused,
+                                     **optimizer_arguments(cfg))
 
 
 def init_seed(cfg: DictConfig) -> int:

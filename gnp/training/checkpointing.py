@@ -14,7 +14,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -53,21 +53,31 @@ def load(run_dir: Path) -> dict[str, Any] | None:
     return state
 
 
+class Misfit(NamedTuple):
+    """The first tensor of a saved state dict that does not fit a module's: its shape there and in the module
+    (None where one of them lacks it)."""
+    key: str
+    saved: list[int] | None
+    own: list[int] | None
+
+
+def misfit(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> Misfit | None:
+    """The first tensor of `saved` that does not fit `own` (a module's state dict), or None when all fit."""
+    for key, tensor in own.items():
+        if key not in saved or saved[key].shape != tensor.shape:
+            return Misfit(key, list(saved[key].shape) if key in saved else None, list(tensor.shape))
+    extra = [key for key in saved if key not in own]
+    return Misfit(extra[0], list(saved[extra[0]].shape), None) if extra else None
+
+
 def load_into(module: nn.Module, saved: dict[str, torch.Tensor], path: Path, what: str = "model") -> None:
     """`module.load_state_dict(saved)`, or a CheckpointError naming the file and the first tensor that does not
     fit (another model, or another version of its code, made the checkpoint)."""
-    own, problem = module.state_dict(), None
-    for key, tensor in own.items():
-        if key not in saved:
-            problem = f"{key} is not in it"
-        elif saved[key].shape != tensor.shape:
-            problem = f"{key} has shape {list(saved[key].shape)} there and {list(tensor.shape)} in this {what}"
-        if problem:
-            break
-    else:
-        extra = [key for key in saved if key not in own]
-        problem = f"it holds {extra[0]}, which this {what} has not" if extra else None
-    if problem:
+    found = misfit(module.state_dict(), saved)
+    if found:
+        problem = (f"{found.key} is not in it" if found.saved is None else
+                   f"it holds {found.key}, which this {what} has not" if found.own is None else
+                   f"{found.key} has shape {found.saved} there and {found.own} in this {what}")
         raise CheckpointError(f"{path} does not fit this {what}: {problem} (it was made by another model or another "
                               f"version of its code). {FIX}")
     module.load_state_dict(saved)

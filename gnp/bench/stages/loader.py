@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from gnp.augment import PRESETS, STYLES, build_augmentation
+from gnp.augment import STYLES, build_augmentation, presets
 from gnp.bench.console import print_table
 from gnp.bench.settings import DataPaths
 from gnp.bench.stages.cuda import no_sync
@@ -27,7 +27,7 @@ def measure(args: argparse.Namespace, device: torch.device, data: DataPaths, mod
     images, labels = data.train(device)
     batch = args.models[0].batch_size
     loaders = {}
-    for style, preset in itertools.product(STYLES, PRESETS):
+    for style, preset in itertools.product(STYLES, presets()):
         aug = compose_config(f"aug={preset}", f"aug.style={style}", validated=True).aug
         loaders[(style, preset)] = BatchLoader(images, labels, batch_size=batch, device=device, mean=d.mean, std=d.std,
                                                train=True, augment=build_augmentation(aug, mean=d.mean),
@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, device: torch.device, data: DataPaths, mod
 def show(loader: dict, device: torch.device) -> None:
     labels = list(loader["styles"]["official"]["basic"]["times_gnp_step"])
     rows = [[f"{style}/{preset}", f"{v['images_per_second']:,.0f}", *(f"{v['times_gnp_step'][k]:.1f}" for k in labels)]
-            for style, presets in loader["styles"].items() for preset, v in presets.items()]
+            for style, measured in loader["styles"].items() for preset, v in measured.items()]
     print_table(["loader", "images/s", *(f"x GNP {label}" for label in labels)], rows)
     if device.type == "cuda":
         print(f"target: basic and cutout >= {TARGET:.0f}x the GNP step's rate")

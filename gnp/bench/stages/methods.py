@@ -24,17 +24,20 @@ from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, main_paths, run_
 from gnp.bench.stages import cuda
 from gnp.bench.steps import SuiteStep, TwoPassStep
 from gnp.bench.timing import interleaved, mixed_step_ms, paired_ratio, rate, release, spread, warm_up
-from gnp.compose import CONF_DIR, compose_config
+from gnp.compose import compose_config
 from gnp.config import method_class, method_passes
 from gnp.data import BatchLoader
 from gnp.measurements import FAST_PATH, METHOD, method_variants
 from gnp.methods import BASELINE, REFERENCE
 from gnp.models import count_parameters
+from gnp.paths import CONF_DIR
 
 
 def method_configs(folder: Path = CONF_DIR / "method") -> list[str]:
-    """The methods of conf/method/: each config that is not built on another's (no `defaults` list)."""
-    return sorted(path.stem for path in folder.glob("*.yaml") if "defaults" not in yaml.safe_load(path.read_text()))
+    """The methods of conf/method/: each config built on its class's settings alone, not on another config."""
+    return sorted(path.stem for path in folder.glob("*.yaml")
+                  if all(entry == "_self_" or entry.startswith("settings/")
+                         for entry in yaml.safe_load(path.read_text()).get("defaults", [])))
 
 
 # name -> (config method, extra override): every method, and the reference with hybrid steps. The baseline
