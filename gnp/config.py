@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -130,6 +131,7 @@ _METHOD_KEYS = ("_target_", "name")  # the config's own keys of a method: its cl
 # Where the suite's method configs differ from the constructors' defaults, for every method: the authors' code
 # clips the final gradient at norm 5, where a method built in Python clips only when asked.
 SUITE_SETTINGS = {"max_grad_norm": 5.0}
+SETTINGS_FILE_WIDTH = 120  # the generated settings files' lines, comments included
 
 
 def config_settings(cls: type[Method]) -> dict:
@@ -161,13 +163,24 @@ def method_class(method: Mapping) -> type[Method]:
 
 
 def settings_file(name: str) -> str:
-    """conf/method/settings/<name>.yaml for the class gnp.methods.<name>: its `_target_` and `config_settings`."""
+    """conf/method/settings/<name>.yaml for the class gnp.methods.<name>: its `_target_` and `config_settings`,
+    each setting with its meaning (the class's `setting_meanings`) as its comment."""
     suite = ", ".join(f"{key}: {value}" for key, value in SUITE_SETTINGS.items())
     header = (f"# Generated from the constructor of gnp.methods.{name} by `python scripts/method_settings.py`: do not\n"
-              f"# edit. Every setting of a config of {name} at the constructor's default (help(gnp.methods.{name})\n"
-              f"# says what each means), but {suite} (gnp.config.SUITE_SETTINGS). conf/method/*.yaml build on it.\n")
-    settings = {"_target_": f"gnp.methods.{name}", **config_settings(getattr(methods, name))}
-    return header + yaml.safe_dump(settings, sort_keys=False)
+              f"# edit. Every setting of a config of {name} at the constructor's default, commented with its\n"
+              f"# setting_help, but {suite} (gnp.config.SUITE_SETTINGS). conf/method/*.yaml build on it.\n")
+    cls = getattr(methods, name)
+    meanings = cls.setting_meanings()
+    constructor_key = {run.removeprefix("method."): key for key, run in RUN_SETTINGS.items()
+                       if run.startswith("method.")}  # warmup_epochs: warmup_steps
+    lines = {key: yaml.safe_dump({key: value}).rstrip("\n") for key, value in config_settings(cls).items()}
+    column = max(map(len, lines.values())) + 2
+    body = [f"_target_: gnp.methods.{name}"]
+    for key, line in lines.items():
+        # a long meaning goes on under its first line, at the same column (docs read it as one comment)
+        text = textwrap.wrap(meanings[constructor_key.get(key, key)], SETTINGS_FILE_WIDTH - column - 2)
+        body += [f"{line:<{column}}# {text[0]}", *(f"{'':<{column}}# {more}" for more in text[1:])]
+    return header + "\n".join(body) + "\n"
 
 
 def method_class_names() -> list[str]:

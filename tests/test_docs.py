@@ -11,6 +11,7 @@ import pytest
 
 from conftest import CONF, ROOT, compose_config
 from gnp import config_docs
+from gnp.config import method_class
 from gnp.config_docs import _cell, _value, file_comments
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
@@ -42,12 +43,27 @@ def test_the_method_settings_name_every_method_file_and_its_settings():
         method = compose_config(f"method={path.stem}").method
         assert f"**`method={path.stem}`**: `{method._target_}`." in text
     gnp_warmup = text.split("**`method=gnp_warmup`**")[1].split("**`method=")[0]
-    # inherited from GNP's settings file, overridden by gnp_warmup.yaml
-    assert "| `method.normalize_first_grad` | `true` |" in gnp_warmup
+    # inherited from GNP's settings file with its meaning, overridden by gnp_warmup.yaml
+    assert ("| `method.normalize_first_grad` | `true` | true (the authors' code): the (1 - alpha) term uses g1 / "
+            "\\|\\|g1\\|\\|; false gives the paper's (1 - alpha) \\* g1 |") in gnp_warmup
     assert "| `method.warmup` | `zero` |" in gnp_warmup and "| `method.alpha` | `1.0` |" in gnp_warmup
     # every setting of a class is in its settings file: none needs a +, and LookSAM has sync_perturbation
     looksam = text.split("**`method=looksam`**")[1].split("**`method=")[0]
     assert "| `method.sync_perturbation` | `false` |" in looksam and "`+method." not in text
+
+
+def test_each_method_setting_means_what_its_class_says():
+    """The meaning column is the class's setting_meanings, read back whole from the generated settings files'
+    comments (a long one wraps there), the WSAM's own max_grad_norm text included."""
+    text = config_docs.BLOCKS[1].current()
+    for path in (CONF / "method").glob("*.yaml"):
+        meanings = method_class(compose_config(f"method={path.stem}").method).setting_meanings()
+        section = text.split(f"**`method={path.stem}`**")[1].split("**`method=")[0]
+        rows = [line[2:-2].split(" | ") for line in section.splitlines() if line.startswith("| `")]
+        assert rows
+        for key, _, meaning in rows:
+            name = key.strip("`").removeprefix("method.")
+            assert meaning == _cell(meanings[{"warmup_epochs": "warmup_steps"}.get(name, name)]), (path.stem, name)
 
 
 def test_file_comments_reads_the_header_the_comments_above_a_key_and_on_its_line(tmp_path):

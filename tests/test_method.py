@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.func import functional_call, grad
 
+from gnp import methods
 from gnp.methods import ASAM, GNP, SAM, Method, Plain, TwoPassMethod
 
 IN, HIDDEN, CLASSES = 6, 16, 3
@@ -215,6 +216,22 @@ def test_setting_names_follow_the_settings_each_class_passes_on():
                                    "l2", "max_grad_norm", "grad_scaler"]
     assert set(GNP.setting_names()) == set(SAM.setting_names()) | {"alpha", "normalize_first_grad", "exact"}
     assert set(ASAM.setting_names()) == set(SAM.setting_names()) | {"eta"}
+
+
+def test_every_setting_of_every_method_has_a_meaning():
+    """Each class says what each of its settings means (setting_help: a new setting without one fails here), and
+    says nothing of a setting it does not take; a subclass's text is in force (WSAM's clip, GAM's warmups)."""
+    classes = [cls for cls in map(methods.__dict__.get, methods.__all__)
+               if isinstance(cls, type) and issubclass(cls, Method)]
+    assert {Method, TwoPassMethod, Plain, SAM, GNP, ASAM} <= set(classes) and len(classes) == 11
+    for cls in classes:
+        meanings = cls.setting_meanings()
+        assert set(meanings) == set(cls.setting_names()) and all(meanings.values()), cls.__name__
+        if "warmup" in meanings:  # "...: none | r (r grows linearly) | zero (plain steps)" names each warmup taken
+            listed = [option.split()[0] for option in meanings["warmup"].split(": ", 1)[1].split(" | ")]
+            assert sorted(listed) == sorted(cls.warmups), cls.__name__
+    assert methods.WSAM.setting_meanings()["max_grad_norm"] != SAM.setting_meanings()["max_grad_norm"]
+    assert GNP.setting_meanings()["r"] == TwoPassMethod.setting_help["r"]
 
 
 @pytest.mark.parametrize("build, expected", [

@@ -25,6 +25,8 @@ class ASAM(SAM):
     """
 
     step_overhead = 0.05
+    setting_help = {"eta": "T = |theta| + eta scales the perturbation of a weight (biases: T = 1), so zero weights "
+                           "are perturbed too"}
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.5, *,
                  eta: float = 0.01, **settings):

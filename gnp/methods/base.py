@@ -11,9 +11,10 @@ The contract of a method (docs/methods.md, "Adding a method"): it defines `gradi
 full step) and `step_overhead` (its element-wise work beyond SAM's, for the benchmark's limits), and override
 `expected_passes` (the mean over a run, for cost estimates), `schedule` (the hyperparameters a step reports),
 `after_step` (state it keeps across steps, updated once the base optimizer has stepped), `check_shards`, and
-`state_dict` / `load_state_dict` for that state. A constructor refuses a bad setting with
-`SettingError(name, value, allowed)`; a class that defines neither `gradient` nor `direction` is refused when
-it is built.
+`state_dict` / `load_state_dict` for that state. It says what each setting of its own constructor means in
+`setting_help` (the comments of the generated conf/method/settings/<Class>.yaml). A constructor refuses a bad
+setting with `SettingError(name, value, allowed)`; a class that defines neither `gradient` nor `direction` is
+refused when it is built.
 """
 from __future__ import annotations
 
@@ -136,6 +137,13 @@ class Method:
     step_overhead: float = 0.0
     # The settings that tell the method's runs apart at a glance (W&B run names, figure titles, the demo).
     label_settings: tuple[str, ...] = ()
+    # What each setting the class's own constructor takes means, in a line (`setting_meanings` merges the bases'):
+    # the comment of each key of the generated conf/method/settings/<Class>.yaml and docs/methods.md's tables.
+    setting_help: dict[str, str] = {
+        "l2": "in-loss L2: 0.5 * l2 * ||theta||^2 enters the loss of every pass (optimizer.weight_decay_mode=loss)",
+        "max_grad_norm": "clip the final gradient to this global norm; null = off",
+        "grad_scaler": "a torch.amp.GradScaler for float16 autocast (precision=fp16)",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, l2: float = 0.0,
                  max_grad_norm: float | None = None, grad_scaler: torch.amp.GradScaler | None = None):
@@ -178,6 +186,14 @@ class Method:
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 break
         return defaults
+
+    @classmethod
+    def setting_meanings(cls) -> dict[str, str]:
+        """What each setting means: the `setting_help` of the class and its bases, a subclass's text in force."""
+        meanings: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            meanings.update(klass.__dict__.get("setting_help", {}))
+        return meanings
 
     @classmethod
     def setting_names(cls) -> list[str]:

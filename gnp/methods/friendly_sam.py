@@ -41,6 +41,10 @@ class FriendlySAM(SAM):
 
     step_overhead = 0.05
     label_settings = ("r", "sigma")
+    setting_help = {
+        "sigma": "how much of m, the average of past batch gradients, the perturbation leaves out (0 = SAM)",
+        "lmbda": "m's exponential decay, in [0, 1)",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.2,
                  sigma: float = 1.0, lmbda: float = 0.95, **settings):

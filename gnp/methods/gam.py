@@ -48,6 +48,16 @@ class GAM(TwoPassMethod):
 
     warmups = ("none", "zero")
     passes = 4
+    setting_help = {
+        "r": "grad_rho: radius of the two SAM-like perturbations; 0 = plain training",
+        "r_norm": "grad_norm_rho: radius of the gradient norm's ascent",
+        "beta0": "grad_beta_0 (grad_beta_2 = 1 - beta0)",
+        "beta1": "grad_beta_1 (grad_beta_3 = 1 - beta1)",
+        "gamma": "grad_gamma",
+        "sync_perturbation": "false only: each shard takes its own four passes",
+        "warmup": "GR warmup (follow-up paper) over warmup_epochs: none | zero (plain steps)",
+        "two_pass_probability": "hybrid training: each step takes its four passes with this probability, else one",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.03,
                  r_norm: float = 0.2, beta0: float = 0.1, beta1: float = 0.1, gamma: float = 0.05, **settings):

@@ -34,6 +34,16 @@ class GNP(SAM):
 
     warmups = (*SAM.warmups, "lambda")
     label_settings = ("r", "alpha")
+    setting_help = {
+        "alpha": "weight of the perturbed gradient, in [0, 1] (1 = SAM, 0 = the base optimizer); penalty lambda = "
+                 "alpha * r",
+        "normalize_first_grad": "true (the authors' code): the (1 - alpha) term uses g1 / ||g1||; false gives the "
+                                "paper's (1 - alpha) * g1",
+        "exact": "true: the exact gradient of L + alpha*r*||grad L|| by double backward (small models)",
+        "warmup": "GR warmup (follow-up paper) over warmup_epochs: none | r (r grows linearly) | lambda (alpha grows "
+                  "linearly) | zero (plain steps)",
+        "two_pass_probability": "hybrid training: each step is a GNP step with this probability, else plain",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.1, alpha: float = 0.8,
                  *, normalize_first_grad: bool = True, exact: bool = False, **settings):

@@ -39,6 +39,11 @@ class GSAM(SAM):
 
     step_overhead = 0.05
     label_settings = ("r", "alpha")
+    setting_help = {
+        "r": "perturbation radius (rho_max when r_min is set)",
+        "alpha": "weight of g1's part orthogonal to g2, which the step ascends (0 = SAM)",
+        "r_min": "null: a constant r; a number in [0, r]: r follows the learning rate down to it",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05,
                  alpha: float = 0.2, *, r_min: float | None = None, **settings):

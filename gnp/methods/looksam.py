@@ -47,6 +47,13 @@ class LookSAM(SAM):
 
     step_overhead = 0.05
     label_settings = ("r", "k", "alpha")
+    setting_help = {
+        "k": "a SAM step every k steps (1 = SAM)",
+        "alpha": "weight of the reused orthogonal gradient g_v (0: plain steps in between)",
+        "layerwise": "true: project and rescale per parameter tensor (pytorch_optimizer's LookSAM)",
+        "sync_perturbation": "false only: each shard reuses g_v with its own g1",
+        "two_pass_probability": "1 only: its SAM steps come every k steps",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05, k: int = 5,
                  alpha: float = 0.7, *, layerwise: bool = False, **settings):

@@ -48,6 +48,16 @@ class TwoPassMethod(Method):
     warmups: tuple[str, ...] = ("none", "r", "zero")
     passes = 2
     label_settings = ("r",)
+    setting_help = {
+        "r": "perturbation radius (SAM's rho); 0 = plain training with the base optimizer (one pass)",
+        "sync_perturbation": "DDP: false = each replica perturbs with its own shard's g1; true = one perturbation "
+                             "from the whole batch's g1",
+        "warmup": "GR warmup (follow-up paper) over warmup_epochs: none | r (r grows linearly) | zero (plain steps)",
+        "warmup_steps": "length of the GR warmup (steps; a config's warmup_epochs, in epochs); > 0 unless warmup "
+                        "is none",
+        "two_pass_probability": "hybrid training: each step takes two passes with this probability, else one",
+        "seed": "seeds the hybrid draws (the run's seed)",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float, *,
                  sync_perturbation: bool = False, warmup: str = "none", warmup_steps: int = 0,

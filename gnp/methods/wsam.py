@@ -40,6 +40,12 @@ class WSAM(SAM):
 
     step_overhead = 0.05
     label_settings = ("r", "gamma")
+    setting_help = {
+        "gamma": "weight of the sharpness, in [0, 1): a = gamma / (1 - gamma) (1/2 = SAM)",
+        "decoupled": "true (the paper's default): theta -= lr * a * (g2 - g1) after the base optimizer's step "
+                     "with g1; false: the base optimizer gets g1 + a * (g2 - g1) (GNP's paper formula, alpha = a)",
+        "max_grad_norm": "clip the gradient handed to the base optimizer to this global norm; null = off",
+    }
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, r: float = 0.05,
                  gamma: float = 0.9, *, decoupled: bool = True, **settings):
