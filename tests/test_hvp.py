@@ -58,6 +58,16 @@ def test_each_product_method_is_the_dense_hessian_times_the_vector(dense, method
         assert choice == {"method": method, "reason": "asked for", "ms": None}
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_products_taken_together_are_the_products_taken_alone(dense, method):
+    loss, h = _loss(dense, method), dense[4]
+    vectors = [_random_vector(loss.params, seed) for seed in range(3)]
+    products = loss.hvps(vectors)
+    assert loss.hvp_count == 3 and len(products) == 3
+    for v, product in zip(vectors, products):
+        np.testing.assert_allclose(flatten(product).numpy(), (h @ flatten(v)).numpy(), rtol=1e-9, atol=1e-12)
+
+
 def _eval_network(name, seed=0, **options):
     """A network in eval mode, its BatchNorm statistics and affine parameters made non-trivial (as after
     training), in float64."""
@@ -176,7 +186,7 @@ def _hessian_like(size=300, seed=0):
 
 def _repeat(estimator, matrix, samples, repeats, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    results = [estimator(lambda x: matrix @ x, len(matrix), samples, generator, dtype=torch.float64)
+    results = [estimator(lambda rows: rows @ matrix, len(matrix), samples, generator, dtype=torch.float64)
                for _ in range(repeats)]
     return np.array([r["value"] for r in results]), np.array([r["stderr"] for r in results]), results
 
@@ -208,7 +218,7 @@ def test_hutchpp_is_exact_when_the_basis_holds_the_whole_range():
     """A rank-3 matrix: the sketch of 3 products spans its range, so the remainder is zero."""
     matrix = _symmetric([5.0, -2.0, 1.0] + [0.0] * 17)
     generator = torch.Generator().manual_seed(0)
-    result = hessian.hutchpp(lambda x: matrix @ x, 20, 9, generator, dtype=torch.float64)
+    result = hessian.hutchpp(lambda rows: rows @ matrix, 20, 9, generator, dtype=torch.float64)
     assert result["subspace"] == 3 and result["value"] == pytest.approx(4.0, abs=1e-10)
     assert result["stderr"] == pytest.approx(0.0, abs=1e-10)
 
@@ -216,11 +226,20 @@ def test_hutchpp_is_exact_when_the_basis_holds_the_whole_range():
 def test_few_products_leave_at_least_two_for_the_remainder():
     matrix = _symmetric(np.linspace(1, 2, 20))
     generator = torch.Generator().manual_seed(0)
-    shapes = {n: hessian.hutchpp(lambda x: matrix @ x, 20, n, generator, dtype=torch.float64) for n in (2, 3, 4, 6, 33)}
+    shapes = {n: hessian.hutchpp(lambda rows: rows @ matrix, 20, n, generator, dtype=torch.float64) for n in (2, 3, 4, 6, 33)}
     assert {n: (r["subspace"], r["remainder_samples"]) for n, r in shapes.items()} == {
         2: (0, 2), 3: (0, 3), 4: (1, 2), 6: (2, 2), 33: (11, 11)}
     with pytest.raises(ValueError, match="a standard error needs at least 2"):
-        hessian.hutchpp(lambda x: matrix @ x, 20, 1, generator)
+        hessian.hutchpp(lambda rows: rows @ matrix, 20, 1, generator)
+
+
+@pytest.mark.parametrize("estimator", [hessian.hutchpp, hessian.hutchinson])
+def test_an_estimate_does_not_depend_on_how_many_products_are_taken_together(estimator):
+    matrix = _hessian_like()
+    estimates = [estimator(lambda rows: rows @ matrix, len(matrix), 14, torch.Generator().manual_seed(3),
+                           dtype=torch.float64, block=block) for block in (1, 4, 14)]
+    for other in estimates[1:]:
+        assert other == pytest.approx(estimates[0], rel=1e-10)
 
 
 @pytest.mark.parametrize("method", hessian.TRACE_METHODS)

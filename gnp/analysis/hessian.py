@@ -58,59 +58,68 @@ TRACE_METHODS = (HUTCHPP, HUTCHINSON)
 # Products each estimator takes by default: Hutch++ reaches Hutchinson's standard error of 100 products with a
 # third of them on Hessians, whose few large eigenvalues make most of Hutchinson's variance (README: Flatness).
 TRACE_SAMPLES = {HUTCHPP: 33, HUTCHINSON: 100}
+# Products computed together in one pass over the batches (SubsetLoss.hvps): the forward pass and the first
+# backward pass are shared, at the cost of that many times the second pass's memory.
+PRODUCTS_PER_PASS = 4
 
-Matvec = Callable[[torch.Tensor], torch.Tensor]  # a flat vector to the matrix times it
+Matmat = Callable[[torch.Tensor], torch.Tensor]  # vectors as the rows of an (m, size) matrix to A times each
 
 
-def trace(loss: SubsetLoss, method: str, samples: int, seed: int) -> dict:
-    """tr(H) by `method` (TRACE_METHODS) with `samples` Hessian-vector products, with its standard error."""
+def trace(loss: SubsetLoss, method: str, samples: int, seed: int, block: int = PRODUCTS_PER_PASS) -> dict:
+    """tr(H) by `method` (TRACE_METHODS) with `samples` Hessian-vector products, `block` at a time, with its
+    standard error."""
     params = loss.params
     size = sum(p.numel() for p in params)
     generator = torch.Generator(params[0].device).manual_seed(seed)
+
+    def matmat(rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([flatten(product) for product in loss.hvps([unflatten(row, params) for row in rows])])
+
     estimate = {HUTCHPP: hutchpp, HUTCHINSON: hutchinson}[method]
     start = loss.hvp_count
-    result = estimate(lambda x: flatten(loss.hvp(unflatten(x, params))), size, samples, generator,
-                      dtype=params[0].dtype)
+    result = estimate(matmat, size, samples, generator, dtype=params[0].dtype, block=block)
     return {"method": method, **result, "hvp_count": loss.hvp_count - start}
 
 
-def hutchinson(matvec: Matvec, size: int, samples: int, generator: torch.Generator, *,
-               dtype: torch.dtype = torch.float32) -> dict:
+def hutchinson(matmat: Matmat, size: int, samples: int, generator: torch.Generator, *,
+               dtype: torch.dtype = torch.float32, block: int = PRODUCTS_PER_PASS) -> dict:
     """tr(A) ~ mean of v^T A v over `samples` Rademacher vectors v (entries +-1, drawn on the generator's
-    device), with the standard error sample std / sqrt(samples)."""
+    device), with the standard error sample std / sqrt(samples); `block` products at a time."""
     if samples < 2:
         raise ValueError(f"{samples} Hutchinson samples are too few: a standard error needs at least 2")
-    estimates = [_quadratic_form(matvec, _rademacher(size, generator, dtype)) for _ in range(samples)]
-    values = torch.stack(estimates).to(torch.float64).cpu()  # the one read from the device
+    values = torch.cat([_quadratic_forms(matmat, _rademacher(m, size, generator, dtype))
+                        for m in _blocks(samples, block)]).to(torch.float64).cpu()  # the one read from the device
     return {"value": values.mean().item(), "stderr": (values.std() / math.sqrt(samples)).item(),
             "samples": samples}
 
 
-def hutchpp(matvec: Matvec, size: int, samples: int, generator: torch.Generator, *,
-            dtype: torch.dtype = torch.float32) -> dict:
-    """tr(A) by Hutch++ with `samples` products of A: k = samples // 3 of them, on Rademacher vectors S,
-    give an orthonormal basis Q of AS; k more give tr(Q^T A Q) exactly; the rest estimate the trace of the
-    remainder, tr((I - QQ^T) A (I - QQ^T)), by Hutchinson with Rademacher vectors projected off Q. A
-    smaller k leaves at least 2 for the remainder (3 products or fewer: k = 0, Hutchinson's estimator).
+def hutchpp(matmat: Matmat, size: int, samples: int, generator: torch.Generator, *,
+            dtype: torch.dtype = torch.float32, block: int = PRODUCTS_PER_PASS) -> dict:
+    """tr(A) by Hutch++ with `samples` products of A, `block` at a time: k = samples // 3 of them, on
+    Rademacher vectors S, give an orthonormal basis Q of AS; k more give tr(Q^T A Q) exactly; the rest
+    estimate the trace of the remainder, tr((I - QQ^T) A (I - QQ^T)), by Hutchinson with Rademacher vectors
+    projected off Q. A smaller k leaves at least 2 for the remainder (3 products or fewer: k = 0,
+    Hutchinson's estimator).
 
-    The estimate is unbiased whatever Q is, so the remainder's sample variance over its count is an
-    unbiased estimate of the whole estimate's variance (the part that Q adds has mean zero): `stderr` is
-    its square root."""
+    Given Q, the estimate's mean is tr(A) whatever Q is, so Q adds no variance of its own: the remainder's
+    sample variance over its count is an unbiased estimate of the whole estimate's variance, and `stderr`
+    is its square root."""
     if samples < 2:
         raise ValueError(f"{samples} Hutch++ samples are too few: a standard error needs at least 2")
     k = min(samples // 3, (samples - 2) // 2, size)
     basis, subspace = None, 0.0
     if k:
-        sketch = torch.stack([matvec(_rademacher(size, generator, dtype)) for _ in range(k)], dim=1)
-        basis = torch.linalg.qr(sketch).Q
-        subspace = torch.stack([_quadratic_form(matvec, q) for q in basis.T]).sum().to(torch.float64).item()
+        sketch = torch.cat([matmat(_rademacher(m, size, generator, dtype)) for m in _blocks(k, block)])
+        basis = torch.linalg.qr(sketch.T).Q.T.contiguous()  # (k, size): orthonormal rows spanning the sketch
+        subspace = torch.cat([_quadratic_forms(matmat, rows) for rows in basis.split(block)]).sum()
+        subspace = subspace.to(torch.float64).item()
     remainder = []
-    for _ in range(samples - 2 * k):
-        v = _rademacher(size, generator, dtype)
+    for m in _blocks(samples - 2 * k, block):
+        v = _rademacher(m, size, generator, dtype)
         if basis is not None:
-            v -= basis @ (basis.T @ v)
-        remainder.append(_quadratic_form(matvec, v))
-    values = torch.stack(remainder).to(torch.float64).cpu()
+            v -= (v @ basis.T) @ basis
+        remainder.append(_quadratic_forms(matmat, v))
+    values = torch.cat(remainder).to(torch.float64).cpu()
     return {"value": subspace + values.mean().item(), "stderr": (values.std() / math.sqrt(len(values))).item(),
             "samples": samples, "subspace": k, "subspace_trace": subspace, "remainder_samples": len(values)}
 
@@ -120,9 +129,17 @@ def hutchinson_trace(loss: SubsetLoss, samples: int, seed: int) -> dict:
     return trace(loss, HUTCHINSON, samples, seed)
 
 
-def _rademacher(size: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randint(0, 2, (size,), generator=generator, device=generator.device, dtype=dtype).mul_(2).sub_(1)
+def _blocks(count: int, block: int) -> list[int]:
+    """`count` split into parts of `block` and a smaller last one."""
+    return [min(block, count - start) for start in range(0, count, block)]
 
 
-def _quadratic_form(matvec: Matvec, v: torch.Tensor) -> torch.Tensor:
-    return torch.dot(v, matvec(v))
+def _rademacher(count: int, size: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """`count` Rademacher vectors as rows, drawn one after another (the same whatever the blocks)."""
+    return torch.randint(0, 2, (count, size), generator=generator, device=generator.device,
+                         dtype=dtype).mul_(2).sub_(1)
+
+
+def _quadratic_forms(matmat: Matmat, rows: torch.Tensor) -> torch.Tensor:
+    """v^T A v for each row v."""
+    return (rows * matmat(rows)).sum(1)
