@@ -242,6 +242,9 @@ def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
     for method in hvp["methods"].values():
         assert method["hvp/step"] == pytest.approx(statistics.median(
             a / b for a, b in zip(method["ms"]["samples"], samples["step"])))
+        block = method["block"]  # per product of a block taken together, as the trace estimators take them
+        assert block["products"] == 4 and block["hvp/step"] == pytest.approx(statistics.median(
+            a / b for a, b in zip(block["ms_per_product"]["samples"], samples["step"])))
     run = analysis["run"]
     assert run["summary"]["method"] == "plain" and run["summary"]["status"] == "finished"
     assert len(run["epoch_training_seconds"]) == 2 and run["epoch_seconds"] == run["epoch_training_seconds"][1]

@@ -206,7 +206,8 @@ def _analysis_cells(analysis: dict) -> list[str]:
     ms = hvp["ms"]
     extra = f"; with {' '.join(run['extra_arguments'])}" if run["extra_arguments"] else ""
     # files of earlier commits have one product method and no previous defaults or trace comparison
-    methods = "".join(f"; {method} {_x(r['hvp/step'])}" for method, r in hvp.get("methods", {}).items())
+    methods = "".join(f"; {method} {_x(r['hvp/step'])}, {_x(r['block']['hvp/step'])} in blocks of "
+                      f"{r['block']['products']}" for method, r in hvp.get("methods", {}).items())
     previous = f"; {_x(run['analysis/previous'])} the previous defaults" if "analysis/previous" in run else ""
     trace = analysis.get("trace")
     trace = (f"; its trace needs {_x(trace['products/hutchinson'])} Hutchinson's products for its standard error"

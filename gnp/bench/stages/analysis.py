@@ -2,9 +2,10 @@
 costs against training:
 
 - one Hessian-vector product (`SubsetLoss.hvp`, the model in eval mode) by each exact method, double
-  backward and forward-over-reverse, against one plain training step (forward and backward) on the same
-  batch and model, paired over interleaved rounds; both in float32, eager, without channels_last, as the
-  analysis computes; `hvp` is the method the analysis's `--hvp auto` picks on that batch;
+  backward and forward-over-reverse, alone and (per product) in a block taken together as the trace
+  estimators take them (`SubsetLoss.hvps`), against one plain training step (forward and backward) on the
+  same batch and model, paired over interleaved rounds; both in float32, eager, without channels_last, as
+  the analysis computes; `hvp` is the method the analysis's `--hvp auto` picks on that batch, alone;
 - the wall time of a default analysis of a run (the command with its own defaults: the top 5 Hessian
   eigenvalues, a Hutch++ trace of 33 products, the sharpness by 5 ascent steps, the loss, error and
   gradient norm, on a subset of a tenth of the training images as 5,000 of CIFAR's 50,000) against one
@@ -23,10 +24,12 @@ import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from gnp.analysis import __main__ as analysis_command
+from gnp.analysis.hessian import PRODUCTS_PER_PASS
 from gnp.analysis.objective import DOUBLE_BACKWARD, FORWARD_OVER_REVERSE, SubsetLoss
 from gnp.analysis.run import RESULT_FILE
 from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, main_paths, run_overrides
@@ -48,8 +51,9 @@ def measure(spec: ModelSpec, args: argparse.Namespace, device: torch.device, dat
 
 
 def measure_hvp(spec: ModelSpec, args: argparse.Namespace, device: torch.device, data: DataPaths) -> dict:
-    """One Hessian-vector product on a training batch by each method against one plain step on the same
-    batch; a method the model cannot take (forward mode) is recorded as such."""
+    """One Hessian-vector product on a training batch by each method, alone and in a block of
+    PRODUCTS_PER_PASS taken together (per product), against one plain step on the same batch; a method the
+    model cannot take (forward mode) is recorded as such."""
     paths = FastPaths("fp32", channels_last=False, compile=False, fused=device.type == "cuda")
     step = SuiteStep(compose_config(*run_overrides(spec, "plain", paths, device, data.tiny), validated=True), device)
     net = step.parts.model
@@ -61,37 +65,38 @@ def measure_hvp(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
     generator = torch.Generator(device).manual_seed(0)
     vector = [torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype) for p in loss("auto").params]
 
-    def product(method: str):
-        one = loss(method)
-
-        def hvp() -> None:
+    def products(one: SubsetLoss, count: int) -> Callable[[], None]:
+        def call() -> None:
             net.eval()  # as the analysis evaluates the model
-            one.hvp(vector)
-            net.train()
-        return hvp
+            try:
+                one.hvps([vector] * count)
+            finally:
+                net.train()
+        return call
 
     print(f"\n== analysis cost: a Hessian-vector product against a plain step, {spec.label}, batch "
           f"{spec.batch_size}, {paths.label}", flush=True)
-    net.eval()
     chooser = loss("auto")
-    chooser.hvp(vector)  # what --hvp auto picks on this batch
-    net.train()
+    products(chooser, 1)()  # what --hvp auto picks on this batch
     calls, unavailable = {}, {}
     for method in (DOUBLE_BACKWARD, FORWARD_OVER_REVERSE):
-        call = product(method)
+        one = loss(method)
         try:
-            call()
+            products(one, 1)()
         except ValueError as e:  # no forward mode
-            net.train()
             unavailable[method] = str(e)
             continue
-        calls[method] = call
+        calls[method], calls[f"{method} block"] = products(one, 1), products(one, PRODUCTS_PER_PASS)
     calls["step"] = step
     warm_up(calls, device, max(args.warmup, 1))
     samples = interleaved(calls, device, args.repeats, spec.steps)
     release(device)
-    methods = {method: {"ms": spread(samples[method]), "hvp/step": paired_ratio(samples[method], samples["step"])}
-               for method in calls if method != "step"}
+    methods = {}
+    for method in (m for m in (DOUBLE_BACKWARD, FORWARD_OVER_REVERSE) if m in calls):
+        block = [t / PRODUCTS_PER_PASS for t in samples[f"{method} block"]]
+        methods[method] = {"ms": spread(samples[method]), "hvp/step": paired_ratio(samples[method], samples["step"]),
+                           "block": {"products": PRODUCTS_PER_PASS, "ms_per_product": spread(block),
+                                     "hvp/step": paired_ratio(block, samples["step"])}}
     chosen = chooser.hvp_choice["method"]
     return {"settings": asdict(paths), "chosen": chooser.hvp_choice, "methods": methods, "unavailable": unavailable,
             "ms": {"hvp": methods[chosen]["ms"], "step": spread(samples["step"])},
@@ -179,8 +184,8 @@ def _training_seconds(row: dict, data: DataPaths, spec: ModelSpec) -> float:
 def show(result: dict) -> None:
     hvp, run, trace = result["hvp"], result["run"], result["trace"]
     settings = run["analysis_settings"]
-    methods = ", ".join(f"{method} {r['hvp/step']:.2f}x ({r['ms']['median']:.1f} ms)"
-                        for method, r in hvp["methods"].items())
+    methods = ", ".join(f"{method} {r['hvp/step']:.2f}x ({r['ms']['median']:.1f} ms; {r['block']['hvp/step']:.2f}x "
+                        f"a product in blocks of {r['block']['products']})" for method, r in hvp["methods"].items())
     print(f"one Hessian-vector product against a plain training step of the same batch "
           f"({hvp['ms']['step']['median']:.1f} ms), paired by round: {methods}; auto picks {hvp['chosen']['method']}"
           + "".join(f"; {method}: {why}" for method, why in hvp["unavailable"].items()))
