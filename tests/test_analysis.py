@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 from scipy.optimize import brentq
 
 from conftest import ROOT, compose_config
-from gnp.analysis import landscape
+from gnp.analysis import AnalysisError, landscape, subset_loss
 from gnp.analysis.__main__ import main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
-from gnp.analysis.objective import SubsetLoss, norm
+from gnp.analysis.objective import SubsetLoss
+from gnp.methods import global_norm as norm
 from gnp.analysis.run import QUANTITIES, Analysis, Options, read_run, trained_l2
 from gnp.analysis.sharpness import sam_sharpness
 from gnp.data import load_dataset
@@ -464,6 +465,26 @@ def test_the_sharpness_options_are_settings_and_m_sharpness_joins_the_quantities
     assert _strict((run / "analysis.json").read_text())["settings"]["ascent_tol"] == 0.5
 
 
+def test_the_public_loss_is_the_one_the_analysis_recorded(run):
+    assert main([str(run), *FAST, "--only", "train_loss,hessian_trace", "--trace-samples", "9"]) == 0
+    record = _strict((run / "analysis.json").read_text())
+    loss = subset_loss(run, subset=32, batch_size=32, seed=0)
+    assert loss.size == 32 and [len(labels) for _, labels in loss.batches] == [32]
+    assert loss.names == [name for name, _ in loss.model.named_parameters()] and not loss.model.training
+    value = loss.loss_fn([p.detach() for p in loss.params])
+    assert value.item() == pytest.approx(record["quantities"]["train_loss"], rel=1e-6)
+    trace = record["details"]["hessian_trace"]  # the default estimator, Hutch++: a third of 9 for the basis
+    assert (trace["method"], trace["samples"], trace["subspace"], trace["remainder_samples"], trace["hvp_count"]) == (
+        "hutch++", 9, 3, 3, 9)
+    assert trace["hvp"]["method"] in ("double-backward", "forward-over-reverse")
+    assert {k: record["settings"][k] for k in ("trace_method", "trace_samples", "hvp_method")} == {
+        "trace_method": "hutch++", "trace_samples": 9, "hvp_method": "auto"}
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    with pytest.raises(AnalysisError, match="did not finish \\(status failed\\): there is nothing to analyse"):
+        subset_loss(run)
+
+
 def test_the_file_names_the_commit_checked_out_when_the_analysis_began(run, monkeypatch):
     head = {"commit": "a" * 40}
     monkeypatch.setattr("gnp.analysis.run.git_commit", lambda: head["commit"])
@@ -570,6 +591,8 @@ def test_a_run_trained_in_bfloat16_is_analysed_in_float32_with_a_note(run, capsy
     (["--top-k", "0"], "argument --top-k: 0 is invalid: it must be an integer >= 1"),
     (["--trace-samples", "1"], "--trace-samples 1 is invalid: a standard error needs at least 2"),
     (["--m-sharpness", "33"], "--m-sharpness 33 is larger than the subset (32 images): use --m-sharpness 32 or less"),
+    (["--trace-method", "xtrace"],
+     "argument --trace-method: invalid choice: 'xtrace' (choose from 'hutch++', 'hutchinson')"),
     (["--device", "tpu"], "--device tpu is invalid: choose auto, cpu, cuda or cuda:N"),
     (["--between", "{run}", "{run}/nowhere"], "--between: {run}/nowhere is not a run directory (no config.yaml)"),
 ])

@@ -235,6 +235,16 @@ def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
     samples = {name: hvp["ms"][name]["samples"] for name in ("hvp", "step")}
     assert len(samples["hvp"]) == len(samples["step"]) == 2  # --repeats 2
     assert hvp["hvp/step"] == pytest.approx(sum(a / b for a, b in zip(samples["hvp"], samples["step"])) / 2)
+    # each product method of a ResNet (both exact), and the one --hvp auto picks is the one reported
+    assert set(hvp["methods"]) == {"double-backward", "forward-over-reverse"} and hvp["unavailable"] == {}
+    chosen = hvp["methods"][hvp["chosen"]["method"]]
+    assert hvp["hvp/step"] == chosen["hvp/step"] and samples["hvp"] == chosen["ms"]["samples"]
+    for method in hvp["methods"].values():
+        assert method["hvp/step"] == pytest.approx(statistics.median(
+            a / b for a, b in zip(method["ms"]["samples"], samples["step"])))
+        block = method["block"]  # per product of a block taken together, as the trace estimators take them
+        assert block["products"] == 4 and block["hvp/step"] == pytest.approx(statistics.median(
+            a / b for a, b in zip(block["ms_per_product"]["samples"], samples["step"])))
     run = analysis["run"]
     assert run["summary"]["method"] == "plain" and run["summary"]["status"] == "finished"
     assert len(run["epoch_training_seconds"]) == 2 and run["epoch_seconds"] == run["epoch_training_seconds"][1]
@@ -249,6 +259,16 @@ def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
     assert {k: settings[k] for k in ("batch_size", "top_k", "ascent_steps", "seed")} == {
         k: getattr(defaults, k) for k in ("batch_size", "top_k", "ascent_steps", "seed")}
     assert settings["landscape"] is None and run["hvp_count"] == 2  # the trace's products
+    assert (settings["trace_method"], settings["hvp_method"]) == ("hutch++", "auto")
+    # the previous defaults (a Hutchinson trace by double backward), with the options given still winning
+    previous = run["previous"]
+    assert previous["analysis_settings"]["trace_method"] == "hutchinson" and previous["hvp_count"] == 2
+    assert previous["analysis_settings"]["hvp_method"] == "double-backward"
+    assert run["analysis/previous"] == pytest.approx(run["analysis_seconds"] / previous["analysis_seconds"])
+    trace, old = analysis["trace"], previous["details"]["hessian_trace"]
+    assert trace["hutchinson_products_for_equal_error"] == pytest.approx(
+        2 * (old["stderr"] / run["details"]["hessian_trace"]["stderr"]) ** 2)
+    assert trace["products/hutchinson"] == pytest.approx(2 / trace["hutchinson_products_for_equal_error"])
 
 
 def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from gnp.analysis import sharpness
+from gnp.analysis.hessian import TRACE_METHODS, TRACE_SAMPLES
+from gnp.analysis.objective import HVP_METHODS
 from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
                               is_up_to_date, read_run)
 from gnp.checks import positive
@@ -43,8 +45,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "every quantity is of the whole subset")
     parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all): {', '.join(QUANTITIES)}")
     parser.add_argument("--top-k", type=positive(int), default=5, help="Hessian eigenvalues (default 5)")
-    parser.add_argument("--trace-samples", type=positive(int), default=100,
-                        help="Hutchinson samples for the Hessian trace (default 100, at least 2)")
+    parser.add_argument("--trace-method", choices=TRACE_METHODS, default=TRACE_METHODS[0],
+                        help=f"estimator of the Hessian trace (default {TRACE_METHODS[0]})")
+    parser.add_argument("--trace-samples", type=positive(int), help="Hessian-vector products of the trace "
+                        "estimator (at least 2; default " + ", ".join(f"{n} for {m}" for m, n in TRACE_SAMPLES.items())
+                        + ")")
+    parser.add_argument("--hvp", choices=HVP_METHODS, default=HVP_METHODS[0], help="how Hessian-vector products "
+                        "are computed, both exact: auto (default) times each on the first batch and keeps the faster, "
+                        "double backward where the model has no forward mode")
     parser.add_argument("--rho", type=positive(float), help="SAM sharpness radius (default the run's method.r if "
                         "positive, else 0.05)")
     parser.add_argument("--ascent-steps", type=int, default=sharpness.STEPS, help="the most trial points of each "
@@ -72,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.runs and not args.between:
         parser.error("give at least one RUN_DIR (or --between A B)")
-    if args.trace_samples < 2:
+    if args.trace_samples is not None and args.trace_samples < 2:
         parser.error(f"--trace-samples {args.trace_samples} is invalid: a standard error needs at least 2")
     if args.ascent_steps < 0:
         parser.error(f"--ascent-steps {args.ascent_steps} is invalid: it must be 0 or more")
@@ -113,7 +121,8 @@ def _device(name: str) -> torch.device:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     options = Options(subset=args.subset, batch_size=args.batch_size, seed=args.seed, float64=args.float64,
-                      quantities=args.quantities, top_k=args.top_k, trace_samples=args.trace_samples, rho=args.rho,
+                      quantities=args.quantities, top_k=args.top_k, trace_method=args.trace_method,
+                      trace_samples=args.trace_samples, hvp_method=args.hvp, rho=args.rho,
                       ascent_steps=args.ascent_steps, ascent_tol=args.ascent_tol,
                       sharpness_starts=args.sharpness_starts, m_sharpness=args.m_sharpness, landscape=args.landscape,
                       landscape_points=args.landscape_points, landscape_range=args.landscape_range)

@@ -4,22 +4,30 @@ L(theta) = (1/N) sum over the N images of the cross-entropy (with the run's labe
 the in-loss L2 term 0.5 * wd * ||theta||^2 when the run's optimizer had `weight_decay_mode: loss`.
 Values, gradients and Hessian-vector products are of the whole set: each batch contributes with
 weight n_b / N, so nothing is a mean of per-batch quantities. The model is evaluated as it is (the
-caller puts it in eval mode), and nothing here reads a number back from the device.
+caller puts it in eval mode), and nothing here reads a number back from the device, except the one
+timing that chooses how Hessian-vector products are computed (HVP_METHODS).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gnp.methods import dot, global_norm as norm  # noqa: F401 (one copy: the methods'; norm is also the analysis's)
+from gnp.console import first_line
 
 Vector = list[torch.Tensor]  # one tensor per parameter, as the parameters are shaped
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+# How H v is computed; both are exact. "auto" times one product of each on the first batch and keeps the
+# faster, or double backward when the model cannot be differentiated in forward mode (timm's fused
+# attention, custom autograd functions without a forward-mode rule).
+DOUBLE_BACKWARD, FORWARD_OVER_REVERSE = "double-backward", "forward-over-reverse"
+HVP_METHODS = ("auto", DOUBLE_BACKWARD, FORWARD_OVER_REVERSE)
 
 
 def describe_loss(label_smoothing: float, l2: list[tuple[float, list[nn.Parameter]]], model: nn.Module) -> str:
@@ -36,13 +44,20 @@ class SubsetLoss:
     """The training loss of `model` on `batches`, with `l2` the in-loss L2 groups of the run's method
     (`Method.l2_groups`: (coefficient, parameters) pairs).
 
-    `on_pass` is called after each full pass over the batches (for a progress display).
+    `hvp_method` is one of HVP_METHODS; `hvp_choice` says, after the first product, which method
+    computes them and why. `on_pass` is called after each full pass over the batches (for a progress
+    display).
     """
 
     def __init__(self, model: nn.Module, batches: Batches, *, label_smoothing: float = 0.0,
-                 l2: list[tuple[float, list[nn.Parameter]]] = (), on_pass: Callable[[], None] | None = None):
+                 l2: list[tuple[float, list[nn.Parameter]]] = (), on_pass: Callable[[], None] | None = None,
+                 hvp_method: str = "auto"):
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method {hvp_method!r} is unknown: choose one of {', '.join(HVP_METHODS)}")
         self.model, self.batches, self.label_smoothing = model, batches, label_smoothing
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
         self.size = sum(len(labels) for _, labels in batches)
         index = {id(p): i for i, p in enumerate(self.params)}
         self.l2 = [0.0] * len(self.params)  # each parameter's coefficient
@@ -50,6 +65,8 @@ class SubsetLoss:
             for p in params:
                 self.l2[index[id(p)]] = coefficient
         self.on_pass = on_pass
+        self.hvp_method = hvp_method
+        self.hvp_choice: dict | None = None  # {"method", "reason", "ms"}: set by the first product
         self.hvp_count = 0
 
     # --- the three things everything else is built from ------------------------------------------
@@ -81,20 +98,81 @@ class SubsetLoss:
         return loss + self.l2_value(), total
 
     def hvp(self, vector: Vector) -> Vector:
-        """H v, the Hessian of L at theta times `vector`, by double backward batch by batch (H is a
-        sum over batches, so this is the product with the Hessian of the whole set)."""
-        total = [torch.zeros_like(p) for p in self.params]
-        with sdpa_kernel([SDPBackend.MATH]):  # the fused CUDA attention kernels have no double backward
-            for images, labels in self.batches:
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(self._batch_loss(images, labels), self.params, create_graph=True,
-                                                materialize_grads=True)
-                    products = torch.autograd.grad(dot(grads, vector), self.params, materialize_grads=True)
-                torch._foreach_add_(total, products)
-        self._add_l2(total, vector)
-        self.hvp_count += 1
+        """H v, the Hessian of L at theta times `vector`, batch by batch (H is a sum over batches, so
+        this is the product with the Hessian of the whole set), by the method `hvp_choice` names."""
+        return self.hvps([vector])[0]
+
+    def hvps(self, vectors: list[Vector]) -> list[Vector]:
+        """H v for each of `vectors`, in one pass over the batches: each batch's forward pass and first
+        backward pass serve them all, so that each product costs less than alone (hvp_count counts them
+        all). The second pass holds len(vectors) times its tensors at once."""
+        block = [torch.stack(parts) for parts in zip(*vectors)]  # per parameter, the vectors along dim 0
+        if self.hvp_choice is None:
+            self.hvp_choice = self._choose_hvp(block)
+        product = self._HVP[self.hvp_choice["method"]]
+        total = [torch.zeros_like(b) for b in block]
+        for images, labels in self.batches:
+            torch._foreach_add_(total, product(self, block, images, labels))
+        self._add_l2(total, block)
+        self.hvp_count += len(vectors)
         self._passed()
-        return total
+        return [list(parts) for parts in zip(*total)]
+
+    # --- the loss as a function of the parameters --------------------------------------------------
+
+    def loss_fn(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L at `params` (tensors shaped as `self.params`, in their order; the model's own are left
+        alone), over all the batches: a pure function for torch.func (grad, jvp, hessian) or any other
+        tool, equal to `evaluate()`'s loss at params = self.params."""
+        total = sum(self._functional_batch_loss(params, images, labels) for images, labels in self.batches)
+        terms = [0.5 * c * p.pow(2).sum() for c, p in zip(self.l2, params) if c]
+        return total + sum(terms) if terms else total
+
+    def _functional_batch_loss(self, params: Sequence[torch.Tensor], images: torch.Tensor,
+                               labels: torch.Tensor) -> torch.Tensor:
+        """This batch's share of the mean loss over the set, at `params`: its mean cross-entropy times n_b / N."""
+        logits = functional_call(self.model, dict(zip(self.names, params)), (images,))
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing) * (len(labels) / self.size)
+
+    # --- one batch's share of H v for a block of vectors (each parameter's along dim 0), two exact ways
+
+    def _batch_hvp_double_backward(self, block: Vector, images: torch.Tensor, labels: torch.Tensor) -> Vector:
+        """d/dtheta (grad L_b . v): a backward pass that records its own graph, and a backward pass
+        through both, vectorised over the vectors (vmap)."""
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):  # fused attention has no double backward
+            grads = torch.autograd.grad(self._batch_loss(images, labels), self.params, create_graph=True,
+                                        materialize_grads=True)
+            return list(torch.autograd.grad(grads, self.params, grad_outputs=block, is_grads_batched=True,
+                                            materialize_grads=True))
+
+    def _batch_hvp_forward_over_reverse(self, block: Vector, images: torch.Tensor, labels: torch.Tensor) -> Vector:
+        """The directional derivative of grad L_b along v: one reverse pass carrying forward-mode tangents,
+        vectorised over the vectors (vmap)."""
+        gradient = grad(lambda params: self._functional_batch_loss(params, images, labels))
+        primals = tuple(p.detach() for p in self.params)
+        return list(vmap(lambda tangents: jvp(gradient, (primals,), (tangents,))[1])(tuple(block)))
+
+    _HVP = {DOUBLE_BACKWARD: _batch_hvp_double_backward, FORWARD_OVER_REVERSE: _batch_hvp_forward_over_reverse}
+
+    def _choose_hvp(self, block: Vector) -> dict:
+        """The method of `hvp_method`; for "auto" the faster on the first batch, each timed once after an
+        untimed pass (where forward mode may fail): 4 passes over one batch, not counted in hvp_count."""
+        images, labels = self.batches[0]
+        if self.hvp_method == DOUBLE_BACKWARD:
+            return {"method": DOUBLE_BACKWARD, "reason": "asked for", "ms": None}
+        try:
+            self._batch_hvp_forward_over_reverse(block, images, labels)
+        except (RuntimeError, NotImplementedError) as e:
+            if self.hvp_method == FORWARD_OVER_REVERSE:
+                raise ValueError(f"--hvp {FORWARD_OVER_REVERSE} cannot differentiate this model ({first_line(e)}): "
+                                 f"use --hvp {DOUBLE_BACKWARD} or auto") from None
+            return {"method": DOUBLE_BACKWARD, "reason": f"no forward mode ({first_line(e)})", "ms": None}
+        if self.hvp_method == FORWARD_OVER_REVERSE:
+            return {"method": FORWARD_OVER_REVERSE, "reason": "asked for", "ms": None}
+        self._batch_hvp_double_backward(block, images, labels)
+        ms = {name: _milliseconds(lambda: self._HVP[name](self, block, images, labels), images.device)
+              for name in (DOUBLE_BACKWARD, FORWARD_OVER_REVERSE)}
+        return {"method": min(ms, key=ms.get), "reason": "faster on the first batch", "ms": ms}
 
     # --- moving theta and putting it back exactly ------------------------------------------------
 
@@ -119,9 +197,8 @@ class SubsetLoss:
     # --- helpers ---------------------------------------------------------------------------------
 
     def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """This batch's share of the mean loss over the set: its mean cross-entropy times n_b / N."""
-        loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
-        return loss * (len(labels) / self.size)
+        """This batch's share of the mean loss over the set, at the model's parameters."""
+        return self._functional_batch_loss(self.params, images, labels)
 
     def l2_value(self) -> torch.Tensor | float:
         """The in-loss L2 term's share of L: 0.5 * sum of c * ||p||^2 (0 for a run without one)."""
@@ -142,6 +219,16 @@ class SubsetLoss:
     def _passed(self) -> None:
         if self.on_pass is not None:
             self.on_pass()
+
+
+def _milliseconds(call: Callable[[], object], device: torch.device) -> float:
+    """One call's wall time, the device synchronised around it."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    synchronize(device)
+    started = time.perf_counter()
+    call()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - started)
 
 
 # --- vectors as lists of tensors ---------------------------------------------------------------

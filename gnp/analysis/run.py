@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from gnp import io
 from gnp.analysis import hessian, landscape, sharpness
-from gnp.analysis.objective import SubsetLoss, describe_loss, norm
+from gnp.analysis.objective import SubsetLoss, describe_loss
 from gnp.config import build_method, method_label, train_steps_per_epoch
 from gnp.console import first_line
 from gnp.data import CLASSES, BatchLoader, DataError, load_dataset
+from gnp.methods import global_norm as norm
 from gnp.models import build_model
 from gnp import rundir
 from gnp.rundir import (ANALYSIS as RESULT_FILE, ANALYSIS_FORMAT as FORMAT, ANALYSIS_PARTIAL as PARTIAL_FILE,
@@ -59,7 +60,9 @@ class Options:
     float64: bool = False
     quantities: tuple[str, ...] = QUANTITIES
     top_k: int = 5
-    trace_samples: int = 100
+    trace_method: str = hessian.HUTCHPP
+    trace_samples: int | None = None  # None: the method's default (hessian.TRACE_SAMPLES)
+    hvp_method: str = "auto"  # objective.HVP_METHODS
     rho: float | None = None  # None: the run's method.r if > 0, else 0.05
     ascent_steps: int = sharpness.STEPS  # the cap of each ascent
     ascent_tol: float = sharpness.TOL
@@ -179,7 +182,8 @@ class Analysis:
         self.l2 = trained_l2(run.config, self.net)
         self.label_smoothing = run.config["train"]["label_smoothing"]
         self.loss = SubsetLoss(self.net, self._subset_batches(), label_smoothing=self.label_smoothing, l2=self.l2,
-                               on_pass=self._passed)
+                               on_pass=self._passed, hvp_method=options.hvp_method)
+        self.trace_samples = options.trace_samples or hessian.TRACE_SAMPLES[options.trace_method]
         method_r = run.config["method"].get("r", 0)
         self.rho = options.rho if options.rho is not None else (method_r if method_r > 0 else 0.05)
         if options.m_sharpness is not None and options.m_sharpness > self.subset_size:
@@ -221,7 +225,8 @@ class Analysis:
         return {"subset": self.subset_size, "batch_size": o.batch_size, "seed": o.seed,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
                 "quantities": list(o.quantities), "top_k": o.top_k, "lanczos_tol": hessian.LANCZOS_TOL[self.dtype],
-                "trace_samples": o.trace_samples, "rho": self.rho, "ascent_steps": o.ascent_steps,
+                "trace_method": o.trace_method, "trace_samples": self.trace_samples, "hvp_method": o.hvp_method,
+                "rho": self.rho, "ascent_steps": o.ascent_steps,
                 "ascent_tol": o.ascent_tol, "sharpness_starts": o.sharpness_starts, "m_sharpness": o.m_sharpness,
                 "landscape": {"points": o.landscape_points, "range": o.landscape_range} if o.landscape else None,
                 "between": {"run": str(o.between.resolve()), "points": o.landscape_points} if o.between else None}
@@ -308,12 +313,15 @@ class Analysis:
         except ValueError as e:
             raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
         top = result["values"][0] if result["values"] else None
-        return {"hessian_top_eigenvalue": top}, {"hessian_top_eigenvalues": result}
+        return {"hessian_top_eigenvalue": top}, {"hessian_top_eigenvalues": {**result, "hvp": self.loss.hvp_choice}}
 
     def hessian_trace(self) -> tuple[dict, dict]:
-        result = hessian.hutchinson_trace(self.loss, self.options.trace_samples,
-                                          sub_seed(self.options.seed, "hutchinson"))
-        return {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}, {"hessian_trace": result}
+        try:
+            result = hessian.trace(self.loss, self.options.trace_method, self.trace_samples,
+                                   sub_seed(self.options.seed, "hutchinson"))
+        except ValueError as e:
+            raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
+        return {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}, {"hessian_trace": {**result, "hvp": self.loss.hvp_choice}}
 
     def sam_sharpness(self) -> tuple[dict, dict]:
         result = sharpness.sam_sharpness(self.loss, self.rho, **self._ascent())
@@ -351,6 +359,22 @@ class Analysis:
         s = self.run.summary
         return " ".join(filter(None, [s.dataset, s.model, s.method, method_label(self.run.config["method"]),
                                       f"seed {s.seed}: {self.run.dir}"]))
+
+
+def subset_loss(run_dir: str | Path, *, subset: int | None = None, batch_size: int = 500, seed: int = 0,
+                float64: bool = False, hvp_method: str = "auto", device: str | torch.device = "cpu") -> SubsetLoss:
+    """The loss that `python -m gnp.analysis RUN_DIR` with these options analyses, for checking its numbers
+    with other tools: the run's model with its final weights in eval mode (`.model`), the seeded subset of
+    its training images in batches on `device` (`.batches`: (images, labels) pairs), and the loss as a
+    function of the parameters, `.loss_fn(params)` (params: tensors shaped as `.params`, named `.names`),
+    which torch.func can differentiate. AnalysisError for a run that did not finish or cannot be read."""
+    try:
+        run = read_run(Path(run_dir))
+    except Skipped as skipped:
+        raise AnalysisError(f"{run_dir} did not finish (status {skipped.status}): there is nothing to analyse") \
+            from None
+    options = Options(subset=subset, batch_size=batch_size, seed=seed, float64=float64, hvp_method=hvp_method)
+    return Analysis(run, options, torch.device(device)).loss
 
 
 def read_other_run(path: Path) -> Run:

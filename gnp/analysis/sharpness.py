@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from gnp.analysis.objective import SubsetLoss, Vector, dot, norm
-from gnp.methods import NORM_FLOOR
+from gnp.analysis.objective import SubsetLoss, Vector
+from gnp.methods import NORM_FLOOR, dot, global_norm as norm
 
 STEPS, TOL, STARTS = 50, 0.01, 3  # the analysis's defaults: --ascent-steps, --ascent-tol, --sharpness-starts
 _ARMIJO = 1e-4        # the share of its first-order increase a step must deliver to be accepted

@@ -202,10 +202,17 @@ def _analysis_cells(analysis: dict) -> list[str]:
     hvp, run = analysis["hvp"], analysis["run"]
     ms = hvp["ms"]
     extra = f"; with {' '.join(run['extra_arguments'])}" if run["extra_arguments"] else ""
+    # files of earlier commits have one product method and no previous defaults or trace comparison
+    methods = "".join(f"; {method} {_x(r['hvp/step'])}, {_x(r['block']['hvp/step'])} in blocks of "
+                      f"{r['block']['products']}" for method, r in hvp.get("methods", {}).items())
+    previous = f"; {_x(run['analysis/previous'])} the previous defaults" if "analysis/previous" in run else ""
+    trace = analysis.get("trace")
+    trace = (f"; its trace needs {_x(trace['products/hutchinson'])} Hutchinson's products for its standard error"
+             if trace else "")
     return [f"{_model_label(analysis['model'], analysis['options'])}, {analysis['batch_size']}",
-            f"{_x(hvp['hvp/step'])} ({ms['hvp']['median']:.3g} vs {ms['step']['median']:.3g} ms)",
+            f"{_x(hvp['hvp/step'])} ({ms['hvp']['median']:.3g} vs {ms['step']['median']:.3g} ms{methods})",
             f"{run['analysis_seconds']:,.0f} s ({run['analysis_settings']['subset']:,} of {run['images']:,} images, "
-            f"{run['hvp_count']} products{extra})", f"{run['analysis/epoch']:,.0f}×"]
+            f"{run['hvp_count']} products{extra}{previous}{trace})", f"{run['analysis/epoch']:,.0f}×"]
 
 
 def _shard_cells(layout: dict) -> list[str]:
