@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
-                              is_up_to_date, read_run)
+from gnp.analysis.run import (DEFAULT_QUANTITIES, QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped,
+                              find_runs, is_up_to_date, read_run)
 from gnp.console import first_line
 
 BAD_INPUT, OUT_OF_MEMORY = 2, 1
@@ -41,15 +41,16 @@ def _positive(kind):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m gnp.analysis", description="The flatness of finished runs: training loss, "
-                     "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness and loss "
-                     "landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
+                     "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness, and on request "
+                     "the Hessian's spectral density and per-block curvature and loss landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
     parser.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
                         help="run directories, or folders holding them (every run under them is analysed)")
     parser.add_argument("--subset", type=_positive(int), help="training images used (default 5000, or all of a "
                         "smaller training set)")
     parser.add_argument("--batch-size", type=_positive(int), default=500, help="images per pass (default 500); "
                         "every quantity is of the whole subset")
-    parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all): {', '.join(QUANTITIES)}")
+    parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all but hessian_density): "
+                        f"{', '.join(QUANTITIES)}")
     parser.add_argument("--top-k", type=_positive(int), default=5, help="Hessian eigenvalues (default 5)")
     parser.add_argument("--trace-samples", type=_positive(int), default=100,
                         help="Hutchinson samples for the Hessian trace (default 100, at least 2)")
@@ -67,6 +68,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default 21: the 2-D grid is 21 x 21); the interpolation's step is 1 / (points - 1)")
     parser.add_argument("--landscape-range", type=_positive(float), default=1.0,
                         help="the surfaces span [-range, range] along each direction (default 1)")
+    parser.add_argument("--density", action="store_true", help="also hessian_density: the Hessian's spectral "
+                        "density by stochastic Lanczos quadrature (figure analysis_density.png/.pdf); costs "
+                        "probes x steps Hessian-vector products and keeps steps vectors of the parameters' size")
+    parser.add_argument("--density-probes", type=_positive(int), default=3,
+                        help="random probe vectors of the density (default 3)")
+    parser.add_argument("--density-steps", type=_positive(int), default=80,
+                        help="Lanczos steps per probe (default 80: 240 products with 3 probes)")
+    parser.add_argument("--per-block", action="store_true", help="also the largest eigenvalue and trace of the "
+                        "Hessian of each top-level block (the model's named children that hold parameters, a "
+                        "Sequential or ModuleList child split into its children; figure analysis_blocks.png/.pdf); "
+                        "costs about (--trace-samples + 25) products per block")
     parser.add_argument("--between", nargs=2, type=Path, metavar=("A", "B"), help="also the loss along the line "
                         "from run A's weights to run B's (same model), into A's analysis.json")
     args = parser.parse_args(argv)
@@ -78,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ascent-steps {args.ascent_steps} is invalid: it must be 0 or more")
     if args.landscape_points < 2:
         parser.error(f"--landscape-points {args.landscape_points} is invalid: it must be at least 2")
-    args.quantities = QUANTITIES
+    args.quantities = DEFAULT_QUANTITIES
     if args.only is not None:
         chosen = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = [name for name in chosen if name not in QUANTITIES]
@@ -86,6 +98,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--only {args.only}: unknown quantity {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(QUANTITIES)}")
         args.quantities = tuple(name for name in QUANTITIES if name in chosen)
+    if args.density:
+        args.quantities = tuple(name for name in QUANTITIES if name in args.quantities or name == "hessian_density")
     try:
         args.device = _device(args.device)
     except ValueError as e:
@@ -112,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(subset=args.subset, batch_size=args.batch_size, seed=args.seed, float64=args.float64,
                       quantities=args.quantities, top_k=args.top_k, trace_samples=args.trace_samples, rho=args.rho,
                       ascent_steps=args.ascent_steps, landscape=args.landscape,
-                      landscape_points=args.landscape_points, landscape_range=args.landscape_range)
+                      landscape_points=args.landscape_points, landscape_range=args.landscape_range,
+                      density_probes=args.density_probes, density_steps=args.density_steps, per_block=args.per_block)
     jobs: dict[Path, tuple[Path, Path | None]] = {}  # by resolved path: (run, the other end of its interpolation)
     errors, skipped, analysed, up_to_date = 0, Counter(), 0, 0
     if args.between:
