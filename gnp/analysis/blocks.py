@@ -102,10 +102,10 @@ def _dense(block: BlockLoss, size: int) -> np.ndarray:
 # --- figure --------------------------------------------------------------------------------------
 
 def plot_blocks(stem, title: str, result: dict) -> list:
-    """Two bar charts over the blocks, in the model's order: the largest eigenvalue, and the trace
-    with its standard error."""
+    """Two bar charts over the blocks (named with their parameters), in the model's order: the largest
+    eigenvalue, and the trace with its standard error."""
     rows = result["blocks"]
-    names = [r["name"] for r in rows]
+    names = [f"{r['name']} ({r['parameters']:,})" for r in rows]
     x = np.arange(len(rows))
     fig, (top, trace) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 6), sharex=True)
     top.bar(x, [np.nan if r["top_eigenvalue"] is None else r["top_eigenvalue"] for r in rows], color="C0")
