@@ -71,10 +71,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--density", action="store_true", help="also hessian_density: the Hessian's spectral "
                         "density by stochastic Lanczos quadrature (figure analysis_density.png/.pdf); costs "
                         "probes x steps Hessian-vector products and keeps steps vectors of the parameters' size")
-    parser.add_argument("--density-probes", type=_positive(int), default=3,
-                        help="random probe vectors of the density (default 3)")
-    parser.add_argument("--density-steps", type=_positive(int), default=80,
-                        help="Lanczos steps per probe (default 80: 240 products with 3 probes)")
+    parser.add_argument("--density-probes", type=_positive(int), default=2,
+                        help="random probe vectors of the density (default 2)")
+    parser.add_argument("--density-steps", type=_positive(int), default=64,
+                        help="Lanczos steps per probe (default 64: 128 products with 2 probes)")
     parser.add_argument("--per-block", action="store_true", help="also the largest eigenvalue and trace of the "
                         "Hessian of each top-level block (the model's named children that hold parameters, a "
                         "Sequential or ModuleList child split into its children; figure analysis_blocks.png/.pdf); "

@@ -73,8 +73,8 @@ class Options:
     landscape_points: int = 21
     landscape_range: float = 1.0
     between: Path | None = None  # the other run of the interpolation (this run is its t = 0 end)
-    density_probes: int = 3
-    density_steps: int = 80
+    density_probes: int = 2
+    density_steps: int = 64
     per_block: bool = False
 
 
