@@ -6,7 +6,8 @@
   test error (where the methods differ by a percent or less);
 - `gradient_norms`: ||grad L(theta)|| per epoch, one line per value of a sweep's first setting
   (alpha) and one panel per value of its second (r), as in the paper's gradient-norm figure;
-- `scatter`: test error against each flatness quantity of analysis.json, one point per run.
+- `scatter`: test error against each flatness quantity of analysis.json, one point per run;
+- `densities`: the Hessian's spectral density of each run (analysis.json), the methods overlaid.
 
 Every method or setting has its own marker and line style besides its colour, so that overlapping
 lines and grey-scale prints stay apart. Each figure is built by a `*_figure` function (for tests)
@@ -35,6 +36,7 @@ G1_LABEL = CURVE_PANELS[2][1]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINE_STYLES = ("-", "--", "-.", ":")
 INSET_MIN_EPOCHS = 3                  # fewer epochs: the whole curve is the ending
+LOG_FLOOR = 1e-7                      # a density's lowest value drawn, relative to its peak (its tails reach 0)
 
 
 def style(i: int) -> dict:
@@ -155,6 +157,35 @@ def scatter_figure(title: str, panels: list[tuple[str, dict[str, list[tuple[floa
     fig.suptitle(f"Test error against each analysis quantity, one point per run\n{title}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def densities(stem: Path, title: str, series: dict[str, list[tuple[list[float], list[float]]]]) -> list[Path]:
+    """`series`: method label -> one (grid, density) per run."""
+    return save_figure(densities_figure(title, series), stem)
+
+
+def densities_figure(title: str, series: dict[str, list[tuple[list[float], list[float]]]]):
+    """One line per run on a shared log axis, each method in its own colour and line style."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (label, curves) in enumerate(series.items()):
+        look = style(i)
+        for j, (grid, density) in enumerate(curves):
+            log_density(ax, grid, density, color=look["color"], linestyle=look["linestyle"], linewidth=1,
+                        label=f"{label} ({len(curves)} run{'s' * (len(curves) > 1)})" if j == 0 else None)
+    ax.set_xlabel("eigenvalue of the Hessian")
+    ax.set_ylabel("density (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"Spectral density of the Hessian (stochastic Lanczos quadrature), one line per run\n{title}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def log_density(ax, grid: list[float], density: list[float], **look) -> None:
+    """A density on a log axis, its tails cut at LOG_FLOOR times its peak."""
+    density = np.asarray(density, dtype=float)
+    ax.semilogy(grid, np.maximum(density, LOG_FLOOR * density.max()), **look)
 
 
 def _mean_line(ax, seeds: list[list[dict]], key: str, look: dict, label: str | None) -> None:

@@ -13,7 +13,8 @@ method in bold, published values and our difference) and figures into --figures 
 Missing cells show a dash and the commands that fill them; each method is marked against its cell's
 best (Welch's t-test) and each published value against our 95% interval. A table no finished run
 counts for, or one with fewer finished cells or runs than the file it would replace, is not written
-(--force). --analysis adds <table>-analysis.* with the quantities of the runs' analysis.json.
+(--force). --analysis adds <table>-analysis.* with the quantities of the runs' analysis.json, and
+per cell the figures of those quantities and of the Hessian's spectral densities of its runs.
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def table_figures(results: tables.Results, stem: str, folder: Path) -> list[Path
 
 def make_analysis(results: tables.Results, stem: str, counts: str, args) -> None:
     """<stem>-analysis.{md,tex,csv}: the same cells for each analysis quantity, and per cell a scatter
-    of test error against each quantity, one point per run."""
+    of test error against each quantity, one point per run, and the Hessian's spectral densities of its
+    runs that have one (python -m gnp.analysis --density), the methods overlaid."""
     from gnp import figures
 
     runs = [run for cell_runs in results.runs.values() for run in cell_runs]
@@ -184,6 +186,12 @@ def make_analysis(results: tables.Results, stem: str, counts: str, args) -> None
             title = figure_title(results, dataset, row, column, cells)
             paths += figures.scatter(Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_flatness", title,
                                      [(label, points) for label, points in panels if points])
+        densities = {results.table.methods[c.method].label: [d for run in results.runs[c]
+                                                             if (d := tables.hessian_density(run))] for c in cells}
+        if any(densities.values()):
+            title = figure_title(results, dataset, row, column, cells)
+            paths += figures.densities(Path(args.figures) / f"{stem}_{dataset}_{row}_{column}_density", title,
+                                       {method: curves for method, curves in densities.items() if curves})
     print(f"{stem}-analysis: {', '.join(names)}\n  wrote {written}"
           + (f" and {len(paths)} figure files in {args.figures}/" if paths else ""))
 

@@ -6,6 +6,8 @@ summary and checkpoint and the run's dataset, and writes analysis.json.
   products by double backward or forward-over-reverse, accumulated over batches; the loss as a
   function of the parameters), with the in-loss L2 term of the run's own method;
 - hessian.py: the Hessian's top eigenvalues (Lanczos) and trace (Hutch++ or Hutchinson);
+- density.py: the Hessian's spectral density (stochastic Lanczos quadrature);
+- blocks.py: the top eigenvalue and trace of the Hessian of each top-level block of the model;
 - sharpness.py: SAM's sharpness at a radius rho;
 - landscape.py: loss surfaces along filter-normalised directions, and between two runs;
 - run.py: reading a run, the cached and resumable analysis of one run;

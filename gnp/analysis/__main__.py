@@ -19,8 +19,8 @@ import torch
 from gnp.analysis import sharpness
 from gnp.analysis.hessian import TRACE_METHODS, TRACE_SAMPLES
 from gnp.analysis.objective import HVP_METHODS
-from gnp.analysis.run import (QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped, find_runs,
-                              is_up_to_date, read_run)
+from gnp.analysis.run import (DEFAULT_QUANTITIES, QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped,
+                              find_runs, is_up_to_date, read_run)
 from gnp.checks import positive
 from gnp.console import first_line
 
@@ -35,15 +35,16 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m gnp.analysis", description="The flatness of finished runs: training loss, "
-                     "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness and loss "
-                     "landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
+                     "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness, and on request "
+                     "the Hessian's spectral density and per-block curvature and loss landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
     parser.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
                         help="run directories, or folders holding them (every run under them is analysed)")
     parser.add_argument("--subset", type=positive(int), help="training images used (default 5000, or all of a "
                         "smaller training set)")
     parser.add_argument("--batch-size", type=positive(int), default=500, help="images per pass (default 500); "
                         "every quantity is of the whole subset")
-    parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all): {', '.join(QUANTITIES)}")
+    parser.add_argument("--only", help=f"quantities to compute, comma-separated (default all but hessian_density): "
+                        f"{', '.join(QUANTITIES)}")
     parser.add_argument("--top-k", type=positive(int), default=5, help="Hessian eigenvalues (default 5)")
     parser.add_argument("--trace-method", choices=TRACE_METHODS, default=TRACE_METHODS[0],
                         help=f"estimator of the Hessian trace (default {TRACE_METHODS[0]})")
@@ -75,6 +76,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default 21: the 2-D grid is 21 x 21); the interpolation's step is 1 / (points - 1)")
     parser.add_argument("--landscape-range", type=positive(float), default=1.0,
                         help="the surfaces span [-range, range] along each direction (default 1)")
+    parser.add_argument("--density", action="store_true", help="also hessian_density: the Hessian's spectral "
+                        "density by stochastic Lanczos quadrature (figure analysis_density.png/.pdf); costs "
+                        "probes x steps Hessian-vector products and keeps steps vectors of the parameters' size")
+    parser.add_argument("--density-probes", type=positive(int), default=2,
+                        help="random probe vectors of the density (default 2)")
+    parser.add_argument("--density-steps", type=positive(int), default=64,
+                        help="Lanczos steps per probe (default 64: 128 products with 2 probes)")
+    parser.add_argument("--per-block", action="store_true", help="also the largest eigenvalue and trace of the "
+                        "Hessian of each top-level block (the model's named children that hold parameters, a "
+                        "Sequential or ModuleList child split into its children; figure analysis_blocks.png/.pdf); "
+                        "costs about (--trace-samples + 25) products per block")
     parser.add_argument("--between", nargs=2, type=Path, metavar=("A", "B"), help="also the loss along the line "
                         "from run A's weights to run B's (same model), into A's analysis.json")
     args = parser.parse_args(argv)
@@ -89,7 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f"converged)")
     if args.landscape_points < 2:
         parser.error(f"--landscape-points {args.landscape_points} is invalid: it must be at least 2")
-    args.quantities = QUANTITIES
+    args.quantities = DEFAULT_QUANTITIES
     if args.only is not None:
         chosen = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = [name for name in chosen if name not in QUANTITIES]
@@ -97,6 +109,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--only {args.only}: unknown quantity {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(QUANTITIES)}")
         args.quantities = tuple(name for name in QUANTITIES if name in chosen)
+    if args.density:
+        args.quantities = tuple(name for name in QUANTITIES if name in args.quantities or name == "hessian_density")
     try:
         args.device = _device(args.device)
     except ValueError as e:
@@ -125,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       trace_samples=args.trace_samples, hvp_method=args.hvp, rho=args.rho,
                       ascent_steps=args.ascent_steps, ascent_tol=args.ascent_tol,
                       sharpness_starts=args.sharpness_starts, m_sharpness=args.m_sharpness, landscape=args.landscape,
-                      landscape_points=args.landscape_points, landscape_range=args.landscape_range)
+                      landscape_points=args.landscape_points, landscape_range=args.landscape_range,
+                      density_probes=args.density_probes, density_steps=args.density_steps, per_block=args.per_block)
     jobs: dict[Path, tuple[Path, Path | None]] = {}  # by resolved path: (run, the other end of its interpolation)
     errors, skipped, analysed, up_to_date = 0, Counter(), 0, 0
     if args.between:

@@ -4,7 +4,8 @@ its training set, compute each quantity, and write analysis.json.
 After each quantity the results so far are written atomically to analysis.partial.json with the
 settings: a killed analysis started again with the same settings continues from there (it loses at
 most the quantity in progress); other settings start afresh. Nothing else in the run directory is
-written, except the figures of the landscape and the interpolation (analysis_*.png and .pdf).
+written, except the figures of the landscape, the interpolation, the spectral density and the
+blocks (analysis_*.png and .pdf).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from gnp import io
-from gnp.analysis import hessian, landscape, sharpness
+from gnp.analysis import blocks, density, hessian, landscape, sharpness
 from gnp.analysis.objective import SubsetLoss, describe_loss
 from gnp.config import build_method, method_label, train_steps_per_epoch
 from gnp.console import first_line
@@ -33,9 +34,11 @@ from gnp.rundir import (ANALYSIS as RESULT_FILE, ANALYSIS_FORMAT as FORMAT, ANAL
 from gnp.training import build_optimizer, checkpointing, git_commit
 
 DEFAULT_SUBSET = 5000
-# The quantities `--only` chooses from, in the order they are computed.
+# The quantities `--only` chooses from, in the order they are computed; all but the OPT_IN ones by default.
 QUANTITIES = ("train_loss", "train_error", "train_grad_norm", "hessian_top_eigenvalues", "hessian_trace",
-              "sam_sharpness")
+              "sam_sharpness", "hessian_density")
+OPT_IN = ("hessian_density",)  # --density: probes x steps products and steps x parameters of memory
+DEFAULT_QUANTITIES = tuple(name for name in QUANTITIES if name not in OPT_IN)
 LOW_PRECISION = ("bf16", "fp16")
 
 
@@ -58,7 +61,7 @@ class Options:
     batch_size: int = 500
     seed: int = 0
     float64: bool = False
-    quantities: tuple[str, ...] = QUANTITIES
+    quantities: tuple[str, ...] = DEFAULT_QUANTITIES
     top_k: int = 5
     trace_method: str = hessian.HUTCHPP
     trace_samples: int | None = None  # None: the method's default (hessian.TRACE_SAMPLES)
@@ -72,6 +75,9 @@ class Options:
     landscape_points: int = 21
     landscape_range: float = 1.0
     between: Path | None = None  # the other run of the interpolation (this run is its t = 0 end)
+    density_probes: int = 2
+    density_steps: int = 64
+    per_block: bool = False
 
 
 @dataclass
@@ -154,8 +160,8 @@ def check_fits(net: nn.Module, state_dict: dict, source: Path, run: Run) -> None
 
 def sub_seed(seed: int, purpose: str) -> int:
     """An independent seed for each random draw (subset, Lanczos, Hutchinson, directions, sharpness's
-    starts) from --seed."""
-    index = ("subset", "lanczos", "hutchinson", "directions", "sharpness").index(purpose)
+    starts, density probes) from --seed."""
+    index = ("subset", "lanczos", "hutchinson", "directions", "sharpness", "density").index(purpose)
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -229,7 +235,19 @@ class Analysis:
                 "rho": self.rho, "ascent_steps": o.ascent_steps,
                 "ascent_tol": o.ascent_tol, "sharpness_starts": o.sharpness_starts, "m_sharpness": o.m_sharpness,
                 "landscape": {"points": o.landscape_points, "range": o.landscape_range} if o.landscape else None,
-                "between": {"run": str(o.between.resolve()), "points": o.landscape_points} if o.between else None}
+                "between": {"run": str(o.between.resolve()), "points": o.landscape_points} if o.between else None,
+                **self._opt_in_settings()}
+
+    def _opt_in_settings(self) -> dict:
+        """The settings of the opt-in quantities, recorded only when asked for (so that analyses made
+        before these options existed stay up to date)."""
+        o, settings = self.options, {}
+        if "hessian_density" in o.quantities:
+            settings["density"] = {"probes": o.density_probes, "steps": o.density_steps,
+                                   "grid_points": density.GRID_POINTS, "sigma_of_span": density.SIGMA}
+        if o.per_block:
+            settings["per_block"] = True
+        return settings
 
     def units(self) -> dict[str, Callable[[], tuple[dict, dict]]]:
         """Each piece of work by name, in order; each returns (flat quantities, details)."""
@@ -240,6 +258,8 @@ class Analysis:
             units["landscape"] = self.landscape
         if self.other is not None:
             units["interpolation"] = self.interpolation
+        if self.options.per_block:
+            units["hessian_blocks"] = self.hessian_blocks
         return units
 
     def execute(self) -> dict:
@@ -335,6 +355,22 @@ class Analysis:
         o = self.options
         return {"steps": o.ascent_steps, "tol": o.ascent_tol, "starts": o.sharpness_starts,
                 "seed": sub_seed(o.seed, "sharpness")}
+
+    def hessian_density(self) -> tuple[dict, dict]:
+        o = self.options
+        try:
+            result = density.hessian_density(self.loss, o.density_probes, o.density_steps, sub_seed(o.seed, "density"))
+        except ValueError as e:
+            raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
+        figures = density.plot_density(self.run.dir / "analysis_density", self.title(), result)
+        return {}, {"hessian_density": {**result, "figures": [p.name for p in figures]}}
+
+    def hessian_blocks(self) -> tuple[dict, dict]:
+        o = self.options
+        result = blocks.per_block(self.loss, self.net, o.trace_method, self.trace_samples, sub_seed(o.seed, "lanczos"),
+                                  sub_seed(o.seed, "hutchinson"))
+        figures = blocks.plot_blocks(self.run.dir / "analysis_blocks", self.title(), result)
+        return {}, {"hessian_blocks": {**result, "figures": [p.name for p in figures]}}
 
     def landscape(self) -> tuple[dict, dict]:
         o = self.options

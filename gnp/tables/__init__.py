@@ -26,7 +26,7 @@ from gnp.tables.estimates import (BENCHMARK_DIR, Cost, Estimate, Throughput, dur
                                   read_throughput)
 from gnp.tables.plans import Cell, Plan, Shrink, cells, composed, display_path, make_plans  # noqa: F401
 from gnp.tables.published import NOT_COVERED, PUBLISHED_DIR, published_value  # noqa: F401
-from gnp.tables.quantities import ANALYSIS_QUANTITIES, TEST_ERROR_QUANTITY, Quantity  # noqa: F401
+from gnp.tables.quantities import ANALYSIS_QUANTITIES, TEST_ERROR_QUANTITY, Quantity, hessian_density  # noqa: F401
 from gnp.tables.render import (analysis_settings, cost_markdown, csv_rows, finished_counts, marked,  # noqa: F401
                                render_analysis_markdown, render_csv, render_latex, render_markdown, replace_marked,
                                rewrite_marked)

@@ -48,6 +48,17 @@ ANALYSIS_OPTIONS = {"subset": "--subset", "rho": "--rho", "top_k": "--top-k", "t
                     "dtype": "--float64"}
 
 
+def hessian_density(run: Run) -> tuple[list[float], list[float]] | None:
+    """The grid and density of the run's Hessian spectral density (`python -m gnp.analysis --density`);
+    None when its analysis.json has none, or one whose grid and density are not lists of numbers of
+    the same length."""
+    result = (run.analysis_details or {}).get("hessian_density")
+    grid, density = (result.get("grid"), result.get("density")) if isinstance(result, dict) else (None, None)
+    if not (isinstance(grid, list) and isinstance(density, list) and len(grid) == len(density) > 1):
+        return None
+    return (grid, density) if all(is_number(v) for v in grid + density) else None
+
+
 def analysis_options(runs: list[Run]) -> tuple[list[str], dict[str, Counter], int]:
     """What the analyses of `runs` were made with: the options they share ("--rho 0.05", ...), for
     each option on which they differ the runs with each value ({"--rho": {"0.05": 6, "0.1": 3}}),

@@ -36,6 +36,7 @@ class Run:
     analysis: dict | None = None      # analysis.json's quantities; None: no (readable) analysis.json
     analysis_problem: str | None = None  # a damaged analysis.json: the file and what is wrong with it
     analysis_settings: dict | None = None  # the options the analysis ran with; None: not recorded
+    analysis_details: dict | None = None  # analysis.json's details (the Hessian's density, ...); None: none
 
     @property
     def seed(self) -> Any:
@@ -79,6 +80,7 @@ def read_run(directory: Path) -> Run | None:
     else:
         if analysis is not None:
             run.analysis, run.analysis_settings = analysis["quantities"], analysis["settings"]
+            run.analysis_details = analysis.get("details") if isinstance(analysis.get("details"), dict) else None
     return run
 
 
