@@ -22,8 +22,11 @@ it measured (results/benchmarks/<name>_<device>.json, or --out):
 4. loop: the whole training loop (through the real config, on CIFAR-sized synthetic data,
    --loop-epochs epochs, the first one a warm-up) against the bare step, timed in blocks just before
    and after each of --loop-repeats runs of the loop.
-5. analysis (--analysis-model): one Hessian-vector product against one plain step of the same batch,
-   and a default `python -m gnp.analysis` of a plain run against one of its training epochs.
+5. analysis (--analysis-model): one Hessian-vector product by each method (double backward,
+   forward-over-reverse; alone and in blocks of 4) against one plain step of the same batch, a default
+   `python -m gnp.analysis` of a plain run against one of its training epochs and against an analysis
+   with the previous defaults (Hutchinson's trace of 100 products, double backward), and the products
+   Hutchinson's estimator would need for the default trace's standard error.
 6. checks (CUDA only, or --checks on): every model family trains a short GNP epoch through the
    training loop, and no training step or loader batch synchronises the host with the GPU.
 
