@@ -42,7 +42,8 @@ ANALYSIS_QUANTITIES = {q.name: q for q in (
 
 # analysis.json's settings that change a value (not the device or the batch size, beyond rounding),
 # by the option of python -m gnp.analysis that sets each.
-ANALYSIS_OPTIONS = {"subset": "--subset", "rho": "--rho", "top_k": "--top-k", "trace_samples": "--trace-samples",
+ANALYSIS_OPTIONS = {"subset": "--subset", "rho": "--rho", "top_k": "--top-k", "trace_method": "--trace-method",
+                    "trace_samples": "--trace-samples",
                     "ascent_steps": "--ascent-steps", "ascent_tol": "--ascent-tol",
                     "sharpness_starts": "--sharpness-starts", "m_sharpness": "--m-sharpness", "seed": "--seed",
                     "dtype": "--float64"}
