@@ -24,6 +24,19 @@ from gnp.methods import Method
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN_PY = ROOT / "train.py"
+# The digits task (real images, offline) on a ResNet-18 of width 2, on the CPU, logged nowhere: seconds a run.
+TINY_DIGITS = ("experiment=digits_demo", "model.width=2", "wandb.mode=disabled", "device=cpu")
+# One epoch of plain SGD on 64 of its images (one step of 64), tested on 32.
+QUICK_DIGITS = (*TINY_DIGITS, "method=plain", "train.epochs=1", "dataset.limit_train=64", "dataset.limit_test=32")
+# Builder options that make each model tiny on a CPU (a smoke run of its code; the rest of its config is kept).
+TINY_MODELS = {"resnet18": {"width": 2}, "resnet101": {"width": 2}, "wrn28_10": {"depth": 10, "widen": 1},
+               "pyramidnet110": {"depth": 8, "alpha": 6}, "pyramidnet272": {"depth": 11, "alpha": 6},
+               "vit_ti": {"depth": 1}, "vit_s": {"depth": 1}, "vit_b": {"depth": 1}}
+
+
+def tiny_model(name: str) -> tuple[str, ...]:
+    """The overrides that choose the model `name`, shrunk by TINY_MODELS."""
+    return (f"model={name}", *(f"model.{key}={value}" for key, value in TINY_MODELS[name].items()))
 
 
 def in_process(main: Callable[[], int | None], argv: list[str], cwd: str | Path = ROOT) -> subprocess.CompletedProcess:

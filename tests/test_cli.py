@@ -17,13 +17,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config, full_disk_after_the_first_checkpoint, in_process, signal_at_step, train_py
+from conftest import (ROOT, TINY_DIGITS, compose_config, full_disk_after_the_first_checkpoint, in_process, signal_at_step,
+                      train_py)
 from gnp import cli, rundir
 from gnp.rundir import Hold
 from gnp.training import train
 
-DIGITS = ("experiment=digits_demo", "model.width=2", "dataset.limit_train=128", "dataset.limit_test=64",
-          "train.batch_size=32", "wandb.mode=disabled", "device=cpu")
+DIGITS = (*TINY_DIGITS, "dataset.limit_train=128", "dataset.limit_test=64", "train.batch_size=32")  # 4 steps an epoch
 
 
 def _check(capsys, *argv):

@@ -24,12 +24,10 @@ from hydra._internal.callbacks import Callbacks
 from hydra._internal.utils import run_and_report
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config, train_py
+from conftest import QUICK_DIGITS, ROOT, compose_config, train_py
 from gnp import distributed, sweep
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import Slot, last_error_line, make_slots
 
-TINY_DIGITS = ("experiment=digits_demo", "method=plain", "train.epochs=1", "dataset.limit_train=64",
-               "dataset.limit_test=32", "model.width=2", "wandb.mode=disabled")
 TRACEBACK = textwrap.dedent("""\
     Traceback (most recent call last):
       File "train.py", line 20, in main
@@ -319,7 +317,7 @@ def _train_multirun(tmp_path, monkeypatch, *overrides):
     for variable in ("OMP_NUM_THREADS", "HYDRA_FULL_ERROR"):
         monkeypatch.delenv(variable, raising=False)
     sweep_dir = tmp_path / "sweep"
-    done = train_py("-m", *TINY_DIGITS, f"hydra.sweep.dir={sweep_dir}", *overrides, cwd=tmp_path)
+    done = train_py("-m", *QUICK_DIGITS, f"hydra.sweep.dir={sweep_dir}", *overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     return sweep_dir, done.stdout
 
@@ -385,7 +383,7 @@ def _submitit_task(sweep_dir: Path) -> int | None:
 def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
     # 16 steps per epoch: the signal, sent once the first epoch is done, lands well before the last.
-    run = [*TINY_DIGITS, "train.epochs=4", "dataset.limit_train=512", "train.batch_size=32", "train.sync_every=1",
+    run = [*QUICK_DIGITS, "train.epochs=4", "dataset.limit_train=512", "train.batch_size=32", "train.sync_every=1",
            "device=cpu", "seed=3"]
     started = time.monotonic()
     uninterrupted = train_py(*run, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)  # in this process

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import compose_config, full_disk_after_the_first_checkpoint, signal_at_step
+from conftest import compose_config, full_disk_after_the_first_checkpoint, signal_at_step, tiny_model
 from gnp import distributed, io, training
 from gnp.config import ConfigError
 from gnp.data import load_dataset, write_synthetic_cifar
@@ -115,8 +115,8 @@ def test_a_finished_run_started_again_returns_its_summary_without_training(tmp_p
 # --- stopping and resuming at any step -------------------------------------------------------------
 
 # Every random stream in play: augmentation draws (cutout), dropout, BatchNorm statistics, 4 steps per epoch.
-RESUMABLE = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout=0.3", "aug=cutout",
-             "dataset.limit_train=64", "train.epochs=2", "train.sync_every=1")
+RESUMABLE = (*tiny_model("wrn28_10"), "model.dropout=0.3", "aug=cutout", "dataset.limit_train=64", "train.epochs=2",
+             "train.sync_every=1")
 
 
 @pytest.mark.parametrize("method,options", [
