@@ -2,6 +2,7 @@
 fix, with a documented exit status, no traceback and no run directory left behind; run directories
 checked before Hydra writes into them; failed writes and interrupted sweeps said as they can be acted on."""
 import errno
+import functools
 import json
 import os
 import re
@@ -300,7 +301,7 @@ def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tm
     search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
     # With 4 shards in one process: the shards come with the machinery, not with the method's code.
     done = train_py(search, *DIGITS, "method=sign_sam", "train.epochs=1", "train.shards=4",
-                  f"hydra.run.dir={tmp_path / 'run'}")
+                    f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["status"], summary["method"], summary["method_settings"], summary["shards"]) == (
@@ -331,7 +332,7 @@ def test_a_failed_write_is_one_line_with_the_path_and_the_os_reason_whichever_la
     for option in ("--out", "--figures"):
         folders = {"--out": tmp_path / "tables", "--figures": tmp_path / "figures", option: tmp_path / "file" / "x"}
         argv = [str(tmp_path / "runs"), "--table", "digits", *(f"{k}={v}" for k, v in folders.items())]
-        made = in_process(lambda: make_tables.main(argv), ["scripts/make_tables.py", *argv])
+        made = in_process(functools.partial(make_tables.main, argv), ["scripts/make_tables.py", *argv])
         line = _one_error_line(made, 2)
         assert line.startswith(f"error: cannot write {tmp_path / 'file' / 'x'}/") and ": Not a directory." in line
 
