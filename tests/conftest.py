@@ -1,20 +1,82 @@
-"""Shared fixtures: configs composed from the real conf/ folder, and small datasets written in the
-real CIFAR on-disk format so that the real loading code is what the tests exercise."""
+"""Shared fixtures: configs composed from the real conf/ folder, small datasets written in the real CIFAR
+on-disk format so that the real loading code is what the tests exercise, and train.py (or a script's main)
+run in this process."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
+import logging
 import os
+import runpy
 import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
 from gnp.compose import compose_config  # noqa: F401 (the tests' way to compose, re-exported)
 from gnp.data import write_synthetic_cifar
 from gnp.methods import Method
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+TRAIN_PY = ROOT / "train.py"
+# The digits task (real images, offline) on a ResNet-18 of width 2, on the CPU, logged nowhere: seconds a run.
+TINY_DIGITS = ("experiment=digits_demo", "model.width=2", "wandb.mode=disabled", "device=cpu")
+# One epoch of plain SGD on 64 of its images (one step of 64), tested on 32.
+QUICK_DIGITS = (*TINY_DIGITS, "method=plain", "train.epochs=1", "dataset.limit_train=64", "dataset.limit_test=32")
+# Builder options that make each model tiny on a CPU (a smoke run of its code; the rest of its config is kept).
+TINY_MODELS = {"resnet18": {"width": 2}, "resnet101": {"width": 2}, "wrn28_10": {"depth": 10, "widen": 1},
+               "pyramidnet110": {"depth": 8, "alpha": 6}, "pyramidnet272": {"depth": 11, "alpha": 6},
+               "vit_ti": {"depth": 1}, "vit_s": {"depth": 1}, "vit_b": {"depth": 1}}
+
+
+def tiny_model(name: str) -> tuple[str, ...]:
+    """The overrides that choose the model `name`, shrunk by TINY_MODELS."""
+    return (f"model={name}", *(f"model.{key}={value}" for key, value in TINY_MODELS[name].items()))
+
+
+def in_process(main: Callable[[], int | None], argv: list[str], cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
+    """`sys.exit(main())` of a command run in this process with sys.argv = argv, from the folder `cwd`: its
+    exit status and what it printed, as subprocess.run returns them, without the start-up of a new Python.
+    What a run changes in the process (signal handlers, Hydra's state and logging, sys.argv, the folder)
+    is put back. Tests of what only a process shows (a signal from outside, its imports) start one instead."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    root = logging.getLogger()
+    root_state = root.handlers[:], root.level
+    previous_argv, folder = sys.argv, os.getcwd()
+    try:
+        os.chdir(cwd)
+        sys.argv = list(argv)
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main()
+            except SystemExit as e:
+                code = e.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)  # as Python prints sys.exit("message"), with status 1
+                code = 1
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv = previous_argv
+        os.chdir(folder)
+        root.handlers[:], root.level = root_state
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess([sys.executable, *argv], code or 0, out.getvalue(), err.getvalue())
+
+
+def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in this process (see `in_process`): the script itself, its checks and Hydra's app."""
+    def main() -> None:
+        runpy.run_path(str(TRAIN_PY), run_name="__main__")
+
+    return in_process(main, [str(TRAIN_PY), *args], cwd)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from scipy.optimize import brentq
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, train_py
 from gnp.analysis import AnalysisError, landscape, subset_loss
 from gnp.analysis.__main__ import main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
@@ -284,15 +284,12 @@ SCALARS = {"train_loss", "train_cross_entropy", "train_l2", "train_error", "trai
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished runs of the same model (GNP and plain SGD), trained through train.py side by side, once
-    for the module."""
+    """Two finished runs of the same model (GNP and plain SGD), trained through train.py (in this process),
+    once for the module."""
     root = tmp_path_factory.mktemp("runs")
-    processes = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TRAIN, f"method={method}",
-                                   f"hydra.run.dir={root / method}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for method in ("gnp", "plain")]
-    for process in processes:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-2000:]
+    for method in ("gnp", "plain"):
+        done = train_py(*TRAIN, f"method={method}", f"hydra.run.dir={root / method}")
+        assert done.returncode == 0, done.stderr[-2000:]
     return root
 
 

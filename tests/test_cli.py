@@ -2,6 +2,7 @@
 fix, with a documented exit status, no traceback and no run directory left behind; run directories
 checked before Hydra writes into them; failed writes and interrupted sweeps said as they can be acted on."""
 import errno
+import functools
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,13 +18,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from conftest import (ROOT, TINY_DIGITS, compose_config, full_disk_after_the_first_checkpoint, in_process, signal_at_step,
+                      train_py)
 from gnp import cli, rundir
 from gnp.rundir import Hold
 from gnp.training import train
 
-DIGITS = ("experiment=digits_demo", "model.width=2", "dataset.limit_train=128", "dataset.limit_test=64",
-          "train.batch_size=32", "wandb.mode=disabled", "device=cpu")
+DIGITS = (*TINY_DIGITS, "dataset.limit_train=128", "dataset.limit_test=64", "train.batch_size=32")  # 4 steps an epoch
 
 
 def _check(capsys, *argv):
@@ -125,19 +127,6 @@ def test_what_hydra_expands_or_prints_without_a_config_is_left_to_it(capsys):
         assert cli.check_command_line(argv) is None and capsys.readouterr() == ("", "")
 
 
-def _train(*args, cwd=ROOT, python_options=(), **kwargs):
-    """train.py as its own process (Python started with `python_options`)."""
-    return subprocess.run([sys.executable, *python_options, str(ROOT / "train.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def _train_with(fault: str, *args):
-    """train.py in a Python that first runs `fault` (code that injects a fault; conftest is importable)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n{fault}\nimport runpy\n"
-            f"sys.argv = [{str(ROOT / 'train.py')!r}, *sys.argv[1:]]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def _one_error_line(done, status: int) -> str:
     assert done.returncode == status, done.stderr[-2000:]
     assert "Traceback" not in done.stderr + done.stdout
@@ -148,7 +137,8 @@ def _one_error_line(done, status: int) -> str:
 
 def test_a_config_that_does_not_compose_is_said_before_torch_is_imported():
     """The first check of train.py needs Hydra alone: -X importtime lists every module the process imported."""
-    done = _train("train.epoch=3", python_options=("-X", "importtime"))
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "train.epoch=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and errors == ["error: train.epoch is not a config key: did you mean train.epochs?"]
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")]
@@ -156,18 +146,18 @@ def test_a_config_that_does_not_compose_is_said_before_torch_is_imported():
 
 
 def test_typos_and_missing_data_leave_no_run_directory(tmp_path):
-    typo = _train("train.epoch=3", f"hydra.run.dir={tmp_path / 'typo'}")
+    typo = train_py("train.epoch=3", f"hydra.run.dir={tmp_path / 'typo'}")
     assert "did you mean train.epochs?" in _one_error_line(typo, 2) and not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()
-    missing = _train(f"dataset.root={tmp_path / 'empty'}", "device=cpu", "wandb.mode=disabled",
-                     f"hydra.run.dir={tmp_path / 'run'}")
+    missing = train_py(f"dataset.root={tmp_path / 'empty'}", "device=cpu", "wandb.mode=disabled",
+                       f"hydra.run.dir={tmp_path / 'run'}")
     line = _one_error_line(missing, 2)
     assert f"CIFAR10 was not found in {tmp_path / 'empty'}" in line and "cifar-10-python.tar.gz" in line
     assert not (tmp_path / "run").exists()
     # The default layout, outputs/<dataset>/<model>/<method>/<time>: its new folders go too, outputs/ stays.
     (tmp_path / "work" / "outputs" / "cifar10").mkdir(parents=True)
     (tmp_path / "work" / "outputs" / "cifar10" / "earlier_run").mkdir()
-    missing = _train(f"dataset.root={tmp_path / 'empty'}", "device=cpu", "wandb.mode=disabled", cwd=tmp_path / "work")
+    missing = train_py(f"dataset.root={tmp_path / 'empty'}", "device=cpu", "wandb.mode=disabled", cwd=tmp_path / "work")
     _one_error_line(missing, 2)
     assert [p.name for p in (tmp_path / "work").rglob("*")] == ["outputs", "cifar10", "earlier_run"]
 
@@ -175,7 +165,7 @@ def test_typos_and_missing_data_leave_no_run_directory(tmp_path):
 def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
-    broken = _train(*DIGITS, f"hydra.run.dir={tmp_path / 'run'}")
+    broken = train_py(*DIGITS, f"hydra.run.dir={tmp_path / 'run'}")
     assert f"{tmp_path / 'run' / 'checkpoint.pt'} is unreadable" in _one_error_line(broken, 2)
     assert (tmp_path / "run" / "checkpoint.pt").exists()  # never deleted for the user
     # Another run is training there: refused before Hydra rewrites its record (it trained with seed 0).
@@ -184,14 +174,14 @@ def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):
     for name, text in record.items():
         (tmp_path / "busy" / ".hydra" / name).write_text(text)
     with Hold(tmp_path / "busy"):
-        busy = _train(*DIGITS, "seed=1", f"hydra.run.dir={tmp_path / 'busy'}")
+        busy = train_py(*DIGITS, "seed=1", f"hydra.run.dir={tmp_path / 'busy'}")
     assert _one_error_line(busy, 2) == f"error: {tmp_path / 'busy'} is in use by another run (PID {os.getpid()}); " \
                                        f"wait for it to end, or start this one in another directory (hydra.run.dir=...)"
     assert {p.name: p.read_text() for p in (tmp_path / "busy" / ".hydra").iterdir()} == record
     # The same for a sweep: one of its jobs is running.
     sweep = tmp_path / "sweep"
     with Hold(sweep / "1"):
-        busy = _train("-m", *DIGITS, "seed=0,1", f"hydra.sweep.dir={sweep}")
+        busy = train_py("-m", *DIGITS, "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert f"error: {sweep / '1'} is in use by another run (PID {os.getpid()}); wait for it to end, or start this " \
            f"one in another directory (hydra.sweep.dir=...)" == _one_error_line(busy, 2)
     assert sorted(p.name for p in sweep.iterdir()) == ["1"]  # no multirun.yaml, no job started
@@ -206,7 +196,7 @@ def test_a_broken_checkpoint_or_a_busy_directory_is_one_line(tmp_path):
 def test_a_run_directory_that_cannot_be_made_is_one_line_before_hydra_writes(tmp_path, where, reason):
     (tmp_path / "file").write_text("a regular file")
     run = tmp_path / where
-    done = _train(*DIGITS, f"hydra.run.dir={run}")
+    done = train_py(*DIGITS, f"hydra.run.dir={run}")
     assert _one_error_line(done, 2) == f"error: cannot use {run} as the run directory: {reason.format(tmp=tmp_path)}"
     assert (tmp_path / "file").read_text() == "a regular file"
 
@@ -234,10 +224,10 @@ def _check_run_directory(capsys, *argv):
 
 def test_another_runs_settings_are_refused_before_hydra_rewrites_that_runs_record(tmp_path):
     run = tmp_path / "run"
-    first = _train(*DIGITS, "train.epochs=1", f"hydra.run.dir={run}")
+    first = train_py(*DIGITS, "train.epochs=1", f"hydra.run.dir={run}")
     assert first.returncode == 0, first.stderr[-2000:]
     record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
-    other = _train(*DIGITS, "train.epochs=1", "seed=1", f"hydra.run.dir={run}")
+    other = train_py(*DIGITS, "train.epochs=1", "seed=1", f"hydra.run.dir={run}")
     assert _one_error_line(other, 2) == f"error: {run} holds a checkpoint of a different run (seed: 0 -> 1). Resume " \
                                         f"with the same settings, or start a new run in another directory " \
                                         f"(hydra.run.dir=...)."
@@ -245,7 +235,7 @@ def test_another_runs_settings_are_refused_before_hydra_rewrites_that_runs_recor
 
 
 def test_a_diverging_run_exits_3_and_its_summary_says_diverged(tmp_path):
-    done = _train(*DIGITS, "optimizer.lr=1e6", "method.max_grad_norm=null", f"hydra.run.dir={tmp_path}")
+    done = train_py(*DIGITS, "optimizer.lr=1e6", "method.max_grad_norm=null", f"hydra.run.dir={tmp_path}")
     assert re.search(r"became NaN or infinite (at|between) step", _one_error_line(done, 3))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["test_error"] is None
@@ -274,9 +264,9 @@ def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
 
 def test_a_sweep_reports_every_failed_job_and_goes_on(tmp_path):
     (tmp_path / "empty").mkdir()
-    done = _train("-m", "dataset=digits,cifar10", f"dataset.root={tmp_path / 'empty'}", "model.width=2",
-                  "train.epochs=1", "dataset.limit_train=64", "dataset.limit_test=32", "train.batch_size=32",
-                  "wandb.mode=disabled", "device=cpu", "aug=none", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    done = train_py("-m", "dataset=digits,cifar10", f"dataset.root={tmp_path / 'empty'}", "model.width=2",
+                    "train.epochs=1", "dataset.limit_train=64", "dataset.limit_test=32", "train.batch_size=32",
+                    "wandb.mode=disabled", "device=cpu", "aug=none", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout, done.stderr[-2000:]
     assert "job 1 failed: CIFAR10 was not found" in done.stdout + done.stderr
     summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
@@ -301,16 +291,17 @@ class SignSAM(TwoPassMethod):
 '''
 
 
-def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tmp_path):
+def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tmp_path, monkeypatch):
     (tmp_path / "sign_sam.py").write_text(SIGN_SAM)
     (tmp_path / "conf" / "method").mkdir(parents=True)
     (tmp_path / "conf" / "method" / "sign_sam.yaml").write_text(
         "_target_: sign_sam.SignSAM\nname: sign_sam\nr: 0.02\nmax_grad_norm: 5.0\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    monkeypatch.syspath_prepend(tmp_path)  # as PYTHONPATH=<that folder> would
+    monkeypatch.delitem(sys.modules, "sign_sam", raising=False)
     search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
     # With 4 shards in one process: the shards come with the machinery, not with the method's code.
-    done = _train(search, *DIGITS, "method=sign_sam", "train.epochs=1", "train.shards=4",
-                  f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    done = train_py(search, *DIGITS, "method=sign_sam", "train.epochs=1", "train.shards=4",
+                    f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["status"], summary["method"], summary["method_settings"], summary["shards"]) == (
@@ -318,61 +309,66 @@ def test_a_method_of_ones_own_is_a_python_file_and_a_yaml_outside_the_package(tm
     (epoch,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epoch["r"] == 0.02 and epoch["perturbed_loss"] != epoch["first_pass_loss"]  # its two passes ran
     # Its settings are checked by its class before anything runs.
-    bad = _train(search, *DIGITS, "method=sign_sam", "method.r=-1", f"hydra.run.dir={tmp_path / 'bad'}", env=env)
+    bad = train_py(search, *DIGITS, "method=sign_sam", "method.r=-1", f"hydra.run.dir={tmp_path / 'bad'}")
     assert _one_error_line(bad, 2) == "error: method.r=-1 is invalid: r must be a finite number >= 0 (0 trains with " \
                                       "the base optimizer alone)"
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_failed_write_is_one_line_with_the_path_and_the_os_reason_whichever_layer_raised_it(tmp_path):
+def test_a_failed_write_is_one_line_with_the_path_and_the_os_reason_whichever_layer_raised_it(tmp_path, monkeypatch):
     # A checkpoint on a disk that fills up: torch's zip writer raises its own RuntimeError after the ENOSPC.
-    done = _train_with("import os, conftest; conftest.full_disk_after_the_first_checkpoint(setattr)",
-                       *DIGITS, "train.epochs=2", f"hydra.run.dir={tmp_path / 'run'}")
+    with monkeypatch.context() as patch:
+        full_disk_after_the_first_checkpoint(patch.setattr)
+        done = train_py(*DIGITS, "train.epochs=2", f"hydra.run.dir={tmp_path / 'run'}")
     assert _one_error_line(done, 2) == f"error: cannot write {tmp_path / 'run' / 'checkpoint.pt'}: No space left on " \
                                        f"device. Free space or choose a writable folder; the previous checkpoint.pt " \
                                        f"is unchanged."
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     # Tables and figures where a folder cannot be made.
-    from test_tables import DIGITS as DIGITS_CELL, DIGITS_METHODS, write_run
+    from test_tables import DIGITS as DIGITS_CELL, DIGITS_METHODS, make_tables, write_run
 
     write_run(tmp_path / "runs" / "plain", DIGITS_CELL + DIGITS_METHODS["plain"], 0, 2.0)
     (tmp_path / "file").write_text("a regular file")
     for option in ("--out", "--figures"):
         folders = {"--out": tmp_path / "tables", "--figures": tmp_path / "figures", option: tmp_path / "file" / "x"}
-        made = subprocess.run([sys.executable, "scripts/make_tables.py", str(tmp_path / "runs"), "--table", "digits",
-                               *(f"{k}={v}" for k, v in folders.items())], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+        argv = [str(tmp_path / "runs"), "--table", "digits", *(f"{k}={v}" for k, v in folders.items())]
+        made = in_process(functools.partial(make_tables.main, argv), ["scripts/make_tables.py", *argv])
         line = _one_error_line(made, 2)
         assert line.startswith(f"error: cannot write {tmp_path / 'file' / 'x'}/") and ": Not a directory." in line
 
 
-# Once the first epoch is recorded, every write into the run directory fails as on a file system that turned
-# read-only (root ignores a folder's permissions, so the failure is injected where the OS would report it).
-READ_ONLY_AFTER_THE_FIRST_EPOCH = """
-import errno, os, pathlib, tempfile
-from gnp import rundir
-written, real_mkstemp, real_unlink = [], tempfile.mkstemp, pathlib.Path.unlink
-def read_only(*args, **kwargs):
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-def mkstemp(*args, dir=None, **kwargs):
-    if written and dir is not None:
-        read_only()
-    if str(kwargs.get("prefix", "")).startswith(".metrics.jsonl."):
-        written.append(dir)
-    return real_mkstemp(*args, dir=dir, **kwargs)
-def unlink(self, *args, **kwargs):
-    if written and self.name == rundir.LOCK:
-        read_only()
-    return real_unlink(self, *args, **kwargs)
-tempfile.mkstemp, pathlib.Path.unlink = mkstemp, unlink
-"""
+def _read_only_after_the_first_epoch(setattr) -> None:
+    """Once the first epoch is recorded, every write into the run directory fails as on a file system that
+    turned read-only (root ignores a folder's permissions, so the failure is injected where the OS would
+    report it)."""
+    written, real_mkstemp, real_unlink = [], tempfile.mkstemp, Path.unlink
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if written and dir is not None:
+            read_only()
+        if str(kwargs.get("prefix", "")).startswith(".metrics.jsonl."):
+            written.append(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def unlink(self, *args, **kwargs):
+        if written and self.name == rundir.LOCK:
+            read_only()
+        return real_unlink(self, *args, **kwargs)
+
+    setattr(tempfile, "mkstemp", mkstemp)
+    setattr(Path, "unlink", unlink)
 
 
-def test_a_run_directory_that_turns_read_only_while_training_is_one_line(tmp_path):
+def test_a_run_directory_that_turns_read_only_while_training_is_one_line(tmp_path, monkeypatch):
     """The checkpoint after the first epoch's record fails; the run's own end (summary, lock) cannot be
     written either, and neither hides the first failure: one line, exit status 2."""
     run = tmp_path / "run"
-    done = _train_with(READ_ONLY_AFTER_THE_FIRST_EPOCH, *DIGITS, "train.epochs=2", f"hydra.run.dir={run}")
+    with monkeypatch.context() as patch:
+        _read_only_after_the_first_epoch(patch.setattr)
+        done = train_py(*DIGITS, "train.epochs=2", f"hydra.run.dir={run}")
     line = _one_error_line(done, 2)
     assert line.startswith(f"error: cannot write {run / 'checkpoint.pt'}: Read-only file system."), line
     assert "Traceback" not in done.stderr + done.stdout
@@ -386,7 +382,7 @@ def test_a_checkpoint_of_another_model_is_one_line_naming_the_tensor(tmp_path):
     state["config"] = OmegaConf.to_container(compose_config(*DIGITS, "model.width=4", "train.epochs=2"), resolve=True)
     (tmp_path / "wide").mkdir()
     torch.save(state, tmp_path / "wide" / "checkpoint.pt")
-    done = _train(*DIGITS, "model.width=4", "train.epochs=2", f"hydra.run.dir={tmp_path / 'wide'}")
+    done = train_py(*DIGITS, "model.width=4", "train.epochs=2", f"hydra.run.dir={tmp_path / 'wide'}")
     assert _one_error_line(done, 2) == (
         f"error: {tmp_path / 'wide' / 'checkpoint.pt'} does not fit this model: conv1.weight has shape [2, 3, 3, 3] "
         f"there and [4, 3, 3, 3] in this model (it was made by another model or another version of its code). Move "
@@ -410,36 +406,26 @@ def test_a_signal_after_the_final_line_leaves_a_finished_runs_exit_status_alone(
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
 
 
-# A signal to the sweep's process during job 0 (4 steps), as a scheduler or a Ctrl-C sends it.
-SIGNAL_AT_STEP = """import os, signal
-from gnp.methods import Method
-step, calls = Method.step, []
-def signalled(self, closure):
-    calls.append(1)
-    if len(calls) == {step}:
-        for _ in range({times}):
-            os.kill(os.getpid(), signal.{name})
-    return step(self, closure)
-Method.step = signalled"""
-
-
 @pytest.mark.parametrize("step,times,name,status,says", [
     (2, 2, "SIGINT", 130, "interrupted at once, without a checkpoint at this step. Resume the sweep (its finished "
                           "jobs are kept; this one starts again): "),
     (4, 1, "SIGTERM", 143, "received SIGTERM in the last steps of job 0: it finished, and the sweep stops here. "
                            "Resume: "),
 ])
-def test_a_stopped_sweep_prints_a_command_that_resumes_it_as_printed(tmp_path, step, times, name, status, says):
+def test_a_stopped_sweep_prints_a_command_that_resumes_it_as_printed(tmp_path, monkeypatch, step, times, name, status,
+                                                                     says):
     sweep = ["-m", *DIGITS, "train.epochs=1", "seed=0,1", "hydra.sweep.subdir=seed${seed}",
              f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    done = _train_with(SIGNAL_AT_STEP.format(step=step, times=times, name=name), *sweep)
+    with monkeypatch.context() as patch:  # the signal during job 0 (4 steps), as a scheduler or a Ctrl-C sends it
+        signal_at_step(patch, step, getattr(signal, name), times)
+        done = train_py(*sweep)
     assert done.returncode == status, done.stderr[-2000:]
     last = (done.stdout + done.stderr).strip().splitlines()[-1]
     assert last.startswith(says) and "Traceback" not in done.stdout + done.stderr, last
     command = shlex.split(last.removeprefix(says))
     assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and "hydra.sweep.subdir=seed${seed}" in command
     assert not (tmp_path / "sweep" / "seed1").exists()  # the sweep stopped at job 0
-    again = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = train_py(*command[2:], cwd=tmp_path)  # the printed command, from another folder
     assert again.returncode == 0, again.stderr[-2000:]
     for seed in (0, 1):
         assert json.loads((tmp_path / "sweep" / f"seed{seed}" / "summary.json").read_text())["status"] == "finished"

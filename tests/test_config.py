@@ -1,13 +1,10 @@
 """Every config choice composes and validates; each bad value fails early with a message that names
 the key, the value and what is allowed; the entry point's CLI works."""
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
 
-from conftest import CONF, ROOT, compose_config
+from conftest import CONF, compose_config, train_py
 from gnp.config import (BASE_OPTIMIZERS, SUITE_SETTINGS, ConfigError, build_method, config_settings, method_class,
                         method_class_names, settings_file, validate)
 from gnp.methods import GSAM, LookSAM
@@ -87,14 +84,10 @@ def test_a_method_takes_the_keys_of_its_class_only():
     validate(compose_config("method=gnp", "method.alpha=0.5"))
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_prints_the_composed_config_and_rejects_bad_values_before_training(tmp_path):
-    shown = _cli("--cfg", "job", "method=sam", "model=resnet18")
+    shown = train_py("--cfg", "job", "method=sam", "model=resnet18")
     assert shown.returncode == 0 and "name: sam" in shown.stdout and "rho" not in shown.stdout
-    bad = _cli("method.alpha=2", f"hydra.run.dir={tmp_path}", "wandb.mode=disabled")
+    bad = train_py("method.alpha=2", f"hydra.run.dir={tmp_path}", "wandb.mode=disabled")
     assert bad.returncode == 2
     assert "error: method.alpha=2 is invalid: alpha must be a number in [0, 1] (1 is SAM, 0 the base optimizer)" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "checkpoint.pt").exists()

@@ -4,8 +4,6 @@ import gzip
 import json
 import pickle
 import shlex
-import subprocess
-import sys
 import tarfile
 import zlib
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
-from conftest import ROOT
+from conftest import train_py
 from gnp.data import write_synthetic_cifar, BatchLoader, DataError, load_dataset
 
 
@@ -181,10 +179,8 @@ def test_a_damaged_batch_is_named_in_an_archive_and_in_a_folder(tmp_path, damage
 def test_train_py_stops_on_a_corrupted_archive_with_one_line(tmp_path):
     archive = write_synthetic_cifar(tmp_path / "data", "cifar10", n_train=100, n_test=20, archive=True)
     _flip_a_bit_in_the_compressed_images(archive)
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"dataset.root={tmp_path / 'data'}",
-                           "dataset.verify=false", "device=cpu", "wandb.mode=disabled",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = train_py(f"dataset.root={tmp_path / 'data'}", "dataset.verify=false", "device=cpu", "wandb.mode=disabled",
+                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr + done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -272,9 +268,8 @@ def test_the_fake_cifar_command_prints_a_quick_training_command_that_finishes(tm
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     words = shlex.split(printed)
     assert words[:2] == ["python", "train.py"] and "dataset=cifar100" in words and "device=cpu" in words
-    # exactly the printed arguments, with this interpreter and the repository's train.py, in a fresh folder
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *words[2:]], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    # exactly the printed arguments, with the repository's train.py, in a fresh folder
+    done = train_py(*words[2:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     [summary] = (tmp_path / "outputs").rglob("summary.json")
     record = json.loads(summary.read_text())

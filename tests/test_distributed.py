@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, train_py
 from gnp.compose import compose_config
 from gnp.data import load_dataset
 from gnp.models import build_model
@@ -45,11 +45,11 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_on_one_node_or_two(tmp_path):
-    runs = {"single": [sys.executable], "ddp": [*TORCHRUN, "--standalone", "--nproc_per_node=2"]}
-    for name, command in runs.items():
-        done = subprocess.run([*command, "train.py", *RUN, f"hydra.run.dir={tmp_path / name}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr[-3000:]
+    single = train_py(*RUN, f"hydra.run.dir={tmp_path / 'single'}")  # in this process
+    assert single.returncode == 0, single.stderr[-3000:]
+    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", *RUN,
+                           f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test error") == 1  # only the main process reports
     # Two "nodes" of one process each, as `torchrun --nnodes=2` on two machines; each composes its own
     # timestamped run directory, and the main process's is the one both use.

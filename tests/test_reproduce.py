@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, TINY_MODELS, compose_config
 from gnp import tables
 from gnp.config import build_method
 from gnp.data import CLASSES
@@ -28,10 +28,6 @@ from test_tables import DIGITS, DIGITS_METHODS, load_script, write_run
 
 reproduce = load_script("reproduce")
 RUNNABLE = [name for name in tables.table_names() if tables.load_table(name).reason is None]
-# Builder options that make each model tiny on a CPU (the rest of its config is kept).
-SHRUNK = {"resnet18": {"width": 2}, "resnet101": {"width": 2}, "wrn28_10": {"depth": 10, "widen": 1},
-          "pyramidnet110": {"depth": 8, "alpha": 6}, "pyramidnet272": {"depth": 11, "alpha": 6},
-          "vit_ti": {"depth": 1}, "vit_s": {"depth": 1}, "vit_b": {"depth": 1}}
 
 
 def _nested(flat: dict) -> dict:
@@ -56,7 +52,7 @@ def test_every_cell_composes_and_each_method_takes_a_step(name):
     for c in steps.values():
         cfg = OmegaConf.create(_nested(c))
         torch.manual_seed(0)
-        options = {k: v for k, v in cfg.model.items() if k != "name"} | SHRUNK[cfg.model.name]
+        options = {k: v for k, v in cfg.model.items() if k != "name"} | TINY_MODELS[cfg.model.name]
         model = build_model(cfg.model.name, CLASSES[cfg.dataset.name], **options)
         opt = build_method(cfg, model, build_optimizer(cfg.optimizer, model, torch.device("cpu")), steps_per_epoch=10)
         images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, CLASSES[cfg.dataset.name], (2,))

@@ -17,18 +17,17 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.utils import run_and_report
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from conftest import QUICK_DIGITS, ROOT, compose_config, train_py
 from gnp import distributed, sweep
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import Slot, last_error_line, make_slots
 
-TINY_DIGITS = ("experiment=digits_demo", "method=plain", "train.epochs=1", "dataset.limit_train=64",
-               "dataset.limit_test=32", "model.width=2", "wandb.mode=disabled")
 TRACEBACK = textwrap.dedent("""\
     Traceback (most recent call last):
       File "train.py", line 20, in main
@@ -312,10 +311,13 @@ def test_ctrl_c_reaches_each_running_job_once_and_the_launcher_waits_for_them(tm
     assert "Jobs that did not start: 2. Resume the sweep with the same command and hydra.sweep.dir=" in output
 
 
-def _train_multirun(tmp_path, *overrides):
+def _train_multirun(tmp_path, monkeypatch, *overrides):
+    """train.py -m in this process, with the environment of _env() (which a launcher's jobs inherit)."""
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    for variable in ("OMP_NUM_THREADS", "HYDRA_FULL_ERROR"):
+        monkeypatch.delenv(variable, raising=False)
     sweep_dir = tmp_path / "sweep"
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY_DIGITS, f"hydra.sweep.dir={sweep_dir}",
-                           *overrides], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    done = train_py("-m", *QUICK_DIGITS, f"hydra.sweep.dir={sweep_dir}", *overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     return sweep_dir, done.stdout
 
@@ -332,8 +334,8 @@ def _check_summary(sweep_dir, printed, numbers):
 
 
 @pytest.mark.slow
-def test_a_multirun_of_train_py_ends_with_its_summary(tmp_path):
-    sweep_dir, printed = _train_multirun(tmp_path, "device=cpu", "seed=0,1")
+def test_a_multirun_of_train_py_ends_with_its_summary(tmp_path, monkeypatch):
+    sweep_dir, printed = _train_multirun(tmp_path, monkeypatch, "device=cpu", "seed=0,1")
     _check_summary(sweep_dir, printed, [0, 1])
     assert sorted(row[1] for row in _table(printed)) == ["0", "1"]  # the swept seed
     _check_wandb_group(sweep_dir, [0, 1])
@@ -347,9 +349,9 @@ def _check_wandb_group(sweep_dir: Path, numbers: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_parallel_launcher_trains_two_digits_jobs_at_once_on_two_cpu_slots(tmp_path):
-    sweep_dir, printed = _train_multirun(tmp_path, "hydra/launcher=parallel", "hydra.launcher.devices=[cpu,cpu]",
-                                         "seed=0,1")
+def test_parallel_launcher_trains_two_digits_jobs_at_once_on_two_cpu_slots(tmp_path, monkeypatch):
+    sweep_dir, printed = _train_multirun(tmp_path, monkeypatch, "hydra/launcher=parallel",
+                                         "hydra.launcher.devices=[cpu,cpu]", "seed=0,1")
     _check_summary(sweep_dir, printed, [0, 1])
     spans = []
     for k in (0, 1):
@@ -381,19 +383,19 @@ def _submitit_task(sweep_dir: Path) -> int | None:
 def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
     # 16 steps per epoch: the signal, sent once the first epoch is done, lands well before the last.
-    run = [*TINY_DIGITS, "train.epochs=4", "dataset.limit_train=512", "train.batch_size=32", "train.sync_every=1",
+    run = [*QUICK_DIGITS, "train.epochs=4", "dataset.limit_train=512", "train.batch_size=32", "train.sync_every=1",
            "device=cpu", "seed=3"]
     started = time.monotonic()
-    uninterrupted = subprocess.run([sys.executable, str(ROOT / "train.py"), *run, f"hydra.run.dir={tmp_path / 'a'}"],
-                                   cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
+    uninterrupted = train_py(*run, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)  # in this process
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     # The sweep trains the same run, plus a checkpoint, a requeue and a resume: a few times as long at most.
     patience = 120 + 5 * (time.monotonic() - started)
-    # The job runs in its own process, as on SLURM; SIGUSR1 stands for SLURM's warning before a time limit.
+    # The job runs in its own process, as on SLURM; SIGUSR1 stands for SLURM's warning before a time limit. It
+    # takes this process's number of threads, for the same sums as the uninterrupted run.
     sweep_dir = tmp_path / "sweep"
+    env = {**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *run, "hydra/launcher=submitit_local",
-                              f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path,
-                             env={**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1"}, stdout=subprocess.PIPE,
+                              f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + patience
     while not (sweep_dir / "0" / "metrics.jsonl").exists() and time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_config, signal_at_step
+from conftest import compose_config, signal_at_step, tiny_model
 from gnp.config import ConfigError
 from gnp.methods import GNP, Method, Plain
 from gnp.models import build_model
@@ -19,7 +19,7 @@ from gnp.training import Stopped, build_optimizer, build_parts, train
 # A narrow ResNet-18 (BatchNorm) on a few real digits: 4 steps per epoch.
 TINY = ("dataset=digits", "aug=none", "optimizer.lr=0.05", "dataset.limit_train=128", "dataset.limit_test=64",
         "train.batch_size=32", "train.epochs=1", "wandb.mode=disabled", "device=cpu")
-WRN = ("model=wrn28_10", "model.depth=10", "model.widen=1", "model.dropout=0.3")  # dropout: random draws per pass
+WRN = (*tiny_model("wrn28_10"), "model.dropout=0.3")  # dropout: random draws per pass
 TIMING = {"seconds", "images_per_second", "wall_seconds"}
 
 

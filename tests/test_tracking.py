@@ -5,13 +5,12 @@ import json
 import pytest
 import wandb
 
-from conftest import compose_config
+from conftest import QUICK_DIGITS, compose_config
 from gnp import training
 from gnp.tracking import TABLE_COLUMNS, resolve_wandb_mode
 from gnp.training import train
 
-QUICK = ("experiment=digits_demo", "method=plain", "train.epochs=1", "dataset.limit_train=64",
-         "dataset.limit_test=32", "model.width=2", "wandb.mode=offline", "device=cpu")
+QUICK = (*QUICK_DIGITS, "wandb.mode=offline")
 
 
 def _offline_run(run_dir):
