@@ -36,7 +36,10 @@ G1_LABEL = CURVE_PANELS[2][1]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINE_STYLES = ("-", "--", "-.", ":")
 INSET_MIN_EPOCHS = 3                  # fewer epochs: the whole curve is the ending
-LOG_FLOOR = 1e-7                      # a density's lowest value drawn, relative to its peak (its tails reach 0)
+# A density's lowest value drawn, relative to its peak (its tails reach 0). A lone eigenvalue of a
+# Hessian of n parameters has weight 1/n, so its peak is about 1/n of the bulk's: this keeps it in view
+# up to a few billion parameters.
+LOG_FLOOR = 1e-10
 
 
 def style(i: int) -> dict:

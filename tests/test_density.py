@@ -116,6 +116,7 @@ def test_the_density_of_a_network_covers_its_extreme_eigenvalues_and_has_its_mea
     eigenvalues = np.linalg.eigvalsh(hessian)
     result = hessian_density(_tiny_loss(model, images, labels), probes=10, steps=30, seed=0)
     assert result["probes"] == 10 and result["steps"] == 30 and result["hvp_count"] == 300
+    assert result["parameters"] == len(hessian) == 84 + 6 + 196
     nodes = np.concatenate(result["nodes"])
     assert eigenvalues[0] - 1e-9 <= nodes.min() and nodes.max() <= eigenvalues[-1] + 1e-9
     for t in result["nodes"]:

@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--per-block", action="store_true", help="also the largest eigenvalue and trace of the "
                         "Hessian of each top-level block (the model's named children that hold parameters, a "
                         "Sequential or ModuleList child split into its children; figure analysis_blocks.png/.pdf); "
-                        "costs about (--trace-samples + 25) products per block")
+                        "costs --trace-samples + about 22 products per block")
     parser.add_argument("--between", nargs=2, type=Path, metavar=("A", "B"), help="also the loss along the line "
                         "from run A's weights to run B's (same model), into A's analysis.json")
     args = parser.parse_args(argv)

@@ -57,7 +57,8 @@ def lanczos_quadrature(loss: SubsetLoss, probes: int, steps: int, seed: int) -> 
         theta, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
         nodes.append(theta.tolist())
         weights.append((vectors[0] ** 2).tolist())
-    return {"probes": probes, "steps": steps, "nodes": nodes, "weights": weights, "hvp_count": loss.hvp_count - start}
+    return {"probes": probes, "steps": steps, "parameters": size, "nodes": nodes, "weights": weights,
+            "hvp_count": loss.hvp_count - start}
 
 
 def _lanczos(loss: SubsetLoss, v: torch.Tensor, basis: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
