@@ -89,8 +89,11 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         *_markdown(["measured on", "style", *presets()], loader_rows),
         "",
         "What a flatness analysis costs (one Hessian-vector product ÷ one plain training step of the same batch, "
-        "both float32 and eager, paired by round; the wall time of a default `python -m gnp.analysis` of a run "
-        "÷ one training epoch of it, the median of the epochs after the first):",
+        "both float32 and eager, paired by round, by the method `--hvp auto` picks; where measured, each method "
+        "alone and per product in the blocks of 4 the trace estimators take; the wall time of a default "
+        "`python -m gnp.analysis` of a run ÷ one training epoch of it, the median of the epochs after the first, "
+        "with how it compares with the previous defaults (a Hutchinson trace of 100 products by double backward) "
+        "and how many products Hutchinson's estimator would need for the default trace's standard error):",
         "",
         *_markdown(["measured on", "model, batch", "HVP ÷ step", "default analysis", "÷ one epoch"], analysis_rows),
         *(["", "The layout: one process taking each GNP step's batch in 1, 2, 4 and 8 shards one after another "
