@@ -44,8 +44,10 @@ tables: setup
 analyze: setup
 	$(PY) -m gnp.analysis $(RUNS) $(ARGS)
 
-# The parts of docs/ generated from conf/, results/benchmarks/ and conf/table/ (tests fail while one is stale).
+# The generated method settings (conf/method/settings/) and the parts of docs/ generated from conf/,
+# results/benchmarks/ and conf/table/ (tests fail while one is stale).
 docs: setup
+	$(PY) scripts/method_settings.py
 	$(PY) scripts/docs.py
 	$(PY) scripts/benchmark.py --docs
 	$(PY) scripts/reproduce.py --docs
