@@ -46,7 +46,8 @@ def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
     out = []
     for path, data in benchmarks:
         env = data["environment"]
-        device = env["device_name"] if env["device"] != "cpu" else f"cpu ({env['cpu_threads']} threads)"
+        threads = env["cpu_threads"]
+        device = env["device_name"] if env["device"] != "cpu" else f"cpu ({threads} thread{'s' * (threads != 1)})"
         for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
             for name, variant in measurements.method_variants(m["variants"]).items():
                 passes = variant.get("passes_taken", 1 + variant["two_pass_fraction"])  # older files: at most 2
