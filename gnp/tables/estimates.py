@@ -46,8 +46,7 @@ def read_throughput(folder: Path = BENCHMARK_DIR) -> list[Throughput]:
     out = []
     for path, data in benchmarks:
         env = data["environment"]
-        threads = env["cpu_threads"]
-        device = env["device_name"] if env["device"] != "cpu" else f"cpu ({threads} thread{'s' * (threads != 1)})"
+        device = env["device_name"] if env["device"] != "cpu" else _cpu(env["cpu_threads"])
         for m in data["models"]:  # steady-state step times of the suite's methods at the main setting
             for name, variant in measurements.method_variants(m["variants"]).items():
                 passes = variant.get("passes_taken", 1 + variant["two_pass_fraction"])  # older files: at most 2
@@ -160,3 +159,6 @@ def _model_options(config: dict) -> dict:
     signature = inspect.signature(MODELS[config["model.name"]]).parameters
     return {k: v for k, v in options.items() if k in signature and signature[k].default != v}
 
+
+def _cpu(threads: int) -> str:
+    return f"cpu ({threads} thread{'s' * (threads != 1)})"
