@@ -29,9 +29,9 @@ class Matrix:
         self.params = [torch.zeros(len(self.a), dtype=torch.float64)]
         self.hvp_count = 0
 
-    def hvp(self, vector):
-        self.hvp_count += 1
-        return [self.a @ vector[0]]
+    def hvps(self, vectors):
+        self.hvp_count += len(vectors)
+        return [[self.a @ vector[0]] for vector in vectors]
 
 
 def _moments(result, powers=3):

@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m gnp.analysis", description="The flatness of finished runs: training loss, "
                      "error and gradient norm, the Hessian's top eigenvalues and trace, SAM sharpness, and on request "
-                     "the Hessian's spectral density and per-block curvature and loss landscapes, each on a seeded subset of the run's training set, into the run's analysis.json.")
+                     "the Hessian's spectral density and per-block curvature and loss landscapes, each on a seeded "
+                     "subset of the run's training set, into the run's analysis.json.")
     parser.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
                         help="run directories, or folders holding them (every run under them is analysed)")
     parser.add_argument("--subset", type=positive(int), help="training images used (default 5000, or all of a "

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from gnp.analysis import hessian  # noqa: E402
-from gnp.analysis.objective import SubsetLoss, Vector, flatten, unflatten  # noqa: E402
+from gnp.analysis.objective import SubsetLoss, Vector, flat_hvps  # noqa: E402
 from gnp.figures import save_figure  # noqa: E402
 
 OWN = "(model)"  # the block of the parameters a model holds itself (ViT's cls_token and pos_embed)
@@ -101,7 +101,7 @@ def _dense(block: BlockLoss, size: int) -> np.ndarray:
     """The block's Hessian, one column per product with a unit vector (symmetrised)."""
     like = block.params
     unit = torch.eye(size, device=like[0].device, dtype=like[0].dtype)
-    columns = [flatten(block.hvp(unflatten(unit[i], like))) for i in range(size)]
+    columns = [flat_hvps(block, unit[i:i + 1])[0] for i in range(size)]
     matrix = torch.stack(columns, dim=1).to(torch.float64).cpu().numpy()
     return (matrix + matrix.T) / 2
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gnp.analysis.objective import SubsetLoss, flatten, unflatten  # noqa: E402
+from gnp.analysis.objective import SubsetLoss, flat_hvps  # noqa: E402
 from gnp.figures import log_density, save_figure  # noqa: E402
 
 GRID_POINTS = 2000
@@ -70,7 +70,7 @@ def _lanczos(loss: SubsetLoss, v: torch.Tensor, basis: torch.Tensor) -> tuple[np
     alphas, betas = [], []
     for j in range(len(basis)):
         basis[j] = v
-        w = flatten(loss.hvp(unflatten(v, loss.params)))
+        w = flat_hvps(loss, v[None])[0]
         alphas.append(torch.dot(v, w).item())
         kept = basis[: j + 1]
         for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from gnp.analysis.objective import SubsetLoss, flatten, unflatten
+from gnp.analysis.objective import SubsetLoss, flat_hvps
 
 # ARPACK's convergence test: each Ritz value's residual estimate within tol * |value|. float32
 # products carry rounding noise of 1e-6 relative or more, so asking for much less would not converge.
@@ -32,9 +32,8 @@ def top_eigenvalues(loss: SubsetLoss, k: int, seed: int, tol: float | None = Non
     tol = LANCZOS_TOL[dtype] if tol is None else tol
 
     def matvec(x: np.ndarray) -> np.ndarray:
-        vector = unflatten(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-                           .to(device=device, dtype=dtype), params)
-        return flatten(loss.hvp(vector)).to(torch.float64).cpu().numpy()
+        row = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(1, -1)).to(device=device, dtype=dtype)
+        return flat_hvps(loss, row)[0].to(torch.float64).cpu().numpy()
 
     start = loss.hvp_count
     operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
@@ -72,13 +71,10 @@ def trace(loss: SubsetLoss, method: str, samples: int, seed: int, block: int = P
     params = loss.params
     size = sum(p.numel() for p in params)
     generator = torch.Generator(params[0].device).manual_seed(seed)
-
-    def matmat(rows: torch.Tensor) -> torch.Tensor:
-        return torch.stack([flatten(product) for product in loss.hvps([unflatten(row, params) for row in rows])])
-
     estimate = {HUTCHPP: hutchpp, HUTCHINSON: hutchinson}[method]
     start = loss.hvp_count
-    result = estimate(matmat, size, samples, generator, dtype=params[0].dtype, block=block)
+    result = estimate(lambda rows: flat_hvps(loss, rows), size, samples, generator, dtype=params[0].dtype,
+                      block=block)
     return {"method": method, **result, "hvp_count": loss.hvp_count - start}
 
 

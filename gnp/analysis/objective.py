@@ -239,3 +239,9 @@ def flatten(a: Vector) -> torch.Tensor:
 
 def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> Vector:
     return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in like]), like)]
+
+
+def flat_hvps(loss: SubsetLoss, rows: torch.Tensor) -> torch.Tensor:
+    """H v for each row v of `rows` (vectors over `loss.params`, flattened), as the rows of the result: the
+    products of one `loss.hvps` pass, for the estimators that work on flat vectors (Lanczos, the traces)."""
+    return torch.stack([flatten(product) for product in loss.hvps([unflatten(row, loss.params) for row in rows])])

@@ -341,7 +341,8 @@ class Analysis:
                                    sub_seed(self.options.seed, "hutchinson"))
         except ValueError as e:
             raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
-        return {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}, {"hessian_trace": {**result, "hvp": self.loss.hvp_choice}}
+        quantities = {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}
+        return quantities, {"hessian_trace": {**result, "hvp": self.loss.hvp_choice}}
 
     def sam_sharpness(self) -> tuple[dict, dict]:
         result = sharpness.sam_sharpness(self.loss, self.rho, **self._ascent())
