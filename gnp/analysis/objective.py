@@ -125,8 +125,7 @@ class SubsetLoss:
         alone), over all the batches: a pure function for torch.func (grad, jvp, hessian) or any other
         tool, equal to `evaluate()`'s loss at params = self.params."""
         total = sum(self._functional_batch_loss(params, images, labels) for images, labels in self.batches)
-        terms = [0.5 * c * p.pow(2).sum() for c, p in zip(self.l2, params) if c]
-        return total + sum(terms) if terms else total
+        return total + self._l2_term(params)
 
     def _functional_batch_loss(self, params: Sequence[torch.Tensor], images: torch.Tensor,
                                labels: torch.Tensor) -> torch.Tensor:
@@ -202,7 +201,10 @@ class SubsetLoss:
 
     def l2_value(self) -> torch.Tensor | float:
         """The in-loss L2 term's share of L: 0.5 * sum of c * ||p||^2 (0 for a run without one)."""
-        terms = [0.5 * c * p.detach().pow(2).sum() for c, p in zip(self.l2, self.params) if c]
+        return self._l2_term([p.detach() for p in self.params])
+
+    def _l2_term(self, params: Sequence[torch.Tensor]) -> torch.Tensor | float:
+        terms = [0.5 * c * p.pow(2).sum() for c, p in zip(self.l2, params) if c]
         return torch.stack(terms).sum() if terms else 0.0
 
     def l2_trace(self) -> float:
