@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import pickle
 import shlex
 import shutil
@@ -23,15 +24,15 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_url
 
 from gnp.console import first_line
 
-CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10
+
     from gnp.augment import Augmentation
 
+CIFAR = ("cifar10", "cifar100")
 DATASETS = (*CIFAR, "digits")
 DIGITS_TEST_SIZE = 300
 # Training images of each dataset as published (a fake CIFAR archive may hold fewer): what the config's
@@ -66,7 +67,7 @@ def load_dataset(
     if name == "digits":
         splits = _load_digits()
     elif name in CIFAR:
-        splits = _load_cifar(CIFAR[name], Path(root or "data").expanduser().resolve(), download, verify)
+        splits = _load_cifar(_cifar_spec(name), Path(root or "data").expanduser().resolve(), download, verify)
     else:
         raise ValueError(f"dataset.name={name!r} is not known; choose one of: {', '.join(DATASETS)}")
     splits.train_images, splits.train_labels = splits.train_images[:limit_train], splits.train_labels[:limit_train]
@@ -75,6 +76,13 @@ def load_dataset(
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------
+
+def _cifar_spec(name: str) -> type[CIFAR10]:
+    """torchvision's description of a CIFAR archive (URL, MD5 sums, batch files), imported only where CIFAR is
+    read or written: importing torchvision takes about 1.5 s that a digits run or a mistyped command need not pay."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+
 
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
@@ -134,7 +142,7 @@ def _read_folder(spec: type[CIFAR10], folder: Path, verify: bool) -> Splits:
             raise _BadFile(filename, "is missing", missing=True)
         if verify and (digest := _md5(path)) != md5:
             raise _BadFile(filename, f"is corrupted (MD5 {digest}, expected {md5})", checksum=True)
-    classes = CLASSES[next(name for name, cifar in CIFAR.items() if cifar is spec)]
+    classes = CLASSES[spec.__name__.lower()]
     train_x, train_y = _read_batches(folder, [f for f, _ in spec.train_list], classes)
     test_x, test_y = _read_batches(folder, [f for f, _ in spec.test_list], classes)
     return Splits(train_x, train_y, test_x, test_y, verified=verify)
@@ -142,6 +150,7 @@ def _read_folder(spec: type[CIFAR10], folder: Path, verify: bool) -> Splits:
 
 def _download(spec: type[CIFAR10], root: Path) -> None:
     try:
+        from torchvision.datasets.utils import download_url
         download_url(spec.url, str(root), spec.filename, spec.tgz_md5)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         Path(root, spec.filename).unlink(missing_ok=True)  # never leave a partial archive behind
@@ -204,14 +213,21 @@ def _read_batches(folder: Path, filenames: Sequence[str], classes: int) -> tuple
 
 # --- digits --------------------------------------------------------------------------------------
 
-def _load_digits() -> Splits:
-    from sklearn.datasets import load_digits
+def digits_file() -> Path:
+    """scikit-learn's bundled digits table (one row per image: 64 pixels in 0..16, then the label), found
+    without importing scikit-learn, whose import takes about a second that every digits run would pay."""
+    package = importlib.util.find_spec("sklearn")
+    if package is None or not package.submodule_search_locations:
+        raise DataError("dataset.name=digits needs scikit-learn, which is not installed: pip install scikit-learn")
+    return Path(package.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] * (255 / 16)  # [N, 1, 8, 8]
+
+def _load_digits() -> Splits:
+    table = torch.from_numpy(np.loadtxt(digits_file(), delimiter=",", dtype=np.float32))
+    images = table[:, :-1].reshape(-1, 1, 8, 8) * (255 / 16)  # [N, 1, 8, 8]
     images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
     images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(digits.target, dtype=torch.int64)
+    labels = table[:, -1].to(torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # fixed split
     test, train = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
     return Splits(images[train], labels[train], images[test], labels[test], verified=False)
@@ -355,7 +371,7 @@ def write_synthetic_cifar(root: str | Path, name: str, n_train: int = 100, n_tes
     """Write random images in the official CIFAR-10/100 python format (folder, or archive with
     `archive=True`), for tests and for smoke runs without the real data; returns its path.
     Its files cannot match the published checksums: load it with verify=False."""
-    spec = CIFAR[name]
+    spec = _cifar_spec(name)
     classes = CLASSES[name]
     label_key = "labels" if name == "cifar10" else "fine_labels"
     rng = np.random.default_rng(seed)
@@ -409,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     fake = commands.add_parser("fake-cifar", help="write random images in the official CIFAR python format")
     fake.add_argument("root", type=Path, help="the data root to write into (use it as dataset.root)")
-    fake.add_argument("--dataset", choices=tuple(CIFAR), default="cifar10")
+    fake.add_argument("--dataset", choices=CIFAR, default="cifar10")
     fake.add_argument("--train", type=int, default=_QUICK_TRAIN, help=f"training images (default {_QUICK_TRAIN})")
     fake.add_argument("--test", type=int, default=_QUICK_TEST, help=f"test images (default {_QUICK_TEST})")
     fake.add_argument("--archive", action="store_true", help="write the .tar.gz archive instead of the folder")

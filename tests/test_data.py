@@ -4,12 +4,15 @@ import gzip
 import json
 import pickle
 import shlex
+import subprocess
+import sys
 import tarfile
 import zlib
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 
 from conftest import train_py
@@ -204,6 +207,23 @@ def test_digits_split_is_fixed_and_real():
     assert torch.equal(a.test_labels, b.test_labels) and torch.equal(a.train_images, b.train_images)
     assert set(a.test_labels.tolist()) == set(range(10))
     assert a.train_images.max() == 255 and a.train_images.min() == 0
+
+
+def test_digits_are_scikit_learns_digits_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    splits = load_dataset("digits")
+    images = torch.cat([splits.test_images, splits.train_images])
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))  # the fixed split, test first
+    expected = F.interpolate(torch.tensor(reference.images, dtype=torch.float32)[:, None] * (255 / 16), size=32,
+                             mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(images, expected[order].expand(-1, 3, -1, -1))
+    assert torch.equal(torch.cat([splits.test_labels, splits.train_labels]), torch.tensor(reference.target)[order])
+    done = subprocess.run([sys.executable, "-c", "import sys; from gnp.data import load_dataset; "
+                           "load_dataset('digits'); print(sorted(m for m in ('sklearn', 'torchvision') if m in "
+                           "sys.modules))"], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
 def _loader(n=50, **kwargs):

@@ -28,20 +28,19 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
-from gnp.augment.autoaugment import AutoAugment, PolicyTable
 from gnp.augment.crop import batch_cutout, cutout, random_crop_flip
 from gnp.augment.mixing import mix_with_reverse
-from gnp.augment.official import OFFICIAL
-from gnp.augment.standard import STANDARD
 from gnp.paths import CONF_DIR
 
+if TYPE_CHECKING:
+    from gnp.augment.autoaugment import AutoAugment, PolicyTable
+
 STYLES = ("official", "standard")
-_AUTOAUGMENT: dict[str, AutoAugment] = {"official": OFFICIAL, "standard": STANDARD}
 PRESET_DIR = CONF_DIR / "aug"  # the presets, each every option of the augmentation: conf/aug/<name>.yaml
 
 
@@ -54,6 +53,16 @@ def presets() -> dict[str, dict[str, Any]]:
     return dict(sorted(options.items(), key=lambda item: (item[1]["autoaugment"], item[1]["mixup_alpha"] +
                                                           item[1]["cutmix_alpha"], item[1]["cutout_size"],
                                                           item[1]["crop_flip"])))
+
+
+def _autoaugment(style: str) -> AutoAugment:
+    """The style's AutoAugment, imported on first use: its operations are torchvision's, whose import (about
+    1.5 s) a run without AutoAugment need not pay."""
+    if style == "official":
+        from gnp.augment.official import OFFICIAL
+        return OFFICIAL
+    from gnp.augment.standard import STANDARD
+    return STANDARD
 
 
 def build_augmentation(cfg: Mapping[str, Any], mean: Sequence[float]) -> Augmentation:
@@ -108,7 +117,7 @@ class Augmentation:
                 f"augmentation expects uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}"
             )
         if self.autoaugment:
-            images = _AUTOAUGMENT[self.style](images, generator, self._policy_table(images))
+            images = _autoaugment(self.style)(images, generator, self._policy_table(images))
         if self.crop_flip:
             images = random_crop_flip(images, self.padding, generator)
         if self.cutout_size and self.style == "standard":
@@ -134,7 +143,7 @@ class Augmentation:
         # Built once per device and size, so that no batch waits on a host-to-device copy.
         key = (images.device, images.shape[-2], images.shape[-1])
         if key not in self._policy_tables:
-            self._policy_tables[key] = _AUTOAUGMENT[self.style].table(*key)
+            self._policy_tables[key] = _autoaugment(self.style).table(*key)
         return self._policy_tables[key]
 
     def __repr__(self) -> str:

@@ -7,11 +7,16 @@ Parameters for 10 classes: vit_ti 5.36M, vit_s 21.34M, vit_b 85.15M.
 """
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def _vit(num_classes: int, embed_dim: int, num_heads: int, depth: int, dropout: float,
          attn_dropout: float, drop_path_rate: float) -> VisionTransformer:
+    # Imported here: timm's import (about 1 s) is not paid by runs of the other models.
+    from timm.models.vision_transformer import VisionTransformer
     return VisionTransformer(
         img_size=32,
         patch_size=4,
