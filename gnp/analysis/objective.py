@@ -10,6 +10,7 @@ timing that chooses how Hessian-vector products are computed (HVP_METHODS).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
@@ -149,7 +150,11 @@ class SubsetLoss:
         vectorised over the vectors (vmap)."""
         gradient = grad(lambda params: self._functional_batch_loss(params, images, labels))
         primals = tuple(p.detach() for p in self.params)
-        return list(vmap(lambda tangents: jvp(gradient, (primals,), (tangents,))[1])(tuple(block)))
+        with warnings.catch_warnings():
+            # torch's forward-mode decompositions still compile with torch.jit.script on first use and warn
+            # that it is deprecated: a note about torch's internals, not about this analysis.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+            return list(vmap(lambda tangents: jvp(gradient, (primals,), (tangents,))[1])(tuple(block)))
 
     _HVP = {DOUBLE_BACKWARD: _batch_hvp_double_backward, FORWARD_OVER_REVERSE: _batch_hvp_forward_over_reverse}
 
