@@ -7,8 +7,6 @@ import hashlib
 import json
 import math
 import shutil
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from scipy.optimize import brentq
 
-from conftest import ROOT, compose_config, train_py
+from conftest import compose_config, in_process, train_py
 from gnp.analysis import AnalysisError, landscape, subset_loss
 from gnp.analysis.__main__ import main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
@@ -318,9 +316,8 @@ def _strict(text):
 @pytest.mark.timeout(1800)  # a hang guard: every quantity, a landscape and an interpolation, minutes on a busy CPU
 def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     before = _hashes(run)
-    done = subprocess.run([sys.executable, "-m", "gnp.analysis", str(run), *FAST, "--landscape", "--landscape-points",
-                           "3", "--between", str(run), str(runs / "plain")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = in_process(main, ["gnp.analysis", str(run), *FAST, "--landscape", "--landscape-points", "3", "--between",
+                             str(run), str(runs / "plain")])
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "1 analysed, 0 up to date, 0 skipped"
     record = _strict((run / "analysis.json").read_text())

@@ -3,14 +3,12 @@
 spectrum, the dense Hessian of a small float64 model and its diagonal blocks; and end to end on a
 run trained through train.py, and in the analysis figures of scripts/make_tables.py."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import train_py
 from gnp import figures, tables
 from gnp.analysis.__main__ import main, parse_args
 from gnp.analysis.blocks import BlockLoss, per_block, top_level_blocks
@@ -186,10 +184,9 @@ def test_each_blocks_hessian_is_the_diagonal_block_of_the_dense_hessian(dense):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A finished run trained through train.py, once for the module."""
+    """A finished run trained through train.py (in this process), once for the module."""
     target = tmp_path_factory.mktemp("runs") / "plain"
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *TRAIN, "method=plain", f"hydra.run.dir={target}"],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    done = train_py(*TRAIN, "method=plain", f"hydra.run.dir={target}")
     assert done.returncode == 0, done.stderr[-2000:]
     return target
 

@@ -9,7 +9,6 @@ import io
 import math
 import os
 import re
-import signal
 
 import pytest
 import torch
