@@ -28,8 +28,11 @@ demo: setup
 train: setup
 	$(PY) train.py $(ARGS)
 
+# One test process per core (TEST_PROCESSES=0: all in this one); a module's tests stay in one process, which
+# builds the module's fixtures once.
+TEST_PROCESSES ?= auto
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadscope $(PYTEST_ARGS)
 
 # Speed of the training loop against its limits (docs/speed.md); on CUDA also the end-to-end checks.
 bench: setup
