@@ -79,6 +79,14 @@ def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
     return in_process(main, [str(TRAIN_PY), *args], cwd)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`, as `make test` runs), one thread for each test process and every process it
+    starts: N processes of torch's default threads, one per core each, spent more time waiting on each other's
+    cores than testing (the suite took longer than in one process)."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"  # before the workers start, which inherit it
+
+
 @pytest.fixture
 def cifar_root(tmp_path):
     """A data root holding small generated CIFAR-10 and CIFAR-100 folders."""
