@@ -20,7 +20,7 @@ from scipy.optimize import brentq
 
 from conftest import compose_config, in_process, train_py
 from gnp.analysis import AnalysisError, landscape, subset_loss
-from gnp.analysis.__main__ import main
+from gnp.analysis.__main__ import _describe, main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
 from gnp.analysis.objective import SubsetLoss
 from gnp.methods import global_norm as norm
@@ -458,6 +458,22 @@ def test_the_sharpness_options_are_settings_and_m_sharpness_joins_the_quantities
     assert main([str(run), *FAST, *sharp, "--ascent-steps", "1", "--ascent-tol", "0.5"]) == 0
     assert "up to date" not in _lines(capsys)[0][0]
     assert _strict((run / "analysis.json").read_text())["settings"]["ascent_tol"] == 0.5
+
+
+def test_the_printed_line_says_whether_the_cap_cut_the_best_ascent_or_only_lower_ones():
+    def ascent(value, rising):
+        return {"from": "sam", "value": value, "steps": 50, "converged": not rising, "rising": rising}
+
+    sharpness = {"value": 0.59, "rho": 0.05, "first_order": 0.014, "ascent_steps": 50, "rising": True,
+                 "ascents": [ascent(0.59, False), ascent(0.41, True), ascent(0.413, True)]}
+    record = {"quantities": {"sam_sharpness": 0.59}, "details": {"sam_sharpness": sharpness},
+              "settings": {"ascent_steps": 50}, "run": {"dir": "run"}}
+    line = _describe(record)
+    assert line.endswith("sharpness 0.59 at rho 0.05 (first order rho*|grad L| 0.014), 2 of 3 ascents still rising "
+                         "at --ascent-steps 50, at 0.413 or less below the best 0.59 -> run/analysis.json"), line
+    sharpness["ascents"][0]["rising"] = True  # the best one too: the value is a lower bound
+    assert _describe(record).endswith("(first order rho*|grad L| 0.014), sharpness still rising at --ascent-steps 50 "
+                                      "(a lower bound: raise it) -> run/analysis.json")
 
 
 def test_the_public_loss_is_the_one_the_analysis_recorded(run):

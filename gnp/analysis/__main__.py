@@ -199,10 +199,26 @@ def _describe(record: dict) -> str:
         if q.get(key) is not None:
             s = d[key]
             parts.append(f"{label} {q[key]:.4g} at rho {s['rho']:g} (first order rho*|grad L| {s['first_order']:.4g})")
-    if any(d.get(key, {}).get("rising") for key in ("sam_sharpness", "m_sharpness")):
-        parts.append(f"sharpness still rising at --ascent-steps {record['settings']['ascent_steps']} (a lower "
-                     f"bound: raise it)")
+    parts += _cut_short(d, record["settings"]["ascent_steps"])
     return ", ".join(parts) + f" -> {Path(record['run']['dir']) / RESULT_FILE}"
+
+
+def _cut_short(details: dict, steps: int) -> list[str]:
+    """What the cap on the ascents cut short: the value itself (the best ascent, or a batch of m-sharpness, was
+    still rising: a lower bound), or only ascents that ended below the best value, which stands unless more
+    steps would carry one of them past it."""
+    lower_bound, below = False, []
+    for key in ("sam_sharpness", "m_sharpness"):
+        s = details.get(key) or {}
+        if not s.get("rising"):
+            continue
+        cut = [a["value"] for a in s.get("ascents", []) if a["rising"]]
+        if cut and max(cut) < s["value"]:
+            below.append(f"{len(cut)} of {len(s['ascents'])} ascents still rising at --ascent-steps {steps}, at "
+                         f"{max(cut):.4g} or less below the best {s['value']:.4g}")
+        else:
+            lower_bound = True
+    return [f"sharpness still rising at --ascent-steps {steps} (a lower bound: raise it)"] * lower_bound + below
 
 
 if __name__ == "__main__":
