@@ -213,7 +213,7 @@ def _read_batches(folder: Path, filenames: Sequence[str], classes: int) -> tuple
 
 # --- digits --------------------------------------------------------------------------------------
 
-def digits_file() -> Path:
+def _digits_file() -> Path:
     """scikit-learn's bundled digits table (one row per image: 64 pixels in 0..16, then the label), found
     without importing scikit-learn, whose import takes about a second that every digits run would pay."""
     package = importlib.util.find_spec("sklearn")
@@ -223,7 +223,7 @@ def digits_file() -> Path:
 
 
 def _load_digits() -> Splits:
-    table = torch.from_numpy(np.loadtxt(digits_file(), delimiter=",", dtype=np.float32))
+    table = torch.from_numpy(np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32))
     images = table[:, :-1].reshape(-1, 1, 8, 8) * (255 / 16)  # [N, 1, 8, 8]
     images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
     images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
