@@ -11,6 +11,7 @@ import torch
 from conftest import train_py
 from gnp import figures, tables
 from gnp.analysis.__main__ import main, parse_args
+from gnp.analysis import blocks
 from gnp.analysis.blocks import BlockLoss, per_block, top_level_blocks
 from gnp.analysis.density import hessian_density, lanczos_quadrature
 from gnp.analysis.run import DEFAULT_QUANTITIES, QUANTITIES
@@ -222,6 +223,15 @@ def test_the_density_and_the_blocks_go_into_analysis_json_with_their_figures(run
     # Without them the settings hold neither, as before they existed: older analyses stay up to date.
     assert main([str(run), *FAST, "--only", "train_loss"]) == 0
     assert not {"density", "per_block"} & _strict((run / "analysis.json").read_text())["settings"].keys()
+
+
+def test_the_blocks_figure_names_the_trace_estimator_it_shows(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(blocks, "save_figure", lambda fig, stem: drawn.append(fig) or [])
+    rows = [{"name": name, "parameters": 4, "top_eigenvalue": 1.0, "trace": 2.0, "trace_stderr": 0.1} for name in "ab"]
+    for method in ("hutch++", "hutchinson"):
+        blocks.plot_blocks("unused", "a run", {"trace_method": method, "trace_samples": 33, "blocks": rows})
+        assert drawn[-1].texts[0].get_text().endswith(f"trace: {method}, 33 products, bars ± one standard error")
 
 
 def test_the_density_is_opt_in():

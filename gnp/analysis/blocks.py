@@ -123,7 +123,7 @@ def plot_blocks(stem, title: str, result: dict) -> list:
     for ax in (top, trace):
         ax.grid(alpha=0.3, axis="y")
         ax.axhline(0, color="0.3", linewidth=0.6)
-    fig.suptitle(f"{title}\nthe Hessian of each top-level block (its diagonal block H_bb); trace: Hutchinson, "
-                 f"{result['trace_samples']} vectors, bars ± one standard error", fontsize=9)
+    fig.suptitle(f"{title}\nthe Hessian of each top-level block (its diagonal block H_bb); trace: "
+                 f"{result['trace_method']}, {result['trace_samples']} products, bars ± one standard error", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, stem)
