@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,20 +328,25 @@ class Analysis:
         _, grad = self.loss.gradient()
         return {"train_grad_norm": norm(grad).item()}, {}
 
-    def hessian_top_eigenvalues(self) -> tuple[dict, dict]:
+    @contextmanager
+    def _refused(self):
+        """An estimator's refusal of its settings for this model (a ValueError: --top-k above the parameters,
+        Lanczos vectors that do not fit) as this run's one-line error."""
         try:
-            result = hessian.top_eigenvalues(self.loss, self.options.top_k, sub_seed(self.options.seed, "lanczos"))
+            yield
         except ValueError as e:
             raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
+
+    def hessian_top_eigenvalues(self) -> tuple[dict, dict]:
+        with self._refused():
+            result = hessian.top_eigenvalues(self.loss, self.options.top_k, sub_seed(self.options.seed, "lanczos"))
         top = result["values"][0] if result["values"] else None
         return {"hessian_top_eigenvalue": top}, {"hessian_top_eigenvalues": {**result, "hvp": self.loss.hvp_choice}}
 
     def hessian_trace(self) -> tuple[dict, dict]:
-        try:
+        with self._refused():
             result = hessian.trace(self.loss, self.options.trace_method, self.trace_samples,
                                    sub_seed(self.options.seed, "hutchinson"))
-        except ValueError as e:
-            raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
         quantities = {"hessian_trace": result["value"], "hessian_trace_l2": self.loss.l2_trace()}
         return quantities, {"hessian_trace": {**result, "hvp": self.loss.hvp_choice}}
 
@@ -359,10 +365,8 @@ class Analysis:
 
     def hessian_density(self) -> tuple[dict, dict]:
         o = self.options
-        try:
+        with self._refused():
             result = density.hessian_density(self.loss, o.density_probes, o.density_steps, sub_seed(o.seed, "density"))
-        except ValueError as e:
-            raise AnalysisError(f"{self.run.dir}: {first_line(e)}") from None
         figures = density.plot_density(self.run.dir / "analysis_density", self.title(), result)
         return {}, {"hessian_density": {**result, "figures": [p.name for p in figures]}}
 
