@@ -9,9 +9,9 @@ costs against training:
 - the wall time of a default analysis of a run (the command with its own defaults: the top 5 Hessian
   eigenvalues, a Hutch++ trace of 33 products, the sharpness ascended to convergence from 3 starts and
   their mirror images, the loss, error and gradient norm, on a subset of a tenth of the training images
-  as 5,000 of CIFAR's 50,000) against one training epoch of that run, trained just before through the training loop in the main setting; and of
-  an analysis with the previous defaults (PREVIOUS: a Hutchinson trace of 100 products, products by
-  double backward) against the default one;
+  as 5,000 of CIFAR's 50,000) against one training epoch of that run, trained just before through the
+  training loop in the main setting; and of an analysis with the previous defaults (PREVIOUS: a
+  Hutchinson trace of 100 products, products by double backward) against the default one;
 - the trace estimators, from those two analyses: the products Hutchinson's estimator would need for the
   default estimator's standard error (its variance falls as 1 / products), and the default's products
   over that.
