@@ -29,10 +29,10 @@ train: setup
 	$(PY) train.py $(ARGS)
 
 # One test process per core (TEST_PROCESSES=0: all in this one); a module's tests stay in one process, which
-# builds the module's fixtures once.
+# builds the module's fixtures once, and the modules of most slow tests start first (tests/conftest.py).
 TEST_PROCESSES ?= auto
 test: setup
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadscope $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Speed of the training loop against its limits (docs/speed.md); on CUDA also the end-to-end checks.
 bench: setup

@@ -3,6 +3,7 @@ on-disk format so that the real loading code is what the tests exercise, and tra
 run in this process."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import io
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch.multiprocessing as mp
 from hydra.core.global_hydra import GlobalHydra
 from gnp.compose import compose_config  # noqa: F401 (the tests' way to compose, re-exported)
 from gnp.data import write_synthetic_cifar
@@ -79,12 +81,30 @@ def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
     return in_process(main, [str(TRAIN_PY), *args], cwd)
 
 
+def start_replicas(worker: Callable[..., None], args: tuple, processes: int) -> None:
+    """`worker(rank, *args)` for each rank in processes forked from this one, until all have ended (a failure in
+    one is raised here). A spawned process would import torch and the tests again, seconds each; a forked one
+    must set one thread before it computes, as torch's DataLoader workers do, where this process has run
+    OpenMP threads."""
+    mp.start_processes(worker, args=args, nprocs=processes, start_method="fork")
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`-n N`, as `make test` runs), one thread for each test process and every process it
     starts: N processes of torch's default threads, one per core each, spent more time waiting on each other's
     cores than testing (the suite took longer than in one process)."""
     if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"  # before the workers start, which inherit it
+
+
+def pytest_collection_modifyitems(items):
+    """The modules with the most slow tests first, each module's tests in their own order. `make test` gives
+    each pytest-xdist worker a module at a time in this order (--dist loadscope --no-loadscope-reorder): the
+    long modules start at once and the short ones fill the end. In xdist's own order, by number of tests,
+    the modules of few long tests (torchrun's) came last, and one worker ran them while the other waited."""
+    module = {item: item.nodeid.partition("::")[0] for item in items}
+    slow = collections.Counter(module[item] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[module[item]])  # stable: within a module, and among equals, as collected
 
 
 @pytest.fixture

@@ -313,6 +313,7 @@ def _strict(text):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # a hang guard: every quantity, a landscape and an interpolation, minutes on a busy CPU
 def test_the_command_writes_analysis_json_and_changes_nothing_else(runs, run):
     before = _hashes(run)

@@ -128,6 +128,7 @@ def tiny_run(tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_a_tiny_run_records_its_measurements_consistently(tiny_run, tmp_path):
     _, data = tiny_run
     tmp_data = tmp_path
@@ -211,6 +212,7 @@ def test_a_tiny_run_records_its_measurements_consistently(tiny_run, tmp_path):
     assert "checks" not in data and data["checks_failed"] == []
 
 
+@pytest.mark.slow
 def test_a_tiny_run_records_the_cost_of_each_layout(tiny_run):
     """Batch 8 of a BatchNorm model: 1, 2 and 4 shards (8 would be shards of one image); each one's time is
     paired with one shard's by round, its peak memory divided by one shard's."""
@@ -226,6 +228,7 @@ def test_a_tiny_run_records_the_cost_of_each_layout(tiny_run):
             record["peak_bytes"] / one["peak_bytes"])
 
 
+@pytest.mark.slow
 def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
     _, data = tiny_run
     analysis = data["analysis"]
@@ -271,6 +274,7 @@ def test_a_tiny_run_records_what_an_analysis_costs(tiny_run):
     assert trace["products/hutchinson"] == pytest.approx(2 / trace["hutchinson_products_for_equal_error"])
 
 
+@pytest.mark.slow
 def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):
     [model] = tiny_run[1]["models"]
     methods.show(model)
@@ -280,6 +284,7 @@ def test_the_step_ratios_are_printed_beside_their_limits(tiny_run, capsys):
         assert f"{key} {model['ratios'][key]:.3f} (limit {limit}: {verdict})" in out
 
 
+@pytest.mark.slow
 def test_the_speed_tables_and_the_time_estimates_read_a_tiny_run(tiny_run):
     out, data = tiny_run
     model = data["models"][0]
@@ -331,6 +336,7 @@ def test_the_speed_tables_of_the_docs_are_generated_from_the_committed_json():
         "docs/speed.md's speed tables are stale: run python scripts/benchmark.py --docs"
 
 
+@pytest.mark.slow
 def test_the_speed_tables_are_replaced_between_their_markers(tmp_path, tiny_run):
     out, _ = tiny_run
     path = tmp_path / "speed.md"

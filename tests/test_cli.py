@@ -241,6 +241,7 @@ def test_a_diverging_run_exits_3_and_its_summary_says_diverged(tmp_path):
     assert summary["status"] == "diverged" and summary["test_error"] is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "train.py", *DIGITS, "train.epochs=50", "train.sync_every=1",
@@ -389,6 +390,7 @@ def test_a_checkpoint_of_another_model_is_one_line_naming_the_tensor(tmp_path):
         f"it away to start this run afresh, or resume from another run directory (hydra.run.dir=...).")
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_final_line_leaves_a_finished_runs_exit_status_alone(tmp_path):
     process = subprocess.Popen([sys.executable, "train.py", *DIGITS, "train.epochs=1", f"hydra.run.dir={tmp_path}"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -192,6 +192,7 @@ def run(tmp_path_factory):
     return target
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # a hang guard: about 25 products for each of the 11 blocks, minutes on a busy CPU
 def test_the_density_and_the_blocks_go_into_analysis_json_with_their_figures(run):
     assert main([str(run), *FAST, "--only", "train_loss", "--density", "--density-probes", "2",

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import ROOT, train_py
+from conftest import ROOT, start_replicas, train_py
 from gnp.compose import compose_config
 from gnp.data import load_dataset
 from gnp.models import build_model
 from gnp.training import train
+
+pytestmark = pytest.mark.slow  # every test starts processes
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TIMING = {"seconds", "images_per_second", "wall_seconds"}
@@ -226,13 +227,12 @@ def _layout_worker(rank: int, root: str, ports: dict) -> None:
             train(compose_config(*LAYOUT_RUN, *overrides), Path(root) / f"{name} on {world_size}")
 
 
-@pytest.mark.slow
 def test_a_run_depends_on_its_shards_never_on_the_processes_that_take_them(tmp_path):
     """train.shards=4 on 1, 2 and 4 processes (each process taking 4, 2 or 1 shards one after another):
     the same weights, running statistics and metrics, for every method and for a model whose shards
     draw random numbers (ShakeDrop), augmented per shard."""
     ports = {(w, name): _free_port() for w in LAYOUTS for name in LAYOUT_JOBS}
-    mp.spawn(_layout_worker, args=(str(tmp_path), ports), nprocs=4)
+    start_replicas(_layout_worker, (str(tmp_path), ports), 4)
     for name in LAYOUT_JOBS:
         runs = {w: tmp_path / f"{name} on {w}" for w in LAYOUTS}
         summaries = {w: json.loads((run / "summary.json").read_text()) for w, run in runs.items()}

@@ -13,7 +13,6 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad
@@ -21,7 +20,7 @@ from torch.func import functional_call, grad
 import pytorch_optimizer.optimizer.sam as peer
 from pytorch_optimizer.lr_scheduler.proportion import ProportionScheduler
 
-from conftest import ROOT, compose_config, signal_at_step
+from conftest import ROOT, compose_config, signal_at_step, start_replicas
 from gnp.config import ConfigError, build_method
 from gnp.methods import ASAM, GAM, GNP, GSAM, WSAM, FriendlySAM, LookSAM, SettingError, TwoPassMethod
 from gnp.models import build_model
@@ -390,10 +389,11 @@ def _ddp_family_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ddp_replicas_take_the_step_of_two_shards_on_one_process(tmp_path):
     """k shards of a step on one process are k devices: each shard perturbs with its own g1 (or, synced, the
     batch perturbs once) and the state kept across steps is one for the batch, the same on every replica."""
-    mp.spawn(_ddp_family_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    start_replicas(_ddp_family_worker, (2, _free_port(), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for index, (method, settings) in enumerate(SHARDED):
         name = f"{method.__name__} {settings}"

@@ -12,12 +12,12 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.func import functional_call, grad
 
+from conftest import start_replicas
 from gnp import methods
 from gnp.methods import ASAM, GNP, SAM, Method, Plain, TwoPassMethod
 
@@ -1202,9 +1202,10 @@ def _ddp_oracle(settings: dict, shards: int, skipped_step: int | None = None) ->
     return flat_params(model)
 
 
+@pytest.mark.slow
 def test_ddp_matches_full_batch_and_per_shard_oracles(tmp_path):
     world_size = 2
-    mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    start_replicas(_ddp_worker, (world_size, _free_port(), str(tmp_path)), world_size)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     # An overflow on one replica skips the step on every replica (and halves every scale once).
     oracles = {name: _ddp_oracle(settings, world_size * (2 if name in DDP_SHARDED else 1),

@@ -41,6 +41,7 @@ def _nested(flat: dict) -> dict:
     return tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_cell_composes_and_each_method_takes_a_step(name):
     plans = tables.make_plans(tables.load_table(name))  # composes and validates every cell
@@ -63,6 +64,7 @@ def test_every_cell_composes_and_each_method_takes_a_step(name):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_table_shrinks_to_a_one_epoch_smoke_test(name):
     for plan in tables.make_plans(tables.load_table(name), shrink=tables.Shrink(limit_train=64, epochs=1)):

@@ -179,6 +179,7 @@ def test_a_channels_last_step_equals_the_nchw_step(name, options):
         torch.testing.assert_close(after[1][key], after[0][key], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_steps_equal_the_eager_steps_and_compile_once(tmp_path, cifar_root, monkeypatch):
     import torch._dynamo
 

@@ -99,6 +99,7 @@ def test_logged_test_metrics_equal_a_recomputation_from_the_checkpoint(tmp_path,
     assert summary["test_loss"] == pytest.approx(loss, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_digits_reaches_a_low_test_error(tmp_path):
     # Width 8 learns as well as the demo's 16 in 3 epochs (1.0% against 1.7%) at less than half the cost.
     cfg = compose_config("experiment=digits_demo", "method=plain", "train.epochs=3", "model.width=8",
@@ -300,6 +301,7 @@ def two_threads():
     (("optimizer.lr=300", "dataset.limit_train=32", "train.epochs=6"),
      r"the test loss became NaN or infinite at the end of epoch 1; no checkpoint was written yet. Lower optimizer.lr$"),
 ])
+@pytest.mark.slow
 def test_non_finite_batchnorm_statistics_or_test_losses_are_a_divergence(tmp_path, overrides, what):
     root = tmp_path / "data"
     write_synthetic_cifar(root, "cifar10", n_train=640, n_test=64)
