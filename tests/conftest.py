@@ -98,13 +98,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The modules with the most slow tests first, each module's tests in their own order. `make test` gives
-    each pytest-xdist worker a module at a time in this order (--dist loadscope --no-loadscope-reorder): the
-    long modules start at once and the short ones fill the end. In xdist's own order, by number of tests,
-    the modules of few long tests (torchrun's) came last, and one worker ran them while the other waited."""
+    """The modules with the most slow tests first, then those with the most tests, each module's tests in their
+    own order. `make test` gives each pytest-xdist worker a module at a time in this order (--dist loadscope
+    --no-loadscope-reorder): the long modules start at once and the short ones fill the end. In xdist's own
+    order, by number of tests alone, the modules of few long tests (torchrun's) came last, and one worker ran
+    them while the other waited."""
     module = {item: item.nodeid.partition("::")[0] for item in items}
+    tests = collections.Counter(module.values())
     slow = collections.Counter(module[item] for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[module[item]])  # stable: within a module, and among equals, as collected
+    items.sort(key=lambda item: (-slow[module[item]], -tests[module[item]]))  # stable: a module's tests keep their order
 
 
 @pytest.fixture
