@@ -1,6 +1,6 @@
 """One process or many. One function decides how this process was launched: by `torchrun` (RANK,
 WORLD_SIZE, LOCAL_RANK), as one task of a SLURM job (submitit's or srun's), or alone; the same
-training code then runs with or without DDP."""
+training code then runs with or without DDP. And the device: which one, and waiting for its queued work."""
 from __future__ import annotations
 
 import inspect
@@ -98,6 +98,12 @@ def pick_device(preference: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={preference!r} asked for CUDA, but no CUDA device is visible; use device=cpu")
     return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on the device (CUDA runs kernels asynchronously): before a clock is read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def setup(device: str = "auto") -> Context:

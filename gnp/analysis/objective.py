@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnp.console import first_line
+from gnp.distributed import synchronize
 
 Vector = list[torch.Tensor]  # one tensor per parameter, as the parameters are shaped
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -230,7 +231,6 @@ class SubsetLoss:
 
 def _milliseconds(call: Callable[[], object], device: torch.device) -> float:
     """One call's wall time, the device synchronised around it."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     synchronize(device)
     started = time.perf_counter()
     call()

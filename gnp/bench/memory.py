@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from gnp.bench.steps import SuiteStep
-from gnp.bench.timing import release, synchronize
+from gnp.bench.timing import release
 from gnp.compose import compose_config
+from gnp.distributed import synchronize
 from gnp.paths import ROOT
 
 STEPS = 3  # steps of the variant the peak is taken over

@@ -10,10 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from gnp.distributed import synchronize
 
 
 def release(device: torch.device) -> None:

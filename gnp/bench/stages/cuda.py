@@ -15,10 +15,11 @@ import torch
 from gnp.bench.settings import DataPaths, FastPaths, ModelSpec, run_overrides
 from gnp.bench.stages.loop import run_checked
 from gnp.bench.steps import SuiteStep
-from gnp.bench.timing import release, synchronize
+from gnp.bench.timing import release
 from gnp.compose import compose_config
 from gnp.config import method_passes
 from gnp.console import error_line
+from gnp.distributed import synchronize
 from gnp.measurements import REFERENCE
 
 # The end-to-end checks: one short GNP epoch of every model family with its own recipe, in bf16 and
