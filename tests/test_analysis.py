@@ -24,7 +24,7 @@ from gnp.analysis.__main__ import _describe, main
 from gnp.analysis.hessian import hutchinson_trace, top_eigenvalues
 from gnp.analysis.objective import SubsetLoss
 from gnp.methods import global_norm as norm
-from gnp.analysis.run import QUANTITIES, Analysis, Options, read_run, trained_l2
+from gnp.analysis.run import QUANTITIES, Analysis, Options, load_finished_run, trained_l2
 from gnp.analysis.sharpness import sam_sharpness
 from gnp.data import load_dataset
 from gnp.models import build_model
@@ -581,7 +581,7 @@ def test_a_summary_without_a_status_is_damaged_not_finished(run, capsys):
 
 
 def test_a_figure_title_names_the_run_and_its_method_settings(runs):
-    titles = {method: Analysis(read_run(runs / method), Options(subset=32, batch_size=32), torch.device("cpu")).title()
+    titles = {method: Analysis(load_finished_run(runs / method), Options(subset=32, batch_size=32), torch.device("cpu")).title()
               for method in ("gnp", "plain")}
     assert titles == {"gnp": f"digits resnet18 gnp r=0.1 alpha=0.8 seed 0: {runs / 'gnp'}",
                       "plain": f"digits resnet18 plain seed 0: {runs / 'plain'}"}

@@ -20,7 +20,7 @@ from gnp.analysis import sharpness
 from gnp.analysis.hessian import TRACE_METHODS, TRACE_SAMPLES
 from gnp.analysis.objective import HVP_METHODS
 from gnp.analysis.run import (DEFAULT_QUANTITIES, QUANTITIES, RESULT_FILE, Analysis, AnalysisError, Options, Skipped,
-                              find_runs, is_up_to_date, read_run)
+                              is_up_to_date, load_finished_run, runs_to_analyse)
 from gnp.checks import positive
 from gnp.console import first_line
 
@@ -148,14 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs[args.between[0].resolve()] = (args.between[0], args.between[1])
     for path in args.runs:
         try:
-            for run_dir in find_runs(path):
+            for run_dir in runs_to_analyse(path):
                 jobs.setdefault(run_dir.resolve(), (run_dir, None))
         except AnalysisError as e:
             print(f"error: {e}", file=sys.stderr)
             errors += 1
     for run_dir, other in jobs.values():
         try:
-            run = read_run(run_dir)
+            run = load_finished_run(run_dir)
             analysis = Analysis(run, replace(options, between=other), args.device)
             if is_up_to_date(run_dir, analysis.settings):
                 print(f"{run_dir}: {RESULT_FILE} is up to date (made with the same settings)")

@@ -82,7 +82,7 @@ class Options:
 
 
 @dataclass
-class Run:
+class FinishedRun:
     """A finished run's directory, read: its config, summary and checkpoint."""
     dir: Path
     config: dict
@@ -92,7 +92,7 @@ class Run:
 
 # --- finding and reading runs --------------------------------------------------------------------
 
-def find_runs(path: str | Path) -> list[Path]:
+def runs_to_analyse(path: str | Path) -> list[Path]:
     """`path` itself when it is a run directory (it holds config.yaml), else every run directory
     under it that holds config.yaml."""
     path = Path(path)
@@ -107,7 +107,7 @@ def find_runs(path: str | Path) -> list[Path]:
     return runs
 
 
-def read_run(run_dir: Path) -> Run:
+def load_finished_run(run_dir: Path) -> FinishedRun:
     """The run's config, summary and checkpoint; Skipped unless it finished, AnalysisError when a
     file is missing or damaged (a summary without a status too)."""
     files = RunDir(run_dir)
@@ -129,10 +129,10 @@ def read_run(run_dir: Path) -> Run:
     if state is None:
         raise AnalysisError(f"{run_dir} has no {CHECKPOINT}: the analysis needs the run's final weights; "
                             f"restore the file or train the run again")
-    return Run(run_dir, config, summary, state)
+    return FinishedRun(run_dir, config, summary, state)
 
 
-def build_network(run: Run, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_network(run: FinishedRun, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The run's model (as gnp.training builds it, channels_last off) with its checkpoint's weights,
     in eval mode."""
     options = dict(run.config["model"])
@@ -146,7 +146,7 @@ def build_network(run: Run, device: torch.device, dtype: torch.dtype) -> nn.Modu
     return net.to(device=device, dtype=dtype).eval()
 
 
-def check_fits(net: nn.Module, state_dict: dict, source: Path, run: Run) -> None:
+def check_fits(net: nn.Module, state_dict: dict, source: Path, run: FinishedRun) -> None:
     """AnalysisError naming `source` and the first tensor that does not fit `run`'s model `net`."""
     found = checkpointing.misfit(net.state_dict(), state_dict)
     if found:
@@ -180,7 +180,7 @@ class Analysis:
     """The analysis of one finished run with `options` on `device`; `settings` is what it records
     and `execute()` writes analysis.json and returns its content."""
 
-    def __init__(self, run: Run, options: Options, device: torch.device):
+    def __init__(self, run: FinishedRun, options: Options, device: torch.device):
         self.run, self.options, self.device = run, options, device
         self.commit = git_commit()  # the code that does the work: read before it starts, not when it is written
         self.dtype = torch.float64 if options.float64 else torch.float32
@@ -223,7 +223,7 @@ class Analysis:
 
     def _other_weights(self) -> dict[str, torch.Tensor]:
         """The weights of the run at the interpolation's other end (t = 1), of the same model."""
-        other = read_other_run(self.options.between)
+        other = load_other_run(self.options.between)
         check_fits(self.net, other.state["model"], other.dir / CHECKPOINT, self.run)
         return other.state["model"]
 
@@ -410,7 +410,7 @@ def subset_loss(run_dir: str | Path, *, subset: int | None = None, batch_size: i
     function of the parameters, `.loss_fn(params)` (params: tensors shaped as `.params`, named `.names`),
     which torch.func can differentiate. AnalysisError for a run that did not finish or cannot be read."""
     try:
-        run = read_run(Path(run_dir))
+        run = load_finished_run(Path(run_dir))
     except Skipped as skipped:
         raise AnalysisError(f"{run_dir} did not finish (status {skipped.status}): there is nothing to analyse") \
             from None
@@ -418,12 +418,12 @@ def subset_loss(run_dir: str | Path, *, subset: int | None = None, batch_size: i
     return Analysis(run, options, torch.device(device)).loss
 
 
-def read_other_run(path: Path) -> Run:
+def load_other_run(path: Path) -> FinishedRun:
     """The run at the other end of an interpolation: it must have finished too."""
     if not (path / CONFIG_FILE).is_file():
         raise AnalysisError(f"--between: {path} is not a run directory (no {CONFIG_FILE})")
     try:
-        return read_run(path)
+        return load_finished_run(path)
     except Skipped as skipped:
         raise AnalysisError(f"--between: {path} did not finish (status {skipped.status}); give a finished run") \
             from None
