@@ -87,7 +87,7 @@ def file_comments(path: Path) -> Comments:
     return Comments(" ".join(header), keys)
 
 
-def config_keys() -> str:
+def config_keys_tables() -> str:
     """A table of conf/config.yaml's own keys, then one per group of GROUPS with every choice's values."""
     with composer() as compose:
         defaults = compose([], with_hydra=True)
@@ -109,7 +109,7 @@ def config_keys() -> str:
     return "\n".join(lines)
 
 
-def method_settings() -> str:
+def method_settings_tables() -> str:
     """Per method of conf/method/: its class, what its file says it is, and each setting with its default."""
     from gnp.config import RUN_SETTINGS, method_class  # torch: only the methods' table needs it
 
@@ -129,8 +129,8 @@ def method_settings() -> str:
 
 
 BLOCKS = (
-    Block(DOCS_DIR / "configuration.md", *_markers("config keys", "conf/"), config_keys),
-    Block(DOCS_DIR / "methods.md", *_markers("method settings", "conf/method/ and gnp.methods"), method_settings),
+    Block(DOCS_DIR / "configuration.md", *_markers("config keys", "conf/"), config_keys_tables),
+    Block(DOCS_DIR / "methods.md", *_markers("method settings", "conf/method/ and gnp.methods"), method_settings_tables),
 )
 
 

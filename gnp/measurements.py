@@ -50,3 +50,8 @@ def method_variants(variants: dict[str, dict]) -> dict[str, dict]:
     """Those of a model's step variants that are the suite's methods at the main setting: not the
     hand-written reference step, nor GNP with a fast path flipped."""
     return {name: v for name, v in variants.items() if v["role"] == METHOD}
+
+
+def median_ms(model: dict, variant: str) -> float:
+    """A model's step variant's median milliseconds per step."""
+    return model["variants"][variant]["ms_per_step"]["median"]

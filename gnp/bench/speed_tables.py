@@ -44,7 +44,7 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         loops = {loop["label"]: loop for loop in data.get("loop", [])}
         for m in data["models"]:  # files of earlier commits lack the variants and stages added since
             step_rows.append([where, f"{_model_label(m['model'], m['options'])}, {m['batch_size']}", m["main_label"],
-                              f"{_median(m, BASELINE):.3g}", *(cell(m) for _, cell in columns),
+                              f"{files.median_ms(m, BASELINE):.3g}", *(cell(m) for _, cell in columns),
                               _memory(m.get("memory"))])
             if m["fast_paths"]:
                 speedups = {p["path"]: _x(p["speedup"]) for p in m["fast_paths"]}
@@ -140,10 +140,6 @@ def _step_columns(models: list[dict]) -> list[tuple[str, Callable[[dict], str]]]
     return [*((f"{label} ÷ plain", ratio(f"{name}/{BASELINE}")) for name, label in methods.items()),
             *((f"{label} ÷ plain", mix(name)) for name, label in mixes.items()),
             *((f"{label} ÷ two-pass", ratio(f"{name}/two_pass")) for name, label in against_two_pass.items())]
-
-
-def _median(model: dict, variant: str) -> float:
-    return model["variants"][variant]["ms_per_step"]["median"]
 
 
 def _count_checks(data: dict) -> int:

@@ -133,7 +133,7 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
         record, two_pass = result["variants"][name], _two_pass_twin(result["variants"], name)
         record["mean_ms_per_step"] = mixed_step_ms(record["ms_per_step"]["samples"],
                                                    [n > 1 for n in steps[name].passes],
-                                                   _median(result, ONE_PASS), _median(result, two_pass))
+                                                   files.median_ms(result, ONE_PASS), files.median_ms(result, two_pass))
         record["images_per_second"] = spec.batch_size * 1000 / record["mean_ms_per_step"]
     result["ratios"] = step_ratios(result["variants"])
     result["limits"] = step_limits(result["variants"], overheads, device.type)
@@ -180,10 +180,6 @@ def _two_pass_twin(variants: dict, name: str) -> str:
     record = variants[name]
     return next(n for n, v in method_variants(variants).items()
                 if v["method"] == record["method"] and "override" not in v["settings"])
-
-
-def _median(model: dict, variant: str) -> float:
-    return model["variants"][variant]["ms_per_step"]["median"]
 
 
 def variant_ratio(variants: dict, a: str, b: str) -> float:
