@@ -130,7 +130,8 @@ def method_settings_tables() -> str:
 
 BLOCKS = (
     Block(DOCS_DIR / "configuration.md", *_markers("config keys", "conf/"), config_keys_tables),
-    Block(DOCS_DIR / "methods.md", *_markers("method settings", "conf/method/ and gnp.methods"), method_settings_tables),
+    Block(DOCS_DIR / "methods.md", *_markers("method settings", "conf/method/ and gnp.methods"),
+          method_settings_tables),
 )
 
 

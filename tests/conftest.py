@@ -106,7 +106,8 @@ def pytest_collection_modifyitems(items):
     module = {item: item.nodeid.partition("::")[0] for item in items}
     tests = collections.Counter(module.values())
     slow = collections.Counter(module[item] for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: (-slow[module[item]], -tests[module[item]]))  # stable: a module's tests keep their order
+    # sort is stable: a module's tests keep their order
+    items.sort(key=lambda item: (-slow[module[item]], -tests[module[item]]))
 
 
 @pytest.fixture
