@@ -581,7 +581,8 @@ def test_a_summary_without_a_status_is_damaged_not_finished(run, capsys):
 
 
 def test_a_figure_title_names_the_run_and_its_method_settings(runs):
-    titles = {method: Analysis(load_finished_run(runs / method), Options(subset=32, batch_size=32), torch.device("cpu")).title()
+    options = Options(subset=32, batch_size=32)
+    titles = {method: Analysis(load_finished_run(runs / method), options, torch.device("cpu")).title()
               for method in ("gnp", "plain")}
     assert titles == {"gnp": f"digits resnet18 gnp r=0.1 alpha=0.8 seed 0: {runs / 'gnp'}",
                       "plain": f"digits resnet18 plain seed 0: {runs / 'plain'}"}
