@@ -1,13 +1,14 @@
 """The parts of docs/ that restate conf/, generated from it (`python scripts/docs.py`; a test fails while a
 page is stale): every key of conf/config.yaml and of the dataset, optimizer and aug groups with its default
-and the comment its file gives it (docs/configuration.md), and the settings of each method of
-conf/method/ (docs/methods.md): the composed config's values, and the class's own default for a setting
-its file leaves out."""
+and the comment its file gives it (docs/configuration.md), the settings of each method of conf/method/
+(docs/methods.md): the composed config's values, and the class's own default for a setting its file leaves
+out, and the keys of the launchers of conf/hydra/launcher/ (docs/sweeps.md)."""
 from __future__ import annotations
 
 import inspect
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -128,10 +129,28 @@ def method_settings_tables() -> str:
     return "\n\n".join(chunks)
 
 
+def launcher_keys_table(name: str) -> str:
+    """The keys conf/hydra/launcher/<name>.yaml sets (beyond those of the plugin's config it builds on), each
+    with its value there and its comment."""
+    path = CONF_DIR / "hydra" / "launcher" / f"{name}.yaml"
+    comments = file_comments(path).keys
+    own = {key: value for key, value in _flat(OmegaConf.load(path)).items() if key != "defaults"}
+    return "\n".join(markdown_table(["key", "default", "meaning"],
+                                    [[f"`hydra.launcher.{key}`", _value(value), _cell(comments.get(key, ""))]
+                                     for key, value in own.items()]))
+
+
+def _launcher_block(name: str) -> Block:
+    return Block(DOCS_DIR / "sweeps.md", *_markers(f"{name} launcher keys", f"conf/hydra/launcher/{name}.yaml"),
+                 partial(launcher_keys_table, name))
+
+
 BLOCKS = (
     Block(DOCS_DIR / "configuration.md", *_markers("config keys", "conf/"), config_keys_tables),
     Block(DOCS_DIR / "methods.md", *_markers("method settings", "conf/method/ and gnp.methods"),
           method_settings_tables),
+    _launcher_block("parallel"),
+    _launcher_block("slurm"),
 )
 
 

@@ -1,5 +1,6 @@
-"""Rewrite the parts of docs/ that restate conf/: the config keys of docs/configuration.md and each method's
-settings in docs/methods.md (gnp.config_docs). The speed tables and the cost table have their own:
+"""Rewrite the parts of docs/ that restate conf/: the config keys of docs/configuration.md, each method's
+settings in docs/methods.md and the launchers' keys in docs/sweeps.md (gnp.config_docs). The speed tables and
+the cost table have their own:
 
     python scripts/docs.py
     python scripts/benchmark.py --docs      # docs/speed.md, from results/benchmarks/

@@ -7,11 +7,13 @@ import re
 from collections import Counter
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose_config
 from gnp import config_docs
 from gnp.config import method_class
-from gnp.config_docs import _cell, _value, file_comments
+from gnp.config_docs import _cell, _flat, _value, file_comments
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
 
@@ -63,6 +65,20 @@ def test_each_method_setting_means_what_its_class_says():
         for key, _, meaning in rows:
             name = key.strip("`").removeprefix("method.")
             assert meaning == _cell(meanings[{"warmup_epochs": "warmup_steps"}.get(name, name)]), (path.stem, name)
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm"])
+def test_the_launcher_tables_have_each_key_their_file_sets_with_the_value_hydra_composes(launcher):
+    if launcher == "slurm":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
+    block = next(b for b in config_docs.BLOCKS if b.begin.startswith(f"<!-- {launcher} launcher keys"))
+    rows = {line.split(" | ")[0][3:-1]: yaml.safe_load(line.split(" | ")[1].strip("`"))
+            for line in block.current().splitlines() if line.startswith("| `")}
+    composed = compose_config(f"hydra/launcher={launcher}", with_hydra=True).hydra.launcher
+    own = OmegaConf.load(CONF / "hydra" / "launcher" / f"{launcher}.yaml").keys() - {"defaults"}
+    # as composed (the plugin's schema makes stop_timeout_s 300.0), unresolved (tasks_per_node is ${.gpus_per_node})
+    expected = {f"hydra.launcher.{key}": value for key, value in _flat(composed).items() if key.split(".")[0] in own}
+    assert rows == expected and len(rows) >= 3
 
 
 def test_file_comments_reads_the_header_the_comments_above_a_key_and_on_its_line(tmp_path):
