@@ -23,8 +23,8 @@ def main() -> int:
     except (TableError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for page, rewritten in changed:
-        print(f"{page}: {'rewritten' if rewritten else 'already current'}")
+    for block, rewritten in changed:
+        print(f"{block.page} ({block.what}): {'rewritten' if rewritten else 'already current'}")
     return 0
 
 

@@ -18,7 +18,7 @@ from gnp.config_docs import _cell, _flat, _value, file_comments
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
 
 
-@pytest.mark.parametrize("block", config_docs.BLOCKS, ids=lambda b: b.begin.split(":")[0][5:])
+@pytest.mark.parametrize("block", config_docs.BLOCKS, ids=lambda b: b.what)
 def test_the_generated_parts_of_the_docs_are_current(block):
     assert block.current() == block.render(), \
         f"{block.page.relative_to(ROOT)} is stale: run python scripts/docs.py"
@@ -71,7 +71,7 @@ def test_each_method_setting_means_what_its_class_says():
 def test_the_launcher_tables_have_each_key_their_file_sets_with_the_value_hydra_composes(launcher):
     if launcher == "slurm":
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install -e ".[slurm]"')
-    block = next(b for b in config_docs.BLOCKS if b.begin.startswith(f"<!-- {launcher} launcher keys"))
+    block = next(b for b in config_docs.BLOCKS if b.what == f"{launcher} launcher keys")
     rows = {line.split(" | ")[0][3:-1]: yaml.safe_load(line.split(" | ")[1].strip("`"))
             for line in block.current().splitlines() if line.startswith("| `")}
     composed = compose_config(f"hydra/launcher={launcher}", with_hydra=True).hydra.launcher
