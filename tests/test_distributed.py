@@ -45,11 +45,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(overrides, run_dir) -> list[str]:
+    return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def _join(world_size: int, rank: int, port: int) -> None:
+    """Make this (forked) process replica `rank` of `world_size`, as torchrun's environment would."""
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if world_size == 1:
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            del os.environ[key]
+
+
 def test_two_processes_match_one_on_one_node_or_two(tmp_path):
     single = train_py(*RUN, f"hydra.run.dir={tmp_path / 'single'}")  # in this process
     assert single.returncode == 0, single.stderr[-3000:]
-    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", *RUN,
-                           f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(_torchrun(RUN, tmp_path / "ddp"), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test error") == 1  # only the main process reports
     # Two "nodes" of one process each, as `torchrun --nnodes=2` on two machines; each composes its own
@@ -73,13 +86,16 @@ def test_two_processes_match_one_on_one_node_or_two(tmp_path):
 
 
 # BatchNorm whose statistics differ between replicas (each perturbs and normalises its own shard),
-# cutout draws, 8 steps per epoch (room for the signal to land mid-epoch on a busy machine); every step
-# is a checkpoint in the run that is stopped.
-def _bn_run(root, run_dir, method, *extra):
-    return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "model=resnet18", "model.width=4",
-            "aug=cutout", f"method={method}", f"dataset.root={root}", "dataset.verify=false", "dataset.limit_train=128",
-            "train.batch_size=16", "train.eval_batch_size=25", "train.epochs=3", "train.sync_every=1",
-            "wandb.mode=disabled", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
+# cutout draws, 8 steps per epoch (room for the signal to land mid-epoch on a busy machine).
+def _bn_run(root, method) -> list[str]:
+    return ["model=resnet18", "model.width=4", "aug=cutout", f"method={method}", f"dataset.root={root}",
+            "dataset.verify=false", "dataset.limit_train=128", "train.batch_size=16", "train.eval_batch_size=25",
+            "train.epochs=3", "train.sync_every=1", "wandb.mode=disabled", "device=cpu"]
+
+
+def _replica(rank: int, overrides: list[str], run_dir: str, port: int) -> None:
+    _join(2, rank, port)
+    train(compose_config(*overrides), Path(run_dir))
 
 
 def _children(pid: int) -> list[int]:
@@ -101,21 +117,19 @@ def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
 
 @pytest.mark.parametrize("method", ["plain", "gnp"])
 def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model(tmp_path, cifar_root, method):
-    uninterrupted = subprocess.run(_bn_run(cifar_root, tmp_path / "a", method), cwd=ROOT, capture_output=True,
-                                   text=True, timeout=300)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-
-    every_step = "train.checkpoint_minutes=1e-9"
-    stopped = subprocess.Popen(_bn_run(cifar_root, tmp_path / "b", method, every_step), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The uninterrupted run in two replicas forked from this process; the stopped one under torchrun,
+    # with a checkpoint at every step.
+    start_replicas(_replica, (_bn_run(cifar_root, method), str(tmp_path / "a"), _free_port()), 2)
+    run = [*_bn_run(cifar_root, method), "train.checkpoint_minutes=1e-9"]
+    stopped = subprocess.Popen(_torchrun(run, tmp_path / "b"), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
     # The signal reaches one process only (as a scheduler may deliver it): both agree to stop.
     os.kill(_children(stopped.pid)[-1], signal.SIGUSR1)
     stopped.communicate(timeout=120)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "stopped" and "stopped by SIGUSR1 at step" in summary["error"], summary["error"]
-    resumed = subprocess.run(_bn_run(cifar_root, tmp_path / "b", method, every_step), cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(_torchrun(run, tmp_path / "b"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming" in resumed.stdout and "of epoch 2" in resumed.stdout
 
@@ -140,19 +154,23 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     assert logged["test_loss"] == pytest.approx(F.cross_entropy(logits, data.test_labels).item(), rel=1e-4)
 
 
+def _started_by_hand(rank: int, roots: list[str], run_dir: str, port: int, reports: str) -> None:
+    _join(2, rank, port)
+    done = train_py("dataset.verify=false", "device=cpu", f"dataset.root={roots[rank]}", "wandb.mode=disabled",
+                    f"hydra.run.dir={run_dir}")
+    Path(reports, str(rank)).write_text(json.dumps([done.returncode, done.stderr]))
+
+
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failure_of_one_process_alone_stops_the_others_and_is_printed_once(tmp_path, cifar_root, failing):
-    # Two processes started by hand, as srun would; the data of one of them is missing (a node-local
-    # folder, say). The main process loads first; the other fails after it, on its own.
+    # Two processes started by hand, as srun would (forked from this one, each running train.py); the data of
+    # one of them is missing (a node-local folder, say). The main process loads first; the other fails after
+    # it, on its own.
     (tmp_path / "empty").mkdir()
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    processes = [subprocess.Popen([sys.executable, "train.py", "dataset.verify=false", "device=cpu",
-                                   f"dataset.root={tmp_path / 'empty' if rank == failing else cifar_root}",
-                                   "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    errors = [p.communicate(timeout=180)[1] for p in processes]
-    assert [p.returncode for p in processes] == [2, 2]
+    roots = [str(tmp_path / "empty" if rank == failing else cifar_root) for rank in range(2)]
+    start_replicas(_started_by_hand, (roots, str(tmp_path / "run"), _free_port(), str(tmp_path)), 2)
+    codes, errors = zip(*(json.loads((tmp_path / str(rank)).read_text()) for rank in range(2)))
+    assert list(codes) == [2, 2]
     assert "Traceback" not in "".join(errors), "".join(errors)
     lines = [[line for line in err.splitlines() if line.startswith("error: ")] for err in errors]
     who = "" if failing == 0 else f"process {failing}: "
@@ -173,11 +191,10 @@ def _rank_of(pid: int) -> int:
 @pytest.mark.parametrize("victim", [1, 0])
 def test_when_one_process_dies_the_other_stops_with_one_line_and_records_which(tmp_path, victim):
     run = tmp_path / "run"
-    torchrun = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "experiment=digits_demo",
-                                 "model.width=2", "dataset.limit_train=256", "dataset.limit_test=64",
-                                 "train.batch_size=32", "train.epochs=50", "train.sync_every=1", "wandb.mode=disabled",
-                                 "device=cpu", f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    torchrun = subprocess.Popen(_torchrun(["experiment=digits_demo", "model.width=2", "dataset.limit_train=256",
+                                           "dataset.limit_test=64", "train.batch_size=32", "train.epochs=50",
+                                           "train.sync_every=1", "wandb.mode=disabled", "device=cpu"], run),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # well into training
         time.sleep(0.1)
@@ -213,17 +230,11 @@ LAYOUTS = {4: (0, 1, 2, 3), 2: (0, 1), 1: (2,)}
 
 
 def _layout_worker(rank: int, root: str, ports: dict) -> None:
-    torch.set_num_threads(1)
     for world_size, members in LAYOUTS.items():
         if rank not in members:
             continue
-        local = members.index(rank)
         for name, overrides in LAYOUT_JOBS.items():
-            os.environ.update(WORLD_SIZE=str(world_size), RANK=str(local), LOCAL_RANK=str(local),
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[world_size, name]))
-            if world_size == 1:
-                for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-                    del os.environ[key]
+            _join(world_size, members.index(rank), ports[world_size, name])
             train(compose_config(*LAYOUT_RUN, *overrides), Path(root) / f"{name} on {world_size}")
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_MODELS, compose_config
+from conftest import ROOT, TINY_MODELS, compose_config, train_py
 from gnp import tables
 from gnp.config import build_method
 from gnp.data import CLASSES
@@ -166,8 +166,19 @@ def test_a_launch_that_leaves_conflicting_runs_undone_fails(tmp_path, capsys):
     assert err.strip() == "1 runs were not launched: their folders hold other runs or damaged files (see above)"
 
 
+def _launch_in_this_process(foreground, command: list[str]) -> int:
+    """A launch's `python train.py -m ...` run in this process (conftest.train_py), its output printed: for tests of
+    which runs a launch starts, not of its process (the signal tests below start one)."""
+    assert command[:2] == [sys.executable, "train.py"], command
+    done = train_py(*command[2:])
+    print(done.stdout, end="")
+    print(done.stderr, end="", file=sys.stderr)
+    return done.returncode
+
+
 @pytest.mark.slow
-def test_a_second_launch_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capfd):
+def test_a_second_launch_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(reproduce.Foreground, "run", _launch_in_this_process)
     tiny = ["digits", "--root", str(tmp_path), "--seeds", "0", "--limit-train", "64", "--epochs", "1",
             "--override", "model.width=4", "--override", "wandb.mode=disabled", "--override", "device=cpu", "--launch"]
     assert reproduce.main(tiny) == 0
