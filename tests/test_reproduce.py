@@ -2,6 +2,7 @@
 shrunk model, the recipes are the published ones, the state of each run directory is read right,
 a second --launch skips finished runs and resumes interrupted ones, and time estimates follow the
 measured throughput."""
+import functools
 import json
 import os
 import re
@@ -41,10 +42,16 @@ def _nested(flat: dict) -> dict:
     return tree
 
 
+@functools.cache
+def _plans(name: str) -> tuple[tables.Plan, ...]:
+    """Every cell of the table `name`, composed and validated once for the tests of this module that read them."""
+    return tuple(tables.make_plans(tables.load_table(name)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_cell_composes_and_each_method_takes_a_step(name):
-    plans = tables.make_plans(tables.load_table(name))  # composes and validates every cell
+    plans = _plans(name)  # composes and validates every cell
     assert len(plans) == len(tables.cells(tables.load_table(name)))
     steps = {}  # one step of each method on each model (with the settings of its first cell)
     for plan in plans:
@@ -75,7 +82,7 @@ def test_every_table_shrinks_to_a_one_epoch_smoke_test(name):
 
 
 def test_cells_follow_the_published_recipes():
-    plans = tables.make_plans(tables.load_table("cnn")) + tables.make_plans(tables.load_table("vit"))
+    plans = _plans("cnn") + _plans("vit")
     recipes = {}
     for plan in plans:
         c, cell = plan.config, plan.cell
@@ -108,7 +115,7 @@ def test_cells_that_cannot_run_yet_say_why_and_launch_nothing(tmp_path, monkeypa
 
 
 def test_the_gr_warmup_table_runs_the_follow_up_papers_recipe():
-    configs = {plan.cell.method: plan.config for plan in tables.make_plans(tables.load_table("vit_gr_warmup"))}
+    configs = {plan.cell.method: plan.config for plan in _plans("vit_gr_warmup")}
     for method, (name, r, alpha, warmup) in {"adam": ("plain", None, None, None), "adam_gr": ("gnp", 0.1, 1.0, "none"),
                                              "adam_gr_zero_warmup": ("gnp_warmup", 0.1, 1.0, "zero")}.items():
         c = configs[method]
