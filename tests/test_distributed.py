@@ -27,7 +27,7 @@ TIMING = {"seconds", "images_per_second", "wall_seconds"}
 # No BatchNorm, no dropout and no augmentation: then the only difference between one process with
 # batch 32 and two with 16 each is the order of floating-point sums.
 RUN = ["dataset=digits", "aug=none", "model=vit_ti", "model.depth=1", "model.dropout=0", "model.attn_dropout=0",
-       "optimizer=sgd", "optimizer.lr=0.05", "train.epochs=2", "train.batch_size=32", "dataset.limit_train=256",
+       "optimizer=sgd", "optimizer.lr=0.05", "train.epochs=2", "train.batch_size=32", "dataset.limit_train=128",
        "dataset.limit_test=100", "method=gnp", "method.sync_perturbation=true", "wandb.mode=disabled", "device=cpu"]
 
 
