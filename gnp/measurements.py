@@ -52,6 +52,6 @@ def method_variants(variants: dict[str, dict]) -> dict[str, dict]:
     return {name: v for name, v in variants.items() if v["role"] == METHOD}
 
 
-def median_ms(model: dict, variant: str) -> float:
-    """A model's step variant's median milliseconds per step."""
-    return model["variants"][variant]["ms_per_step"]["median"]
+def median_ms(variants: dict[str, dict], name: str) -> float:
+    """The median milliseconds per step of one of a model's step variants."""
+    return variants[name]["ms_per_step"]["median"]

@@ -44,7 +44,7 @@ def tables(folder: Path = files.BENCHMARK_DIR) -> str:
         loops = {loop["label"]: loop for loop in data.get("loop", [])}
         for m in data["models"]:  # files of earlier commits lack the variants and stages added since
             step_rows.append([where, f"{_model_label(m['model'], m['options'])}, {m['batch_size']}", m["main_label"],
-                              f"{files.median_ms(m, BASELINE):.3g}", *(cell(m) for _, cell in columns),
+                              f"{files.median_ms(m['variants'], BASELINE):.3g}", *(cell(m) for _, cell in columns),
                               _memory(m.get("memory"))])
             if m["fast_paths"]:
                 speedups = {p["path"]: _x(p["speedup"]) for p in m["fast_paths"]}

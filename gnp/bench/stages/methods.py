@@ -27,7 +27,7 @@ from gnp.bench.timing import interleaved, mixed_step_ms, paired_ratio, rate, rel
 from gnp.compose import compose_config
 from gnp.config import method_class, method_passes
 from gnp.data import BatchLoader
-from gnp.measurements import FAST_PATH, METHOD, method_variants
+from gnp.measurements import FAST_PATH, METHOD, median_ms, method_variants
 from gnp.methods import BASELINE, REFERENCE
 from gnp.models import count_parameters
 from gnp.paths import CONF_DIR
@@ -133,7 +133,8 @@ def measure_model(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
         record, two_pass = result["variants"][name], _two_pass_twin(result["variants"], name)
         record["mean_ms_per_step"] = mixed_step_ms(record["ms_per_step"]["samples"],
                                                    [n > 1 for n in steps[name].passes],
-                                                   files.median_ms(result, ONE_PASS), files.median_ms(result, two_pass))
+                                                   median_ms(result["variants"], ONE_PASS),
+                                                   median_ms(result["variants"], two_pass))
         record["images_per_second"] = spec.batch_size * 1000 / record["mean_ms_per_step"]
     result["ratios"] = step_ratios(result["variants"])
     result["limits"] = step_limits(result["variants"], overheads, device.type)
@@ -191,7 +192,7 @@ def step_ratios(variants: dict) -> dict[str, float]:
     """Every method and the reference step against the one-pass step, paired by round; every method
     that perturbs against the hand-written two-pass step; a mixed variant by its mean, beside what its
     draws would cost at the medians of its two kinds of steps."""
-    plain = variants[ONE_PASS]["ms_per_step"]["median"]
+    plain = median_ms(variants, ONE_PASS)
     ratios = {}
     for name in [*method_variants(variants), REFERENCE_NAME]:
         if name != ONE_PASS:
@@ -200,7 +201,7 @@ def step_ratios(variants: dict) -> dict[str, float]:
         ratios[f"{name}/{REFERENCE_NAME}"] = variant_ratio(variants, name, REFERENCE_NAME)
     for name in mixed(variants):
         record = variants[name]
-        two_pass = variants[_two_pass_twin(variants, name)]["ms_per_step"]["median"]
+        two_pass = median_ms(variants, _two_pass_twin(variants, name))
         ratios[f"{name}/{ONE_PASS}"] = record["mean_ms_per_step"] / plain
         ratios[f"{name}_expected/{ONE_PASS}"] = 1 + record["two_pass_fraction"] * (two_pass / plain - 1)
     return ratios
