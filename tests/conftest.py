@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 from hydra.core.global_hydra import GlobalHydra
 from gnp.compose import compose_config  # noqa: F401 (the tests' way to compose, re-exported)
@@ -83,10 +84,15 @@ def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
 
 def start_replicas(worker: Callable[..., None], args: tuple, processes: int) -> None:
     """`worker(rank, *args)` for each rank in processes forked from this one, until all have ended (a failure in
-    one is raised here). A spawned process would import torch and the tests again, seconds each; a forked one
-    must set one thread before it computes, as torch's DataLoader workers do, where this process has run
-    OpenMP threads."""
-    mp.start_processes(worker, args=args, nprocs=processes, start_method="fork")
+    one is raised here). A spawned process would import torch and the tests again, seconds each. Each forked one
+    computes on one thread, as torch's DataLoader workers do where their parent has run OpenMP threads (and as
+    torchrun's replicas, with OMP_NUM_THREADS=1)."""
+    mp.start_processes(_on_one_thread, args=(worker, *args), nprocs=processes, start_method="fork")
+
+
+def _on_one_thread(rank: int, worker: Callable[..., None], *args) -> None:
+    torch.set_num_threads(1)
+    worker(rank, *args)
 
 
 def pytest_configure(config):

@@ -51,7 +51,6 @@ def _torchrun(overrides, run_dir) -> list[str]:
 
 def _join(world_size: int, rank: int, port: int) -> None:
     """Make this (forked) process replica `rank` of `world_size`, as torchrun's environment would."""
-    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if world_size == 1:

@@ -380,7 +380,6 @@ def _sharded_run(method, settings, rank: int | None = None, world_size: int = 2)
 
 
 def _ddp_family_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.save([_sharded_run(method, settings, rank) for method, settings in SHARDED],

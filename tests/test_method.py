@@ -1123,7 +1123,6 @@ DDP_STEPS, DDP_LR = 2, 0.1
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
     try:
