@@ -13,6 +13,9 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +49,8 @@ def in_process(main: Callable[[], int | None], argv: list[str], cwd: str | Path 
     """`sys.exit(main())` of a command run in this process with sys.argv = argv, from the folder `cwd`: its
     exit status and what it printed, as subprocess.run returns them, without the start-up of a new Python.
     What a run changes in the process (signal handlers, Hydra's state and logging, sys.argv, the folder)
-    is put back. Tests of what only a process shows (a signal from outside, its imports) start one instead."""
+    is put back. Tests of what only a process shows (a signal from outside) fork one (`Forked`), and those of a
+    new Python's imports start one."""
     out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     root = logging.getLogger()
@@ -61,9 +65,7 @@ def in_process(main: Callable[[], int | None], argv: list[str], cwd: str | Path 
                 code = main()
             except SystemExit as e:
                 code = e.code
-            if code is not None and not isinstance(code, int):
-                print(code, file=sys.stderr)  # as Python prints sys.exit("message"), with status 1
-                code = 1
+            code = _exit_status(code)
     finally:
         GlobalHydra.instance().clear()
         sys.argv = previous_argv
@@ -71,7 +73,15 @@ def in_process(main: Callable[[], int | None], argv: list[str], cwd: str | Path 
         root.handlers[:], root.level = root_state
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    return subprocess.CompletedProcess([sys.executable, *argv], code or 0, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
+
+
+def _exit_status(code: object) -> int:
+    """The exit status of `sys.exit(code)`, printing a message as Python does."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)  # as Python prints sys.exit("message"), with status 1
+    return 1
 
 
 def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
@@ -81,6 +91,99 @@ def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
 
     return in_process(main, [str(TRAIN_PY), *args], cwd)
 
+
+class Forked:
+    """`python SCRIPT ARGS` (from the folder `cwd`, in the environment `env` or this one's) in a process forked
+    from this one: a process of its own, with Python's default signal handlers, its exit status and its output
+    in pipes, as subprocess.Popen gives them, for the tests of what only a process shows (a signal from
+    outside, a replica of a distributed run). A new Python would first import torch and Hydra again, seconds
+    of every such test."""
+
+    def __init__(self, script: str, *args: str, cwd: str | Path = ROOT, env: dict[str, str] | None = None):
+        (out, out_end), (err, err_end) = os.pipe(), os.pipe()
+        self.args = [script, *args]
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(out)
+            os.close(err)
+            _run_as_main(script, args, cwd, env, out_end, err_end)
+        os.close(out_end)
+        os.close(err_end)
+        self.stdout = open(out, encoding="utf-8", errors="replace")
+        self.stderr = open(err, encoding="utf-8", errors="replace")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is not None:
+            raise ProcessLookupError(f"process {self.pid} has ended")
+        os.kill(self.pid, signum)
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        """What it printed until it ended, both pipes read at once (either may fill while it runs)."""
+        deadline = time.monotonic() + timeout
+        printed = {}
+        readers = [threading.Thread(target=lambda pipe=pipe: printed.update({pipe: pipe.read()}), daemon=True)
+                   for pipe in (self.stdout, self.stderr)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        self.wait(max(0.0, deadline - time.monotonic()))
+        if len(printed) < 2:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return printed[self.stdout], printed[self.stderr]
+
+
+def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[str, str] | None, out: int,
+                 err: int):
+    """In the forked process: run `script` as `python script args` would, then end with its exit status."""
+    code = 1
+    try:
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        sys.stdout = open(1, "w", closefd=False)  # block-buffered, as Python's own stdout on a pipe
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logging.getLogger().handlers.clear()  # pytest's log capture
+        GlobalHydra.instance().clear()
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        if "OMP_NUM_THREADS" in os.environ:  # what a new Python's torch reads when imported
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        os.chdir(cwd)
+        sys.argv = [script, *args]
+        sys.path.insert(0, str(Path(script).resolve().parent))
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = _exit_status(e.code)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)  # never back into this process's pytest
 
 def start_replicas(worker: Callable[..., None], args: tuple, processes: int) -> None:
     """`worker(rank, *args)` for each rank in processes forked from this one, until all have ended (a failure in

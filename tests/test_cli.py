@@ -18,8 +18,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import (ROOT, TINY_DIGITS, compose_config, full_disk_after_the_first_checkpoint, in_process, signal_at_step,
-                      train_py)
+from conftest import (ROOT, TINY_DIGITS, Forked, compose_config, full_disk_after_the_first_checkpoint, in_process,
+                      signal_at_step, train_py)
 from gnp import cli, rundir
 from gnp.rundir import Hold
 from gnp.training import train
@@ -244,9 +244,7 @@ def test_a_diverging_run_exits_3_and_its_summary_says_diverged(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", *DIGITS, "train.epochs=50", "train.sync_every=1",
-                                f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = Forked("train.py", *DIGITS, "train.epochs=50", "train.sync_every=1", f"hydra.run.dir={run}")
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # well into training
         time.sleep(0.2)
@@ -392,8 +390,7 @@ def test_a_checkpoint_of_another_model_is_one_line_naming_the_tensor(tmp_path):
 
 @pytest.mark.slow
 def test_a_signal_after_the_final_line_leaves_a_finished_runs_exit_status_alone(tmp_path):
-    process = subprocess.Popen([sys.executable, "train.py", *DIGITS, "train.epochs=1", f"hydra.run.dir={tmp_path}"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = Forked("train.py", *DIGITS, "train.epochs=1", f"hydra.run.dir={tmp_path}")
     for line in process.stdout:
         if line.startswith("test error"):
             break

@@ -1,6 +1,8 @@
-"""train.py under torchrun (gloo, CPU): two processes give the single-process result, on one node
-or two; a run stopped mid-epoch resumes exactly; every replica evaluates one model, the one saved;
-a run's result depends on its train.shards, never on the number of processes that take them."""
+"""train.py in several processes (gloo, CPU): under torchrun two processes give the single-process result,
+on one node or two, and the death of one stops the other; a run stopped mid-epoch resumes exactly and every
+replica evaluates one model, the one saved; a run's result depends on its train.shards, never on the number of
+processes that take them. Where torchrun itself is not the subject, the replicas are forked from the test
+with the environment torchrun gives them (a new Python would first spend seconds importing torch)."""
 import json
 import os
 import signal
@@ -14,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, start_replicas, train_py
+from conftest import ROOT, Forked, start_replicas, train_py
 from gnp.compose import compose_config
 from gnp.data import load_dataset
 from gnp.models import build_model
@@ -49,13 +51,26 @@ def _torchrun(overrides, run_dir) -> list[str]:
     return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", *overrides, f"hydra.run.dir={run_dir}"]
 
 
+def _environment(world_size: int, rank: int, port: int) -> dict[str, str]:
+    """Replica `rank`'s environment, as torchrun (or srun with the rendezvous's address) sets it."""
+    return dict(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
+
+
 def _join(world_size: int, rank: int, port: int) -> None:
-    """Make this (forked) process replica `rank` of `world_size`, as torchrun's environment would."""
-    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    """Make this (forked) process replica `rank` of `world_size`."""
+    os.environ.update(_environment(world_size, rank, port))
     if world_size == 1:
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
             del os.environ[key]
+
+
+def _forked_train_py(*overrides: str) -> list[Forked]:
+    """`train.py OVERRIDES` in two replicas forked from this process, as torchrun would start them (one thread
+    each)."""
+    port = _free_port()
+    return [Forked("train.py", *overrides, env=os.environ | _environment(2, rank, port) | {"OMP_NUM_THREADS": "1"})
+            for rank in range(2)]
 
 
 def test_two_processes_match_one_on_one_node_or_two(tmp_path):
@@ -116,21 +131,22 @@ def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
 
 @pytest.mark.parametrize("method", ["plain", "gnp"])
 def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model(tmp_path, cifar_root, method):
-    # The uninterrupted run in two replicas forked from this process; the stopped one under torchrun,
-    # with a checkpoint at every step.
+    # Both runs in two replicas forked from this process, with torchrun's environment: the uninterrupted one,
+    # and the stopped and resumed one, train.py itself with a checkpoint at every step.
     start_replicas(_replica, (_bn_run(cifar_root, method), str(tmp_path / "a"), _free_port()), 2)
-    run = [*_bn_run(cifar_root, method), "train.checkpoint_minutes=1e-9"]
-    stopped = subprocess.Popen(_torchrun(run, tmp_path / "b"), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
+    run = [*_bn_run(cifar_root, method), "train.checkpoint_minutes=1e-9", f"hydra.run.dir={tmp_path / 'b'}"]
+    stopped = _forked_train_py(*run)
+    _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped[1])
     # The signal reaches one process only (as a scheduler may deliver it): both agree to stop.
-    os.kill(_children(stopped.pid)[-1], signal.SIGUSR1)
-    stopped.communicate(timeout=120)
+    stopped[1].send_signal(signal.SIGUSR1)
+    for replica in stopped:
+        replica.communicate(timeout=120)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "stopped" and "stopped by SIGUSR1 at step" in summary["error"], summary["error"]
-    resumed = subprocess.run(_torchrun(run, tmp_path / "b"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming" in resumed.stdout and "of epoch 2" in resumed.stdout
+    resumed = _forked_train_py(*run)
+    (out, err), _ = [replica.communicate(timeout=300) for replica in resumed]
+    assert [replica.returncode for replica in resumed] == [0, 0], err[-3000:]
+    assert "Resuming" in out and "of epoch 2" in out
 
     assert _strip(_metrics(tmp_path / "b")) == _strip(_metrics(tmp_path / "a"))
     states = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab"]

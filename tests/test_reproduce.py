@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_MODELS, compose_config, train_py
+from conftest import TINY_MODELS, Forked, compose_config, train_py
 from gnp import tables
 from gnp.config import build_method
 from gnp.data import CLASSES
@@ -210,8 +209,7 @@ def test_ctrl_c_during_a_launch_stops_its_run_with_a_checkpoint_and_launches_not
     long = ["digits", "--root", str(tmp_path), "--seeds", "0", "--limit-train", "256", "--epochs", "40",
             "--override", "model.width=4", "--override", "wandb.mode=disabled", "--override", "device=cpu",
             "--override", "train.sync_every=1", "--launch"]
-    process = subprocess.Popen([sys.executable, "scripts/reproduce.py", *long], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = Forked("scripts/reproduce.py", *long)
     run = _dir(tmp_path, "plain", 0, "digits-smoke-n256-e40")
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -232,8 +230,7 @@ class _Launch:
     """scripts/reproduce.py --launch in a process of its own, its output read line by line."""
 
     def __init__(self, *args):
-        self.process = subprocess.Popen([sys.executable, "scripts/reproduce.py", *args, "--launch"], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = Forked("scripts/reproduce.py", *args, "--launch")
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
         self.reader.start()

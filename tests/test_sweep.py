@@ -24,7 +24,7 @@ from hydra._internal.callbacks import Callbacks
 from hydra._internal.utils import run_and_report
 from omegaconf import OmegaConf
 
-from conftest import QUICK_DIGITS, ROOT, compose_config, train_py
+from conftest import QUICK_DIGITS, ROOT, Forked, compose_config, train_py
 from gnp import distributed, sweep
 from hydra_plugins.gnp_parallel_launcher.parallel_launcher import Slot, last_error_line, make_slots
 
@@ -394,9 +394,8 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_ends_as_if_uninter
     # takes this process's number of threads, for the same sums as the uninterrupted run.
     sweep_dir = tmp_path / "sweep"
     env = {**_env(), "SUBMITIT_PREEMPT_SIGNAL": "USR1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *run, "hydra/launcher=submitit_local",
-                              f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    sweep = Forked(str(ROOT / "train.py"), "-m", *run, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}",
+                   cwd=tmp_path, env=env)
     deadline = time.monotonic() + patience
     while not (sweep_dir / "0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)  # until the first epoch is done
