@@ -95,8 +95,8 @@ def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
 class Forked:
     """`python SCRIPT ARGS` (from the folder `cwd`, in the environment `env` or this one's) in a process forked
     from this one: a process of its own, with Python's default signal handlers, its exit status and its output
-    in pipes, as subprocess.Popen gives them, for the tests of what only a process shows (a signal from
-    outside, a replica of a distributed run). A new Python would first import torch and Hydra again, seconds
+    in pipes, as subprocess.Popen gives them, computing on one thread as start_replicas' processes do, for the
+    tests of what only a process shows (a signal from outside, a replica of a distributed run). A new Python would first import torch and Hydra again, seconds
     of every such test."""
 
     def __init__(self, script: str, *args: str, cwd: str | Path = ROOT, env: dict[str, str] | None = None):
@@ -167,8 +167,7 @@ def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
-        if "OMP_NUM_THREADS" in os.environ:  # what a new Python's torch reads when imported
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(1)  # the parent's OpenMP threads are not in this process: libgomp would wait
         os.chdir(cwd)
         sys.argv = [script, *args]
         sys.path.insert(0, str(Path(script).resolve().parent))

@@ -66,11 +66,9 @@ def _join(world_size: int, rank: int, port: int) -> None:
 
 
 def _forked_train_py(*overrides: str) -> list[Forked]:
-    """`train.py OVERRIDES` in two replicas forked from this process, as torchrun would start them (one thread
-    each)."""
+    """`train.py OVERRIDES` in two replicas forked from this process, as torchrun would start them."""
     port = _free_port()
-    return [Forked("train.py", *overrides, env=os.environ | _environment(2, rank, port) | {"OMP_NUM_THREADS": "1"})
-            for rank in range(2)]
+    return [Forked("train.py", *overrides, env=os.environ | _environment(2, rank, port)) for rank in range(2)]
 
 
 def test_two_processes_match_one_on_one_node_or_two(tmp_path):
