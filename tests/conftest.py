@@ -159,8 +159,9 @@ def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[
         os.dup2(err, 2)
         sys.stdout = open(1, "w", closefd=False)  # block-buffered, as Python's own stdout on a pipe
         sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum in signal.valid_signals():
+            if callable(signal.getsignal(signum)):  # a handler of this process's (pytest's, a test's)
+                signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         logging.getLogger().handlers.clear()  # pytest's log capture
         GlobalHydra.instance().clear()
