@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import importlib
 import io
 import logging
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -94,10 +96,13 @@ def train_py(*args: str, cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
 
 class Forked:
     """`python SCRIPT ARGS` (from the folder `cwd`, in the environment `env` or this one's) in a process forked
-    from this one: a process of its own, with Python's default signal handlers, its exit status and its output
-    in pipes, as subprocess.Popen gives them, computing on one thread as start_replicas' processes do, for the
-    tests of what only a process shows (a signal from outside, a replica of a distributed run). A new Python would first import torch and Hydra again, seconds
-    of every such test."""
+    from this one: a process of its own, with Python's default signal handlers and warnings, its exit status and
+    its output in pipes, as subprocess.Popen gives them, computing on one thread as start_replicas' processes do,
+    for the tests of what only a process shows (a signal from outside, a replica of a distributed run). A new
+    Python would first import torch and Hydra again, seconds of every such test. It ends without atexit's
+    handlers (they are this pytest's), and with its test at the latest (`_forked_processes_end_with_their_test`)."""
+
+    started: list[Forked] = []
 
     def __init__(self, script: str, *args: str, cwd: str | Path = ROOT, env: dict[str, str] | None = None):
         (out, out_end), (err, err_end) = os.pipe(), os.pipe()
@@ -112,6 +117,7 @@ class Forked:
         self.stdout = open(out, encoding="utf-8", errors="replace")
         self.stderr = open(err, encoding="utf-8", errors="replace")
         self.returncode: int | None = None
+        Forked.started.append(self)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -121,18 +127,23 @@ class Forked:
         return self.returncode
 
     def wait(self, timeout: float) -> int:
+        """Its exit status; killed (and TimeoutExpired raised) if it has not ended within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while self.poll() is None:
             if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
+                self.kill()
                 raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.01)
         return self.returncode
 
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
     def send_signal(self, signum: int) -> None:
-        if self.poll() is not None:
-            raise ProcessLookupError(f"process {self.pid} has ended")
-        os.kill(self.pid, signum)
+        if self.poll() is None:
+            os.kill(self.pid, signum)
 
     def communicate(self, timeout: float) -> tuple[str, str]:
         """What it printed until it ended, both pipes read at once (either may fill while it runs)."""
@@ -145,9 +156,20 @@ class Forked:
         for reader in readers:
             reader.join(max(0.0, deadline - time.monotonic()))
         self.wait(max(0.0, deadline - time.monotonic()))
-        if len(printed) < 2:
+        if len(printed) < 2:  # a process it started holds the pipes
             raise subprocess.TimeoutExpired(self.args, timeout)
         return printed[self.stdout], printed[self.stderr]
+
+
+@pytest.fixture(autouse=True)
+def _forked_processes_end_with_their_test():
+    """A test that fails while its Forked process runs kills it: the process holds this pytest's descriptors."""
+    yield
+    while Forked.started:
+        process = Forked.started.pop()
+        process.kill()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[str, str] | None, out: int,
@@ -157,12 +179,16 @@ def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[
     try:
         os.dup2(out, 1)
         os.dup2(err, 2)
+        os.close(out)
+        os.close(err)
+        sys.stdin = open(os.devnull)
         sys.stdout = open(1, "w", closefd=False)  # block-buffered, as Python's own stdout on a pipe
         sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
         for signum in signal.valid_signals():
             if callable(signal.getsignal(signum)):  # a handler of this process's (pytest's, a test's)
                 signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        importlib.reload(warnings)  # Python's filters and printing, not the test's recording of warnings
         logging.getLogger().handlers.clear()  # pytest's log capture
         GlobalHydra.instance().clear()
         if env is not None:
@@ -173,17 +199,24 @@ def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[
         sys.argv = [script, *args]
         sys.path.insert(0, str(Path(script).resolve().parent))
         try:
-            runpy.run_path(script, run_name="__main__")
+            runpy.run_path(script, run_name="__main__")  # sys.argv[0] and __file__ as given
             code = 0
         except SystemExit as e:
             code = _exit_status(e.code)
+        except KeyboardInterrupt:  # as Python ends: killed by the SIGINT it did not handle
+            traceback.print_exc()
+            code = -signal.SIGINT
     except BaseException:
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)  # never back into this process's pytest
+
 
 def start_replicas(worker: Callable[..., None], args: tuple, processes: int) -> None:
     """`worker(rank, *args)` for each rank in processes forked from this one, until all have ended (a failure in

@@ -68,7 +68,9 @@ def _join(world_size: int, rank: int, port: int) -> None:
 def _forked_train_py(*overrides: str) -> list[Forked]:
     """`train.py OVERRIDES` in two replicas forked from this process, as torchrun would start them."""
     port = _free_port()
-    return [Forked("train.py", *overrides, env=os.environ | _environment(2, rank, port)) for rank in range(2)]
+    torchrun = {"TORCHELASTIC_RUN_ID": "test", "LOCAL_WORLD_SIZE": "2"}
+    return [Forked("train.py", *overrides, env=os.environ | _environment(2, rank, port) | torchrun)
+            for rank in range(2)]
 
 
 def test_two_processes_match_one_on_one_node_or_two(tmp_path):
@@ -114,9 +116,9 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
+def _wait_for_checkpoint(run_dir, epoch: int, step: int, replicas: list[Forked], seconds=180):
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and all(replica.poll() is None for replica in replicas):
         try:
             state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
             if (state["epoch"], state["step"]) >= (epoch, step):
@@ -124,7 +126,8 @@ def _wait_for_checkpoint(run_dir, epoch: int, step: int, process, seconds=180):
         except (FileNotFoundError, RuntimeError, EOFError):
             pass  # not written yet
         time.sleep(0.05)
-    pytest.fail(f"no checkpoint at epoch {epoch} step {step}")
+    pytest.fail(f"no checkpoint at epoch {epoch} step {step}: " + "".join(
+        replica.stderr.read()[-3000:] for replica in replicas if replica.poll() is not None))
 
 
 @pytest.mark.parametrize("method", ["plain", "gnp"])
@@ -134,13 +137,13 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     start_replicas(_replica, (_bn_run(cifar_root, method), str(tmp_path / "a"), _free_port()), 2)
     run = [*_bn_run(cifar_root, method), "train.checkpoint_minutes=1e-9", f"hydra.run.dir={tmp_path / 'b'}"]
     stopped = _forked_train_py(*run)
-    _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped[1])
+    _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
     # The signal reaches one process only (as a scheduler may deliver it): both agree to stop.
     stopped[1].send_signal(signal.SIGUSR1)
-    for replica in stopped:
-        replica.communicate(timeout=120)
+    out, err = [replica.communicate(timeout=120) for replica in stopped][0]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "stopped" and "stopped by SIGUSR1 at step" in summary["error"], summary["error"]
+    assert "Resume: torchrun <the same options> train.py " in (out + err).strip().splitlines()[-1], out + err
     resumed = _forked_train_py(*run)
     printed = [replica.communicate(timeout=300) for replica in resumed]
     assert [replica.returncode for replica in resumed] == [0, 0], [err[-3000:] for _, err in printed]
