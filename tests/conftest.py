@@ -175,7 +175,7 @@ def _forked_processes_end_with_their_test():
 def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[str, str] | None, out: int,
                  err: int):
     """In the forked process: run `script` as `python script args` would, then end with its exit status."""
-    code = 1
+    code, killed_by = 1, None
     try:
         os.dup2(out, 1)
         os.dup2(err, 2)
@@ -203,18 +203,18 @@ def _run_as_main(script: str, args: tuple[str, ...], cwd: str | Path, env: dict[
             code = 0
         except SystemExit as e:
             code = _exit_status(e.code)
-        except KeyboardInterrupt:  # as Python ends: killed by the SIGINT it did not handle
+        except KeyboardInterrupt:
             traceback.print_exc()
-            code = -signal.SIGINT
+            killed_by = signal.SIGINT  # as Python ends: by the SIGINT it did not handle
     except BaseException:
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        if code == -signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+        if killed_by:
+            signal.signal(killed_by, signal.SIG_DFL)
+            os.kill(os.getpid(), killed_by)
         os._exit(code)  # never back into this process's pytest
 
 

@@ -140,14 +140,15 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     _wait_for_checkpoint(tmp_path / "b", 1, 1, stopped)
     # The signal reaches one process only (as a scheduler may deliver it): both agree to stop.
     stopped[1].send_signal(signal.SIGUSR1)
-    out, err = [replica.communicate(timeout=120) for replica in stopped][0]
+    printed = [replica.communicate(timeout=120) for replica in stopped]
+    out, err = printed[0]  # the main process's
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "stopped" and "stopped by SIGUSR1 at step" in summary["error"], summary["error"]
     assert "Resume: torchrun <the same options> train.py " in (out + err).strip().splitlines()[-1], out + err
     resumed = _forked_train_py(*run)
     printed = [replica.communicate(timeout=300) for replica in resumed]
     assert [replica.returncode for replica in resumed] == [0, 0], [err[-3000:] for _, err in printed]
-    out = printed[0][0]  # the main process's
+    out, _ = printed[0]
     assert "Resuming" in out and "of epoch 2" in out
 
     assert _strip(_metrics(tmp_path / "b")) == _strip(_metrics(tmp_path / "a"))
@@ -171,23 +172,18 @@ def test_ddp_run_stopped_mid_epoch_resumes_exactly_and_evaluates_the_saved_model
     assert logged["test_loss"] == pytest.approx(F.cross_entropy(logits, data.test_labels).item(), rel=1e-4)
 
 
-def _started_by_hand(rank: int, roots: list[str], run_dir: str, port: int, reports: str) -> None:
-    _join(2, rank, port)
-    done = train_py("dataset.verify=false", "device=cpu", f"dataset.root={roots[rank]}", "wandb.mode=disabled",
-                    f"hydra.run.dir={run_dir}")
-    Path(reports, str(rank)).write_text(json.dumps([done.returncode, done.stderr]))
-
-
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failure_of_one_process_alone_stops_the_others_and_is_printed_once(tmp_path, cifar_root, failing):
-    # Two processes started by hand, as srun would (forked from this one, each running train.py); the data of
-    # one of them is missing (a node-local folder, say). The main process loads first; the other fails after
-    # it, on its own.
+    # Two processes started by hand, as srun would (train.py forked from this process); the data of one of them
+    # is missing (a node-local folder, say). The main process loads first; the other fails after it, on its own.
     (tmp_path / "empty").mkdir()
-    roots = [str(tmp_path / "empty" if rank == failing else cifar_root) for rank in range(2)]
-    start_replicas(_started_by_hand, (roots, str(tmp_path / "run"), _free_port(), str(tmp_path)), 2)
-    codes, errors = zip(*(json.loads((tmp_path / str(rank)).read_text()) for rank in range(2)))
-    assert list(codes) == [2, 2]
+    port = _free_port()
+    processes = [Forked("train.py", "dataset.verify=false", "device=cpu", "wandb.mode=disabled",
+                        f"dataset.root={tmp_path / 'empty' if rank == failing else cifar_root}",
+                        f"hydra.run.dir={tmp_path / 'run'}", env=os.environ | _environment(2, rank, port))
+                 for rank in range(2)]
+    errors = [p.communicate(timeout=180)[1] for p in processes]
+    assert [p.returncode for p in processes] == [2, 2]
     assert "Traceback" not in "".join(errors), "".join(errors)
     lines = [[line for line in err.splitlines() if line.startswith("error: ")] for err in errors]
     who = "" if failing == 0 else f"process {failing}: "
